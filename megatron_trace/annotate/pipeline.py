@@ -1,0 +1,135 @@
+"""One entry point for the annotate stage: requests in, character spans + diagnostic labels out.
+
+    annotations = annotate_batch(annotator, [AnnotationRequest(problem, solution, response_text, correct), ...])
+
+`annotator` is anything with `complete_batch(list of chat messages) -> list[Completion]`: the OpenAI-compatible
+client (`annotate.client.OpenAIAnnotator`) or the policy itself (`annotate.self_annotator.SelfAnnotator`).
+A failed call marks its item failed (no spans) and is counted; it never raises into the training step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from megatron_trace.annotate.parse import parse_annotation
+from megatron_trace.annotate.prompt import annotator_messages
+from megatron_trace.annotate.segments import segment_char_span, split_segments
+
+# A label repeating this many consecutive words of its span would leak span text into the privileged prompt.
+_QUOTE_WORDS = 5
+
+
+@dataclass
+class Completion:
+    """The annotator's reply to one prompt: text, or None with the error that prevented it."""
+
+    text: str | None
+    error: str | None = None
+
+
+class Annotator(Protocol):
+    def complete_batch(self, messages: Sequence[list[dict[str, str]]]) -> list[Completion]:
+        """One reply per chat; failures come back as Completion(None, error), never as exceptions."""
+        ...
+
+    def check_reachable(self) -> None:
+        """Raise a clear error now if the annotator cannot be used (start-up check)."""
+        ...
+
+
+@dataclass
+class AnnotationRequest:
+    """One response to annotate: its problem, the reference solution, the decoded response and the verdict."""
+
+    problem: str
+    solution: str
+    response_text: str
+    correct: bool
+
+
+@dataclass
+class Annotation:
+    """Spans of one response, in the annotator's priority order.
+
+    char_spans: (start, end) character ranges of the response text (end exclusive); labels: one diagnostic label
+    per span ("" when none or withheld); dropped: entries of the reply discarded by the parser; failed: no reply
+    came back; errors: why, for the log.
+    """
+
+    char_spans: list[tuple[int, int]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    dropped: int = 0
+    failed: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _safe_label(label: str, span_text: str) -> str:
+    """The label, or "" if it quotes the span: the privileged prompt may hold labels, never span text.
+
+    Quoting = any run of `_QUOTE_WORDS` consecutive words of the span (case and punctuation ignored) inside the
+    label; for spans shorter than that, the whole span when it has at least 3 words.
+    """
+    span_words, label_words = _words(span_text), _words(label)
+    n = min(_QUOTE_WORDS, len(span_words))
+    if n < 3:
+        return label
+    span_grams = {tuple(span_words[i : i + n]) for i in range(len(span_words) - n + 1)}
+    if any(tuple(label_words[i : i + n]) in span_grams for i in range(len(label_words) - n + 1)):
+        return ""
+    return label
+
+
+def annotate_batch(annotator: Annotator, requests: Sequence[AnnotationRequest], *, max_spans: int = 4) -> list[Annotation]:
+    """Annotate each request: segment, prompt, one annotator call per response, parse, map to char spans.
+
+    An empty response is not sent (it has nothing to mark) and comes back with no spans and an error saying so.
+    """
+    results: list[Annotation] = [Annotation() for _ in requests]
+    segmented = [split_segments(r.response_text) for r in requests]
+    todo = [i for i, segs in enumerate(segmented) if segs]
+    for i, segs in enumerate(segmented):
+        if not segs:
+            results[i].errors.append("empty response: nothing to annotate")
+    if not todo:
+        return results
+    chats = [
+        annotator_messages(requests[i].problem, requests[i].solution, segmented[i], requests[i].correct,
+                           max_spans=max_spans)
+        for i in todo
+    ]
+    replies = annotator.complete_batch(chats)
+    if len(replies) != len(chats):
+        raise RuntimeError(f"annotator returned {len(replies)} replies for {len(chats)} prompts")
+    for i, reply in zip(todo, replies):
+        out = results[i]
+        if reply.text is None:
+            out.failed = True
+            out.errors.append(f"annotator call failed: {reply.error}")
+            continue
+        segs = segmented[i]
+        parsed = parse_annotation(reply.text, len(segs))
+        out.dropped = parsed.dropped
+        out.errors.extend(parsed.errors)
+        text = requests[i].response_text
+        for first, last, label in parsed.spans:
+            start, end = segment_char_span(segs, first, last)
+            out.char_spans.append((start, end))
+            out.labels.append(_safe_label(label, text[start:end]))
+    return results
+
+
+def annotation_metrics(annotations: Sequence[Annotation]) -> dict[str, float]:
+    """Plain scalars for the trainer's log: failures, parser drops, spans per response, unusable replies."""
+    n = max(len(annotations), 1)
+    return {
+        "annotate/failed": float(sum(a.failed for a in annotations)),
+        "annotate/dropped": float(sum(a.dropped for a in annotations)),
+        "annotate/spans_per_response": sum(len(a.char_spans) for a in annotations) / n,
+        "annotate/no_spans_frac": sum(not a.char_spans for a in annotations) / n,
+    }
