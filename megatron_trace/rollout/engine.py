@@ -1,0 +1,360 @@
+"""The in-process vLLM generation engine: sample responses with raw log-probs, and take new weights in place.
+
+This is the one generation engine (colocated mode: `vllm.LLM` in the trainer's process; the generation server
+wraps the same class). vLLM is imported lazily, inside `VLLMEngine.__init__`, so code that only consumes
+rollouts imports without it.
+
+Side effects of building an engine in-process (vLLM's, documented here because they reach the whole process):
+- env: `VLLM_ENABLE_V1_MULTIPROCESSING=0` (keep the engine core in this process so weight tensors pass by
+  reference) is set before vLLM is imported; this module is the one place that sets vLLM env vars.
+- On CPU vLLM replaces `torch.set_num_threads` process-wide with a no-op and binds OpenMP threads / sets a NUMA
+  memory policy: call `torch.set_num_threads` BEFORE building the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from megatron_trace.rollout.types import Generation, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+WeightBucket = list[tuple[str, torch.Tensor]]
+
+# vLLM's CPU build sizes its KV cache from this when set; a small default keeps test processes lean.
+_CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one vLLM engine.
+
+    model_dir: HF folder (config.json, safetensors, tokenizer). dtype: "float32" on CPU (exact log-probs),
+    "bfloat16" on GPU. kv_cache_memory_bytes: KV cache size in bytes (None: vLLM sizes it from
+    gpu_memory_utilization on GPU; on CPU None means 64 MiB). enable_sleep_mode: needed for sleep()/wake_up()
+    (GPU only).
+    """
+
+    model_dir: str
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    enable_sleep_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not os.path.isfile(os.path.join(self.model_dir, "config.json")):
+            raise ValueError(f"model_dir={self.model_dir!r}: no config.json there (expected an HF model folder)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        if self.max_model_len <= 0:
+            raise ValueError(f"max_model_len={self.max_model_len} must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be positive or None")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+
+
+class WeightUpdateError(ValueError):
+    """A weight update was refused (unknown name, wrong shape, missing tensors, bad bucket)."""
+
+
+def checkpoint_tensor_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape of every tensor in `model_dir`'s safetensors files (read from headers only)."""
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+class WeightValidator:
+    """Checks a weight update against the model's HF checkpoint: known names, right shapes, float, complete.
+
+    expected: name -> shape. A tied model's checkpoint has no `lm_head.weight`; one sent anyway is dropped
+    (vLLM ignores it; the head reads the embedding).
+    """
+
+    def __init__(self, expected: dict[str, tuple[int, ...]], tied: bool):
+        self.expected = dict(expected)
+        self.tied = tied
+        if tied:
+            self.expected.pop("lm_head.weight", None)
+
+    def check(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
+        """True if the tensor should be loaded, False if it is to be dropped; raises WeightUpdateError if bad."""
+        if self.tied and name == "lm_head.weight":
+            return False
+        want = self.expected.get(name)
+        if want is None:
+            raise WeightUpdateError(f"unknown weight {name!r}: not a tensor of this model's HF checkpoint")
+        if tuple(shape) != want:
+            raise WeightUpdateError(f"weight {name!r} has shape {tuple(shape)}, the model expects {want}")
+        if not dtype.is_floating_point:
+            raise WeightUpdateError(f"weight {name!r} has dtype {dtype}, expected a floating-point tensor")
+        return True
+
+    def check_complete(self, seen: set[str]) -> None:
+        missing = sorted(set(self.expected) - seen)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise WeightUpdateError(
+                f"weight update is missing {len(missing)} tensors, e.g. {missing[:5]}{more}: every update must "
+                "carry the whole model (vLLM fuses q/k/v and gate/up, so partial layers would load garbage)"
+            )
+
+
+def _refresh_tied_head(worker) -> None:
+    """Re-run the output head's weight processing so it repacks the (reloaded) shared embedding.
+
+    Runs inside each vLLM worker. Why: vLLM's CPU linear kernels keep a packed copy of the head's weight; with
+    tied embeddings a reload writes the embedding only, and the head would keep serving the old packed copy.
+    """
+    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is not None and method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
+def _finish_aborted_reload(worker) -> None:
+    """Close vLLM's layer-wise reload after the weight stream raised, so a later reload starts clean.
+
+    Runs inside each vLLM worker. Why: vLLM moves each layer's parameters to the meta device and wraps their
+    loaders when a reload begins, and restores them only in its finalize step, which an exception skips.
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
+    finalize_layerwise_reload(model, worker.model_runner.model_config)
+
+
+def _sampling_params(sampling: SamplingConfig):
+    from vllm import SamplingParams
+
+    if sampling.n < 1:
+        raise ValueError(f"sampling.n={sampling.n} must be >= 1")
+    if sampling.max_tokens < 1:
+        raise ValueError(f"sampling.max_tokens={sampling.max_tokens} must be >= 1")
+    if sampling.temperature < 0:
+        raise ValueError(f"sampling.temperature={sampling.temperature} must be >= 0")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"sampling.top_p={sampling.top_p} must be in (0, 1]")
+    if sampling.top_k == 0 or sampling.top_k < -1:
+        raise ValueError(f"sampling.top_k={sampling.top_k}: use -1 (off) or a positive integer")
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_tokens,
+        stop_token_ids=list(sampling.stop_token_ids),
+        seed=sampling.seed,
+        # 0 = only the sampled token's log-prob; the raw (temperature-1) value thanks to logprobs_mode below.
+        logprobs=0 if sampling.logprobs else None,
+    )
+
+
+class VLLMEngine:
+    """A `vllm.LLM` in this process, with the weight-update, cache and version bookkeeping RL needs.
+
+    Thread-safe: generate / update_weights / sleep / wake_up are serialized by one lock, so an update never
+    interleaves with a generate (a response is sampled from exactly one weight version).
+    """
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM  # lazy: vLLM is an optional extra
+
+        with open(os.path.join(cfg.model_dir, "config.json")) as f:
+            hf_config = json.load(f)
+        self.tied = bool(hf_config.get("tie_word_embeddings", False))
+        self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied)
+        kv_bytes = cfg.kv_cache_memory_bytes
+        if kv_bytes is None and not torch.cuda.is_available():
+            kv_bytes = _CPU_KV_CACHE_BYTES
+        kwargs = dict(
+            model=cfg.model_dir,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            seed=cfg.seed,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+            # log-probs of the sampled tokens under the unmodified model (temperature 1, no top-p/k),
+            # comparable with the trainer's log-probs.
+            logprobs_mode="raw_logprobs",
+        )
+        if kv_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_bytes
+        self._llm = LLM(**kwargs)
+        self._lock = threading.RLock()
+        self._version = 0
+        self._sleeping = False
+        # Set when a streamed update failed after vLLM had taken some tensors: weights are a mix, refuse to serve.
+        self._inconsistent: str | None = None
+
+    # ---------------------------------------------------------------- generation
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights now serving: 0 = as loaded from model_dir, +1 per update (or the caller's)."""
+        return self._version
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """For each prompt (a list of token ids), `sampling.n` responses with their raw log-probs (nats)."""
+        prompts = [list(map(int, p)) for p in prompt_token_ids]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + sampling.max_tokens > self.cfg.max_model_len:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_tokens {sampling.max_tokens} exceeds "
+                    f"max_model_len {self.cfg.max_model_len}"
+                )
+        params = _sampling_params(sampling)
+        with self._lock:
+            self._check_serving()
+            if not prompts:
+                return []
+            outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            version = self._version
+        results = []
+        for out in outputs:
+            gens = []
+            for comp in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(comp.token_ids)
+                lps: list[float] = []
+                if sampling.logprobs:
+                    # comp.logprobs[t] maps token id -> Logprob for step t; the sampled token is always present.
+                    lps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs)]
+                gens.append(Generation(ids, lps, comp.finish_reason or "length", weight_version=version))
+            results.append(gens)
+        return results
+
+    def _check_serving(self) -> None:
+        if self._sleeping:
+            raise RuntimeError("the engine is asleep: call wake_up() before generate()")
+        if self._inconsistent:
+            raise RuntimeError(
+                f"the last weight update failed part-way ({self._inconsistent}); weights are a mix of two "
+                "versions: push a complete update before generating"
+            )
+
+    # ---------------------------------------------------------------- weights
+    def validate_weights(self, tensors: Iterable[tuple[str, Sequence[int], torch.dtype]]) -> None:
+        """Check (name, shape, dtype) triples of a whole update without loading anything; raises WeightUpdateError."""
+        seen = set()
+        for name, shape, dtype in tensors:
+            if name in seen:
+                raise WeightUpdateError(f"weight {name!r} appears twice in one update")
+            if self._validator.check(name, shape, dtype):
+                seen.add(name)
+        self._validator.check_complete(seen)
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int | None = None) -> int:
+        """Load a complete set of HF-named tensors (in buckets) through vLLM's reload path; returns the new version.
+
+        buckets: iterable of lists of (HF name, full tensor) covering every tensor of the checkpoint once.
+        All buckets go into ONE vLLM reload (vLLM processes each layer once all its tensors arrived), then the
+        tied head is repacked and the prefix cache reset (cached KV of old weights would be served silently).
+        version: the version to report afterwards (must exceed the current one); default current + 1.
+        Atomicity: if `buckets` is a list/tuple the whole update is validated before anything is loaded. A
+        streamed iterator is validated tensor by tensor; a failure after loading began leaves the engine refusing
+        to generate until a complete update succeeds.
+        """
+        new_version = self._version + 1 if version is None else int(version)
+        if new_version <= self._version:
+            raise WeightUpdateError(f"target version {new_version} must exceed the serving version {self._version}")
+        if isinstance(buckets, (list, tuple)):
+            self.validate_weights((n, t.shape, t.dtype) for b in buckets for n, t in b)
+        with self._lock:
+            if self._sleeping:
+                raise RuntimeError("the engine is asleep: call wake_up() before update_weights()")
+            seen: set[str] = set()
+            started = False
+
+            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+                nonlocal started
+                for name, tensor in itertools.chain.from_iterable(buckets):
+                    if name in seen:
+                        raise WeightUpdateError(f"weight {name!r} appears twice in one update")
+                    if not self._validator.check(name, tensor.shape, tensor.dtype):
+                        continue
+                    seen.add(name)
+                    started = True
+                    yield name, tensor
+                self._validator.check_complete(seen)
+
+            try:
+                self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True}
+                )
+                if self.tied:
+                    self._llm.collective_rpc(_refresh_tied_head)
+            except Exception as e:
+                if started:
+                    self._inconsistent = f"{type(e).__name__}: {e}"
+                    self._llm.collective_rpc(_finish_aborted_reload)
+                raise
+            self._llm.reset_prefix_cache()
+            self._inconsistent = None
+            self._version = new_version
+            return new_version
+
+    # ---------------------------------------------------------------- colocation
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory for training: level 1 offloads weights to host memory, 2 discards them."""
+        if not self.cfg.enable_sleep_mode:
+            raise RuntimeError("sleep() needs EngineConfig(enable_sleep_mode=True) (a GPU feature of vLLM)")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level={level}: expected 1 or 2")
+        with self._lock:
+            self._llm.sleep(level=level)
+            self._sleeping = True
+
+    def wake_up(self) -> None:
+        """Re-allocate weights and KV cache after sleep(); after level 2 push weights before generating."""
+        if not self.cfg.enable_sleep_mode:
+            raise RuntimeError("wake_up() needs EngineConfig(enable_sleep_mode=True) (a GPU feature of vLLM)")
+        with self._lock:
+            self._llm.wake_up()
+            self._llm.reset_prefix_cache()
+            self._sleeping = False
+
+    def close(self) -> None:
+        """Release the engine (vLLM frees its memory when the LLM object goes away)."""
+        with self._lock:
+            llm, self._llm = getattr(self, "_llm", None), None
+            if llm is not None:
+                shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+                if shutdown is not None and hasattr(shutdown, "shutdown"):
+                    shutdown.shutdown()
+                del llm
