@@ -1,0 +1,231 @@
+"""The TRACE objective, its schedule, metrics and baselines, against examples worked by hand from DESIGN.md step 6.
+
+The hand example (two responses and a prompt token), w0 = 0.5, kl_weight = 0.25 -> span GRPO weight 0.5:
+  token         t0    t1    t2    t3    t4    t5
+  response      0     0     0     1     1     (prompt, masked)
+  route         PG    FKL   FKL   PG    RKL   PG
+  advantage     1     1     1     -1    -1    0
+  rho           1.5   1     1     1     1     1
+  l_PG          -1.28 -1    -1    +1    +1    (t0 clipped at 1 + 0.28)
+  D             .     0.2   0.4   .     0.6
+  PG  = (-1.28 + 0.5 (-1) + 0.5 (-1) + 1 + 0.5 (1)) / 5 = -0.78 / 5 = -0.156
+  KL  = 0.25 * ((0.2 + 0.4) / 3 + 0.6 / 2) / 2 = 0.0625
+  loss = -0.0935
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_trace.config_base import ConfigError, from_dict
+from megatron_trace.loss.trace_loss import (ExposureTracker, KLSchedule, TraceLossConfig, all_token_routes,
+                                            random_span_routes, trace_loss)
+from megatron_trace.loss.vocab_parallel import TokenStats, token_stats
+from megatron_trace.routes import Route
+
+
+def hand_batch():
+    old = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0, -0.1], dtype=torch.float64)
+    logprob = (old + torch.tensor([math.log(1.5), 0, 0, 0, 0, 0], dtype=torch.float64)).requires_grad_()
+    kl = torch.tensor([0.2, 0.4, 0.6], dtype=torch.float64, requires_grad=True)
+    entropy = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    stats = TokenStats(logprob, entropy, kl)
+    batch = dict(old_logprob=old, advantages=torch.tensor([1.0, 1, 1, -1, -1, 0], dtype=torch.float64),
+                 routes=torch.tensor([0, 1, 1, 0, 2, 0]), response_index=torch.tensor([0, 0, 0, 1, 1, 0]),
+                 response_lengths=torch.tensor([3, 2]), loss_mask=torch.tensor([1, 1, 1, 1, 1, 0]),
+                 kl_rows=torch.tensor([1, 2, 4]))
+    return stats, batch
+
+
+def test_trace_loss_matches_the_hand_example():
+    stats, batch = hand_batch()
+    loss, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig())
+    assert math.isclose(float(loss.detach()), -0.0935, abs_tol=1e-12)
+    assert math.isclose(m["pg_loss"], -0.156, abs_tol=1e-12) and math.isclose(m["kl_loss"], 0.0625, abs_tol=1e-12)
+    g_lp, g_kl = torch.autograd.grad(loss, [stats.logprob, stats.kl])
+    # d/dlogprob: clipped t0 gets 0; span tokens 0.5 * (-A rho) / 5; PG tokens (-A rho) / 5; masked t5 0.
+    assert torch.allclose(g_lp, torch.tensor([0.0, -0.1, -0.1, 0.2, 0.1, 0.0], dtype=torch.float64), atol=1e-12)
+    # d/dD: lambda / |y| / R = 0.25 / 3 / 2 for response 0, 0.25 / 2 / 2 for response 1.
+    assert torch.allclose(g_kl, torch.tensor([0.25 / 6, 0.25 / 6, 0.0625], dtype=torch.float64), atol=1e-12)
+
+
+def test_metrics_are_sums_counts_and_means_per_route():
+    stats, batch = hand_batch()
+    _, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig())
+    expected = dict(tokens=5, pg_tokens=2, fkl_tokens=2, rkl_tokens=1, span_tokens=3, clipped_tokens=1,
+                    kl_fkl_sum=0.6, kl_rkl_sum=0.6, kl_fkl_mean=0.3, kl_rkl_mean=0.6,
+                    entropy_pg_sum=5.0, entropy_fkl_sum=5.0, entropy_rkl_sum=5.0,
+                    entropy_pg_mean=2.5, entropy_fkl_mean=2.5, entropy_rkl_mean=5.0,
+                    frac_pg=0.4, frac_fkl=0.4, frac_rkl=0.2, clip_frac=0.2, kl_weight=0.25)
+    for key, value in expected.items():
+        assert math.isclose(m[key], value, abs_tol=1e-12), (key, m[key], value)
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_global_counts_normalise_pg_by_tokens_and_kl_by_responses():
+    stats, batch = hand_batch()
+    loss, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig(), num_tokens=10, num_responses=4)
+    assert math.isclose(m["pg_loss"], -0.078, abs_tol=1e-12)
+    assert math.isclose(m["kl_loss"], 0.03125, abs_tol=1e-12)
+    assert math.isclose(float(loss.detach()), -0.04675, abs_tol=1e-12)
+
+
+def test_span_tokens_get_full_grpo_weight_once_kl_weight_is_zero_and_none_at_w0():
+    stats, batch = hand_batch()
+    loss0, m0 = trace_loss(stats, **batch, kl_weight=0.0, cfg=TraceLossConfig())
+    # all tokens weight 1: (-1.28 - 1 - 1 + 1 + 1) / 5
+    assert math.isclose(float(loss0.detach()), -0.256, abs_tol=1e-12) and m0["kl_loss"] == 0.0
+    loss_w0, m_w0 = trace_loss(stats, **batch, kl_weight=0.5, cfg=TraceLossConfig())
+    # span tokens weight 0: (-1.28 + 1) / 5; KL 0.5 * 0.5 / 2
+    assert math.isclose(m_w0["pg_loss"], -0.056, abs_tol=1e-12)
+    assert math.isclose(m_w0["kl_loss"], 0.125, abs_tol=1e-12)
+
+
+def test_grpo_mode_ignores_spans_and_kl():
+    stats, batch = hand_batch()
+    loss, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig(mode="grpo"))
+    assert math.isclose(float(loss.detach()), -0.256, abs_tol=1e-12)
+    assert m["kl_loss"] == 0.0 and m["span_tokens"] == 0.0 and m["kl_fkl_sum"] == 0.0 and m["frac_pg"] == 1.0
+
+
+def test_masked_positions_cannot_leak_nan_into_the_loss():
+    stats, batch = hand_batch()
+    batch["old_logprob"] = batch["old_logprob"].clone()
+    batch["old_logprob"][5] = float("nan")
+    loss, _ = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig())
+    assert math.isclose(float(loss.detach()), -0.0935, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(kl_rows=torch.tensor([1, 4, 2])), "kl_rows must be exactly the FKL/RKL positions"),
+    (dict(kl_rows=torch.tensor([1, 2])), "kl_rows must be \\[3\\]"),
+    (dict(routes=torch.tensor([0, 1, 1, 0, 2, 1])), "span routes \\(FKL/RKL\\) on tokens outside the loss mask"),
+    (dict(routes=torch.tensor([0, 1, 1, 0, 2, 7])), "routes must hold Route ids"),
+    (dict(advantages=torch.zeros(5)), "advantages must be \\[6\\]"),
+    (dict(response_index=torch.tensor([0, 0, 0, 1, 2, 0])), "response_index must be in \\[0, R=2\\)"),
+    (dict(response_lengths=torch.tensor([3, 0])), "response_lengths must be positive"),
+    (dict(kl_weight=0.6), "kl_weight=0.6 must be in \\[0, w0=0.5\\]"),
+    (dict(kl_weight=-0.1), "kl_weight=-0.1 must be in"),
+    (dict(cfg=TraceLossConfig(mode="all_token_opd")), "every response token must be routed FKL/RKL"),
+    (dict(num_tokens=0), "must be positive"),
+])
+def test_bad_input_raises_a_clear_error(change, message):
+    stats, batch = hand_batch()
+    kwargs = dict(batch, kl_weight=0.25, cfg=TraceLossConfig())
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        trace_loss(stats, **kwargs)
+
+
+def test_trace_loss_gradient_through_token_stats_matches_float64_full_vocab_reference():
+    """End to end at TP=1: token_stats -> trace_loss gives the gradient of the plain formula on the logits."""
+    g = torch.Generator().manual_seed(0)
+    T, V = 6, 50
+    z = (torch.randn(T, V, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, V, (T,), generator=g)
+    _, batch = hand_batch()
+    rows = batch["kl_rows"]
+    reverse = batch["routes"][rows] == int(Route.RKL)
+    teacher = torch.randn(len(rows), V, generator=g, dtype=torch.float64) * 3
+    batch["old_logprob"] = torch.log_softmax(z.detach(), -1).gather(1, target[:, None]).squeeze(1) + 0.1
+    cfg = TraceLossConfig(kl_clip=0.05)
+    stats = token_stats(z, target, teacher_logits=teacher, kl_rows=rows, kl_reverse=reverse, kl_clip=0.05)
+    loss, _ = trace_loss(stats, **batch, kl_weight=0.3, cfg=cfg)
+    (got,) = torch.autograd.grad(loss, z)
+
+    zr = z.detach().clone().requires_grad_()
+    log_p = torch.log_softmax(zr, -1)
+    rho = torch.exp(log_p.gather(1, target[:, None]).squeeze(1) - batch["old_logprob"])
+    adv = batch["advantages"]
+    l_pg = -torch.minimum(rho * adv, rho.clamp(0.8, 1.28) * adv)
+    w = torch.tensor([1, 0.4, 0.4, 1, 0.4, 0], dtype=torch.float64)  # 1 - 0.3 / 0.5 on spans; t5 masked
+    log_q = torch.log_softmax(teacher, -1)
+    lp = log_p[rows]
+    terms = torch.where(reverse[:, None], lp.exp() * (lp - log_q), log_q.exp() * (log_q - lp)).clamp(max=0.05)
+    d = terms.sum(-1)
+    ref = (l_pg * w).sum() / 5 + 0.3 * (d[0] / 3 + d[1] / 3 + d[2] / 2) / 2
+    assert math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-12)
+    (expected,) = torch.autograd.grad(ref, zr)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+def test_kl_weight_is_constant_during_warmup_then_linear_to_exactly_zero():
+    s = KLSchedule()  # 0.5, 10, 30
+    assert [s.kl_weight(k) for k in (0, 5, 9, 10)] == [0.5, 0.5, 0.5, 0.5]
+    assert math.isclose(s.kl_weight(25), 0.25) and math.isclose(s.kl_weight(39), 0.5 / 30)
+    assert s.kl_weight(40) == 0.0 and s.kl_weight(41) == 0.0 and s.kl_weight(10_000) == 0.0
+    assert s.last_active_step == 39
+    weights = [s.kl_weight(k) for k in range(10, 41)]
+    assert all(a > b for a, b in zip(weights, weights[1:]))
+
+
+def test_kl_schedule_without_decay_drops_to_zero_after_warmup():
+    s = KLSchedule(w0=0.3, warmup_steps=2, decay_steps=0)
+    assert [s.kl_weight(k) for k in range(4)] == [0.3, 0.3, 0.0, 0.0]
+    assert s.last_active_step == 1
+    assert KLSchedule(w0=0.0).last_active_step == -1
+
+
+def test_schedule_and_config_load_from_dicts_and_reject_bad_values():
+    assert from_dict(KLSchedule, {"w0": 1, "warmup_steps": 3}).kl_weight(3) == 1.0
+    cfg = from_dict(TraceLossConfig, {"kl_clip": None, "mode": "random_spans"})
+    assert cfg.kl_clip is None and cfg.mode == "random_spans"
+    for cls, data, message in [(KLSchedule, {"warmup_steps": -1}, "warmup_steps"),
+                               (KLSchedule, {"w0": -0.5}, "w0"),
+                               (TraceLossConfig, {"eps_low": 1.0}, "eps_low"),
+                               (TraceLossConfig, {"kl_clip": 0.0}, "kl_clip"),
+                               (TraceLossConfig, {"mode": "opd"}, "mode")]:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(cls, data)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        KLSchedule().kl_weight(-1)
+
+
+# ---------------------------------------------------------------------------------------------------- exposure
+
+def test_exposure_accumulates_squared_kl_weight_times_span_fraction_and_round_trips():
+    t = ExposureTracker()
+    assert t.update(0.5, 25, 100) == 0.0625          # 0.25 * 0.25
+    assert t.update(0.25, 50, 100) == 0.09375        # + 0.0625 * 0.5
+    assert t.update(0.0, 80, 100) == 0.09375         # lambda 0 adds nothing
+    restored = ExposureTracker()
+    restored.load_state_dict(t.state_dict())
+    assert restored.value == 0.09375 and restored.steps == 3
+    with pytest.raises(ValueError, match="span_tokens=5 must be in \\[0, tokens=4\\]"):
+        t.update(0.5, 5, 4)
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+
+def test_all_token_baseline_routes_every_response_token_to_fkl():
+    mask = torch.tensor([0, 1, 1, 1, 0])
+    assert all_token_routes(mask, True).tolist() == [0, 1, 1, 1, 0]
+    assert all_token_routes(mask, False).tolist() == [0, 1, 1, 1, 0]
+    assert all_token_routes(mask, False, reverse_on_incorrect=True).tolist() == [0, 2, 2, 2, 0]
+    assert all_token_routes(mask, True, reverse_on_incorrect=True).tolist() == [0, 1, 1, 1, 0]
+
+
+def test_random_span_baseline_routes_like_annotator_spans():
+    spans = torch.tensor([0, 1, 0, 1, 1])
+    assert random_span_routes(spans, True).tolist() == [0, 1, 0, 1, 1]
+    assert random_span_routes(spans, False).tolist() == [0, 0, 0, 0, 0]
+    assert random_span_routes(spans, False, rkl=True).tolist() == [0, 2, 0, 2, 2]
+    with pytest.raises(ValueError, match="outside the response"):
+        random_span_routes(spans, True, loss_mask=torch.tensor([1, 1, 1, 1, 0]))
+
+
+def test_all_token_opd_mode_accepts_all_token_routes():
+    stats, batch = hand_batch()
+    mask = batch["loss_mask"]
+    batch["routes"] = all_token_routes(mask, True)
+    batch["kl_rows"] = torch.tensor([0, 1, 2, 3, 4])
+    stats = TokenStats(stats.logprob, stats.entropy, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64))
+    loss, m = trace_loss(stats, **batch, kl_weight=0.5, cfg=TraceLossConfig(mode="all_token_opd"))
+    # at lambda = w0 the GRPO part vanishes: KL = 0.5 * ((0.1 + 0.2 + 0.3) / 3 + (0.4 + 0.5) / 2) / 2
+    assert math.isclose(float(loss.detach()), 0.5 * (0.2 + 0.45) / 2, abs_tol=1e-12)
+    assert m["frac_fkl"] == 1.0
