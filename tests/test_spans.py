@@ -10,6 +10,7 @@ from megatron_trace.annotate.segments import split_segments
 from megatron_trace.annotate.spans import (
     SpanMaskConfig,
     all_token_mask,
+    decode_with_offsets,
     random_span_mask,
     response_routes,
     response_span_mask,
@@ -69,6 +70,13 @@ def test_offsets_of_arbitrary_sampled_ids_cover_the_decoded_text(tok):
             if "\ufffd" not in alone and alone:
                 assert text[a:b] == alone  # a token that is whole characters maps to exactly its text
         assert covered == set(range(len(text)))
+
+
+def test_decode_with_offsets_returns_the_tokenizers_decode_text(tok):
+    ids = tok.encode("<think>\nhi é 😀</think>\n\n\\boxed{3}") + [tok.convert_tokens_to_ids("<|im_end|>")]
+    text, offsets = decode_with_offsets(tok, ids)
+    assert text == tok.decode(ids) and text.endswith("<|im_end|>")
+    assert offsets == token_char_offsets(tok, ids) and offsets[-1] == (len(text) - len("<|im_end|>"), len(text))
 
 
 def test_a_token_holding_part_of_a_character_gets_that_character(tok):

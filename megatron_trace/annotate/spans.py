@@ -102,22 +102,32 @@ def _offsets_by_prefix_decode(tokenizer, token_ids: Sequence[int]) -> list[CharS
     return offsets
 
 
-def token_char_offsets(tokenizer, token_ids: Sequence[int]) -> list[CharSpan]:
-    """Character range of each sampled token in `text = tokenizer.decode(token_ids)`.
+def decode_with_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[CharSpan]]:
+    """(text, offsets): `text == tokenizer.decode(token_ids)` (special tokens kept) and each sampled token's
+    character range in it. Use this text for the reward, the annotator and the masks, so that all three agree.
 
-    token_ids: [L] the response's sampled ids (not re-encoded). Returns L pairs (start, end), end exclusive,
-    non-decreasing. A byte-level token that carries part of a multi-byte character covers that whole character
-    (its neighbour covers it too); a token that contributes no text has start == end.
+    token_ids: [L] the response's sampled ids (not re-encoded). offsets: L pairs (start, end), end exclusive,
+    starts non-decreasing. A byte-level token that carries part of a multi-byte character covers that whole
+    character (its neighbour covers it too); a token that contributes no text has start == end.
     """
     token_ids = [int(t) for t in token_ids]
+    text = tokenizer.decode(token_ids)
     if not token_ids:
-        return []
+        return text, []
     pieces = _token_bytes(tokenizer, token_ids)
     if pieces is not None:
-        text, offsets = _offsets_from_bytes(pieces)
-        if text == tokenizer.decode(token_ids):
-            return offsets
-    return _offsets_by_prefix_decode(tokenizer, token_ids)
+        ours, offsets = _offsets_from_bytes(pieces)
+        if ours == text:
+            return text, offsets
+    return text, _offsets_by_prefix_decode(tokenizer, token_ids)
+
+
+def token_char_offsets(tokenizer, token_ids: Sequence[int]) -> list[CharSpan]:
+    """Character range of each sampled token in `text = tokenizer.decode(token_ids)`, without re-tokenising.
+
+    See `decode_with_offsets` (which also returns the text). Returns [L] pairs (start, end).
+    """
+    return decode_with_offsets(tokenizer, token_ids)[1]
 
 
 def tokens_in_span(offsets: Sequence[CharSpan], span: CharSpan) -> list[int]:
