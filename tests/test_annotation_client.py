@@ -190,6 +190,6 @@ def test_annotate_batch_end_to_end_over_http(server):
 
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="model"):
-        AnnotatorClientConfig(base_url="http://x/v1", model="")
+        OpenAIAnnotator(AnnotatorClientConfig(base_url="http://x/v1", model=""))
     with pytest.raises(ConfigError, match="base_url"):
         AnnotatorClientConfig(base_url="x/v1", model="m")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from megatron_trace.rewards import REWARD_FNS, get_reward_fn
+from megatron_trace.config_base import ConfigError, from_dict
+from megatron_trace.rewards import REWARD_FNS, RewardConfig, get_reward_fn
 from megatron_trace.rewards.choice import choice_reward, extract_choice
 from megatron_trace.rewards.extract import extract_boxed_answer, last_boxed, strip_think
 from megatron_trace.rewards.math import math_reward
@@ -137,3 +138,9 @@ def test_bad_gold_answers_are_rejected_with_the_cause():
         choice_reward("\\boxed{A}", "AB")
     with pytest.raises(TypeError, match="math_reward takes"):
         math_reward(None, "1")
+
+
+def test_reward_config_rejects_an_unknown_name_at_load():
+    assert from_dict(RewardConfig, {"name": "choice", "timeout_s": 2}).timeout_s == 2.0
+    with pytest.raises(ConfigError, match="name: unknown reward 'maths'; valid rewards: choice, math"):
+        from_dict(RewardConfig, {"name": "maths"})

@@ -209,3 +209,9 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="exactly one of seed"):
         random_span_mask(10, 0.2)
     assert token_char_offsets(load_tokenizer(), []) == []
+
+
+def test_an_empty_response_has_empty_masks_and_routes():
+    for mode in ("annotator", "all_tokens", "random_spans"):
+        routes = response_routes([], [], True, SpanMaskConfig(mode=mode))
+        assert routes.shape == (0,) and routes.dtype == torch.long

@@ -29,7 +29,7 @@ class AnnotatorClientConfig:
     """Where the external annotator lives and how hard to try."""
 
     base_url: str = "http://127.0.0.1:8000/v1"  # up to and including /v1
-    model: str = ""  # the served model name
+    model: str = ""  # the served model name (required to send requests)
     api_key_env: str | None = None  # NAME of the env var holding the API key (never the key); None = no auth
     timeout_s: float = 120.0  # per request
     max_retries: int = 3  # retries after the first attempt
@@ -43,8 +43,6 @@ class AnnotatorClientConfig:
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url: must start with http:// or https://, got {self.base_url!r}")
-        if not self.model:
-            raise ConfigError("model: the annotator's model name is required")
         for name in ("timeout_s", "backoff_s", "max_backoff_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -66,6 +64,8 @@ class OpenAIAnnotator:
     """Sends annotator chats to `{base_url}/chat/completions`; see the module docstring for the failure policy."""
 
     def __init__(self, cfg: AnnotatorClientConfig):
+        if not cfg.model:
+            raise ConfigError("model: the annotator's model name is required")
         self.cfg = cfg
         headers = {"Content-Type": "application/json"}
         if cfg.api_key_env:

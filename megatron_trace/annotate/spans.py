@@ -16,6 +16,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from megatron_trace.config_base import ConfigError
 from megatron_trace.routes import routes_from_spans
 
 CharSpan = tuple[int, int]
@@ -243,11 +244,11 @@ class SpanMaskConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("annotator", "all_tokens", "random_spans"):
-            raise ValueError(f"mode: {self.mode!r} is not one of annotator, all_tokens, random_spans")
+            raise ConfigError(f"mode: {self.mode!r} is not one of annotator, all_tokens, random_spans")
         if not 0.0 <= self.coverage_cap <= 1.0:
-            raise ValueError(f"coverage_cap: must be in [0, 1], got {self.coverage_cap}")
+            raise ConfigError(f"coverage_cap: must be in [0, 1], got {self.coverage_cap}")
         if self.random_num_spans < 1:
-            raise ValueError(f"random_num_spans: must be >= 1, got {self.random_num_spans}")
+            raise ConfigError(f"random_num_spans: must be >= 1, got {self.random_num_spans}")
 
 
 def response_span_mask(
