@@ -107,6 +107,8 @@ CHOICE_TABLE = [
     ("I think the answer is (A). Actually, the answer is (D).", "D", 1.0),
     ("<think>the answer is A</think> Answer: B", "A", 0.0),
     ("no letter here", "A", 0.0),
+    ("the answer is a bit tricky", "A", 0.0),
+    ("**Answer:** (B)", "B", 1.0),
     ("\\boxed{42}", "A", 0.0),
 ]
 
@@ -144,3 +146,12 @@ def test_reward_config_rejects_an_unknown_name_at_load():
     assert from_dict(RewardConfig, {"name": "choice", "timeout_s": 2}).timeout_s == 2.0
     with pytest.raises(ConfigError, match="name: unknown reward 'maths'; valid rewards: choice, math"):
         from_dict(RewardConfig, {"name": "maths"})
+
+
+def test_math_reward_works_off_the_main_thread():
+    """No signal-based timeout inside: math-verify's default would raise in a worker thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        out = list(pool.map(math_reward, ["$\\boxed{\\frac{1}{2}}$", "$\\boxed{3}$"], ["0.5", "4"]))
+    assert out == [1.0, 0.0]

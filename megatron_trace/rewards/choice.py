@@ -8,8 +8,9 @@ from megatron_trace.rewards.extract import last_boxed, strip_think
 
 # A boxed choice may be written `B`, `(B)`, `\text{B}`, `\textbf{(B)}`, `B) 42` or `B. 42`.
 _BOXED_LETTER = re.compile(r"^\s*(?:\\text(?:bf)?\{)?\s*\(?([A-Za-z])\)?(?:[\s.):}]|$)")
-# Unboxed fallbacks, last occurrence wins: "answer is (C)", "Answer: C", "**Answer:** C".
-_STATED_LETTER = re.compile(r"answer\s*(?:is|:)?\s*[:*]*\s*\(?\b([A-Z])\b\)?", re.IGNORECASE)
+# Unboxed fallbacks, last occurrence wins: "answer is (C)", "Answer: C", "**Answer:** C". The letter must be
+# upper case, so that "the answer is a bit tricky" names no option.
+_STATED_LETTER = re.compile(r"(?i:answer)\s*(?:(?i:is)|:)?\s*[:*]*\s*\(?\b([A-Z])\b\)?")
 
 
 def extract_choice(response: str) -> str | None:
