@@ -269,6 +269,10 @@ class VLLMEngine:
             )
 
     # ---------------------------------------------------------------- weights
+    def check_weight(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
+        """Check one tensor of an update (known name, shape, float); False = to be dropped (a tied model's head)."""
+        return self._validator.check(name, shape, dtype)
+
     def validate_weights(self, tensors: Iterable[tuple[str, Sequence[int], torch.dtype]]) -> None:
         """Check (name, shape, dtype) triples of a whole update without loading anything; raises WeightUpdateError."""
         seen = set()

@@ -1,0 +1,207 @@
+"""HTTP client of the generation server (`tools/serve_rollout.py`): the same `GenerationEngine` interface as the
+in-process engine, plus pushing weights in checksummed buckets.
+
+Every request has a timeout; transport failures (refused connection, timeout, reset) and 429/502/503/504 answers
+are retried with exponential backoff; other 4xx/5xx answers raise `RolloutServerError` at once with the
+server's message. At most `concurrency` completions requests are in flight at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from megatron_trace.rollout.types import Generation, SamplingConfig
+from megatron_trace.rollout.weight_buckets import (
+    CHECKSUM_HEADER,
+    COUNT_HEADER,
+    INDEX_HEADER,
+    VERSION_HEADER,
+    encode_bucket,
+)
+
+logger = logging.getLogger(__name__)
+
+_RETRY_STATUS = (429, 502, 503, 504)
+
+
+@dataclass
+class ClientConfig:
+    """base_url: e.g. http://127.0.0.1:8100. token_env: environment variable with the bearer token (weight and
+    admin routes). timeout_s: per-request timeout (s). retries: extra attempts after the first. backoff_s: first
+    retry delay (s), doubled each retry up to max_backoff_s. concurrency: completions requests in flight.
+    prompts_per_request: prompts batched into one completions request."""
+
+    base_url: str = "http://127.0.0.1:8100"
+    token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN"
+    timeout_s: float = 600.0
+    weight_timeout_s: float = 600.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    concurrency: int = 8
+    prompts_per_request: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url={self.base_url!r}: expected http://host:port or https://...")
+        for name in ("timeout_s", "weight_timeout_s", "backoff_s", "max_backoff_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries} must be >= 0")
+        if self.concurrency < 1 or self.prompts_per_request < 1:
+            raise ValueError("concurrency and prompts_per_request must be >= 1")
+
+
+class RolloutServerError(RuntimeError):
+    """The server answered with an error (status and its message), or stayed unreachable after all retries."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class RolloutClient:
+    """Client of one generation server; thread-safe (one pooled httpx.Client)."""
+
+    def __init__(self, cfg: ClientConfig | None = None, **overrides: Any):
+        import httpx
+
+        self.cfg = cfg or ClientConfig(**overrides)
+        self._token = os.environ.get(self.cfg.token_env) or None
+        self._http = httpx.Client(
+            base_url=self.cfg.base_url.rstrip("/"),
+            timeout=httpx.Timeout(self.cfg.timeout_s),
+            limits=httpx.Limits(max_connections=self.cfg.concurrency + 2),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "RolloutClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- transport
+    def _request(self, method: str, path: str, *, timeout: float | None = None, **kw) -> dict[str, Any]:
+        import httpx
+
+        delay = self.cfg.backoff_s
+        for attempt in range(self.cfg.retries + 1):
+            last = attempt == self.cfg.retries
+            try:
+                r = self._http.request(method, path, timeout=timeout or self.cfg.timeout_s, **kw)
+            except httpx.TransportError as e:  # connect error, timeout, reset: the request may not have run
+                if last:
+                    raise RolloutServerError(
+                        f"{method} {self.cfg.base_url}{path}: {type(e).__name__} ({e}) after "
+                        f"{self.cfg.retries + 1} attempts"
+                    ) from e
+                logger.warning("%s %s: %s; retry %d in %.1fs", method, path, type(e).__name__, attempt + 1, delay)
+            else:
+                if r.status_code < 400:
+                    return r.json()
+                message = _error_message(r)
+                if r.status_code not in _RETRY_STATUS or last:
+                    raise RolloutServerError(f"{method} {path}: HTTP {r.status_code}: {message}", r.status_code)
+                logger.warning("%s %s: HTTP %d (%s); retry %d in %.1fs", method, path, r.status_code, message,
+                               attempt + 1, delay)
+            time.sleep(delay * (0.5 + random.random() / 2))  # jitter: many ranks must not retry in lockstep
+            delay = min(2 * delay, self.cfg.max_backoff_s)
+        raise AssertionError("unreachable")
+
+    def _auth(self) -> dict[str, str]:
+        if self._token is None:
+            raise RolloutServerError(f"no bearer token: set ${self.cfg.token_env} (the server's weight routes need it)")
+        return {"Authorization": f"Bearer {self._token}"}
+
+    # ---------------------------------------------------------------- API
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def version(self) -> int:
+        """The weight version the server is serving."""
+        return int(self._request("GET", "/version")["weight_version"])
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """For each prompt, `sampling.n` generations, over `/v1/completions` (up to `concurrency` in flight)."""
+        prompts = [list(map(int, p)) for p in prompt_token_ids]
+        step = self.cfg.prompts_per_request
+        chunks = [prompts[i : i + step] for i in range(0, len(prompts), step)]
+        if not chunks:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(chunks))) as pool:
+            parts = list(pool.map(lambda c: self._complete(c, sampling), chunks))
+        return [gens for part in parts for gens in part]
+
+    def _complete(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        body = {
+            "prompt": prompts, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "top_k": sampling.top_k, "n": sampling.n, "seed": sampling.seed,
+            "stop_token_ids": list(sampling.stop_token_ids), "logprobs": 0 if sampling.logprobs else None,
+        }
+        out = self._request("POST", "/v1/completions", json=body)
+        version = int(out.get("weight_version", 0))
+        result: list[list[Generation]] = [[None] * sampling.n for _ in prompts]  # type: ignore[list-item]
+        for c in out["choices"]:
+            lp = c.get("logprobs") or {}
+            gen = Generation(list(c["token_ids"]), [float(x) for x in lp.get("token_logprobs") or []],
+                             c["finish_reason"], weight_version=version)
+            result[c["index"] // sampling.n][c["index"] % sampling.n] = gen
+        if any(g is None for gens in result for g in gens):
+            raise RolloutServerError(f"server returned {len(out['choices'])} choices, expected "
+                                     f"{len(prompts) * sampling.n}")
+        return result
+
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int | None = None) -> int:
+        """Push a complete update (HF-named full tensors in buckets); returns the server's new weight version.
+
+        Each bucket goes as safetensors bytes with its SHA-256; the server applies the update only when every
+        bucket has arrived and verified. A retried bucket simply replaces itself. version: target version
+        (default: serving version + 1). The bucket count goes in every request, so an iterator is listed first
+        (tensors are referenced, not copied; each is serialized only when its bucket is sent).
+        """
+        buckets = list(buckets)
+        if not buckets:
+            raise ValueError("update_weights needs at least one bucket")
+        target = self.version() + 1 if version is None else int(version)
+        auth = self._auth()
+        out: dict[str, Any] = {}
+        for i, bucket in enumerate(buckets):
+            data, digest = encode_bucket(bucket)
+            headers = {**auth, "Content-Type": "application/octet-stream", VERSION_HEADER: str(target),
+                       INDEX_HEADER: str(i), COUNT_HEADER: str(len(buckets)), CHECKSUM_HEADER: digest}
+            try:
+                out = self._request("POST", "/weights", content=data, headers=headers,
+                                    timeout=self.cfg.weight_timeout_s)
+            except RolloutServerError as e:
+                # The last bucket's answer can be lost after the server applied it; its retry then hits 409.
+                if e.status == 409 and i == len(buckets) - 1 and self.version() == target:
+                    return target
+                raise
+        if out.get("status") != "applied":
+            raise RolloutServerError(f"server did not apply the update after the last bucket: {out}")
+        return int(out["weight_version"])
+
+    def sleep(self, level: int = 1) -> None:
+        self._request("POST", f"/sleep?level={int(level)}", headers=self._auth())
+
+    def wake_up(self) -> None:
+        self._request("POST", "/wake_up", headers=self._auth())
+
+
+def _error_message(r) -> str:
+    try:
+        return str(r.json()["error"]["message"])
+    except Exception:  # not our JSON error shape (a proxy, a crashed server): show the start of the body
+        return r.text[:300]

@@ -1,0 +1,346 @@
+"""The generation server: one vLLM engine served over HTTP for disaggregated rollouts.
+
+Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
+- `POST /v1/completions`: OpenAI-compatible completions with token ids in and out. `prompt` is a list of token
+  ids or a list of such lists; the response's choices carry `token_ids` and `logprobs.token_logprobs` (the raw,
+  temperature-1 log-probs of the sampled tokens) and the body carries `weight_version`. Choice index
+  `i * n + j` is response j of prompt i, as in OpenAI's API. vLLM extensions accepted: `top_k`,
+  `stop_token_ids`.
+- `POST /weights` (bearer token): one bucket of a weight update, safetensors bytes, headers from
+  `weight_buckets` (target version, bucket index/count, SHA-256). Buckets are staged; when the last one arrives
+  the whole update is validated and applied in one engine reload. All-or-nothing: a bad bucket (checksum,
+  decoding, unknown name, wrong shape) discards the staged update and leaves the old weights serving.
+- `POST /sleep`, `POST /wake_up` (bearer token): free / re-allocate GPU memory (colocated use).
+- `GET /health`, `GET /version`.
+
+Binds 127.0.0.1 unless told otherwise. The token is read from an environment variable (never the command line,
+which other users can read in the process table); without it the weight and admin routes are disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from megatron_trace.rollout.types import SamplingConfig
+from megatron_trace.rollout.weight_buckets import (
+    CHECKSUM_HEADER,
+    COUNT_HEADER,
+    INDEX_HEADER,
+    VERSION_HEADER,
+    BucketError,
+    decode_bucket,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_ENV = "MEGATRON_TRACE_ROLLOUT_TOKEN"
+
+
+@dataclass
+class ServerLimits:
+    """Request size limits (bytes, prompts)."""
+
+    max_request_bytes: int = 16 * 1024 * 1024  # JSON bodies (completions)
+    max_bucket_bytes: int = 4 * 1024 * 1024 * 1024  # one weight bucket
+    max_prompts: int = 4096  # prompts per completions request
+
+
+@dataclass
+class _StagedUpdate:
+    version: int
+    count: int
+    buckets: dict[int, list] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class WeightStaging:
+    """Buckets of one in-flight update, applied to the engine together once all have arrived (thread-safe)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._staged: _StagedUpdate | None = None
+
+    def receive(self, version: int, index: int, count: int, data: bytes, checksum: str) -> dict[str, Any]:
+        with self._lock:
+            serving = self.engine.weight_version
+            if version <= serving:
+                raise ApiError(409, f"target version {version} must exceed the serving version {serving}", "conflict")
+            if count < 1 or not 0 <= index < count:
+                raise ApiError(400, f"bucket index {index} / count {count}: need 0 <= index < count")
+            staged = self._staged
+            if staged is None or staged.version != version:
+                if staged is not None:
+                    logger.warning("abandoning staged update to version %d for version %d", staged.version, version)
+                staged = self._staged = _StagedUpdate(version, count)
+            if staged.count != count:
+                self._staged = None
+                raise ApiError(400, f"bucket count {count} differs from {staged.count} of the staged update; "
+                               "update discarded, old weights keep serving")
+            try:
+                tensors = decode_bucket(data, checksum)
+                for name, t in tensors:
+                    self.engine.check_weight(name, t.shape, t.dtype)
+            except (BucketError, ValueError) as e:
+                self._staged = None
+                raise ApiError(422, f"bucket {index} of update to version {version} rejected ({e}); update "
+                               "discarded, old weights keep serving", "weight_update_error") from e
+            staged.buckets[index] = tensors
+            if len(staged.buckets) < count:
+                return {"status": "staged", "weight_version": serving, "received": len(staged.buckets),
+                        "count": count}
+            self._staged = None
+            buckets = [staged.buckets[i] for i in range(count)]
+            try:
+                self.engine.validate_weights((n, t.shape, t.dtype) for b in buckets for n, t in b)
+            except ValueError as e:
+                raise ApiError(422, f"update to version {version} rejected ({e}); old weights keep serving",
+                               "weight_update_error") from e
+            new = self.engine.update_weights(buckets, version=version)
+            return {"status": "applied", "weight_version": new, "received": count, "count": count}
+
+
+def _sampling_from_request(body: dict[str, Any], limits: ServerLimits) -> tuple[list[list[int]], SamplingConfig, bool]:
+    def bad(msg: str) -> ApiError:
+        return ApiError(400, msg)
+
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
+        raise bad("prompt: this server takes token ids (a list of ints or a list of such lists), not text")
+    if not isinstance(prompt, list) or not prompt:
+        raise bad("prompt: required, a non-empty list of token ids or a list of such lists")
+    prompts = [prompt] if isinstance(prompt[0], int) else prompt
+    if len(prompts) > limits.max_prompts:
+        raise bad(f"prompt: {len(prompts)} prompts exceed the limit of {limits.max_prompts} per request")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, list) or not p or not all(isinstance(t, int) and t >= 0 for t in p):
+            raise bad(f"prompt[{i}]: expected a non-empty list of non-negative token ids")
+    for key in ("stream", "echo"):
+        if body.get(key):
+            raise bad(f"{key}=true is not supported by this server")
+    if body.get("stop"):
+        raise bad("stop: string stops are not supported; use stop_token_ids")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 1):
+        raise bad("logprobs: only the sampled token's log-prob is returned; use 0 or 1 (or omit)")
+
+    def num(key, kind, default):
+        v = body.get(key, default)
+        if v is None:
+            return default
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise bad(f"{key}: expected {kind.__name__}, got {v!r}")
+        return v
+
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+        raise bad("stop_token_ids: expected a list of ints")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise bad(f"seed: expected int, got {seed!r}")
+    sampling = SamplingConfig(
+        temperature=num("temperature", float, 1.0), top_p=num("top_p", float, 1.0), top_k=num("top_k", int, -1),
+        max_tokens=num("max_tokens", int, 16), stop_token_ids=stop_ids, n=num("n", int, 1), seed=seed,
+        logprobs=logprobs is not None,
+    )
+    return prompts, sampling, logprobs is not None
+
+
+def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimits | None = None, tokenizer=None):
+    """The FastAPI app serving `engine` (a VLLMEngine). token=None disables the weight and admin routes."""
+    limits = limits or ServerLimits()
+    staging = WeightStaging(engine)
+    app = FastAPI(title="megatron-trace generation server")
+
+    def error(status: int, message: str, kind: str) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, e: ApiError):
+        return error(e.status, e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, e: RequestValidationError):
+        return error(400, f"invalid request: {e.errors()}", "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, e: Exception):
+        logger.exception("request failed")
+        return error(500, f"{type(e).__name__}: {e}", "internal_error")
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            raise ApiError(403, f"weight and admin routes are disabled: start the server with the token in "
+                                f"${DEFAULT_TOKEN_ENV} (or the variable named by --token-env)", "forbidden")
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise ApiError(401, "missing or wrong bearer token (header `Authorization: Bearer <token>`)",
+                           "authentication_error")
+
+    async def read_body(request: Request, limit: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > limit:
+            raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes", "too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"body exceeds the limit of {limit} bytes", "too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def header_int(request: Request, name: str) -> int:
+        v = request.headers.get(name)
+        try:
+            return int(v)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"header {name}: expected an integer, got {v!r}") from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "weight_version": engine.weight_version}
+
+    @app.get("/version")
+    async def version():
+        return {"weight_version": engine.weight_version, "model": model_name}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        import json
+
+        raw = await read_body(request, limits.max_request_bytes)
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        prompts, sampling, want_logprobs = _sampling_from_request(body, limits)
+        try:
+            outs = await run_in_threadpool(engine.generate, prompts, sampling)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+        except RuntimeError as e:  # asleep, or weights inconsistent after a failed update: retrying won't help
+            raise ApiError(409, str(e), "conflict") from e
+        choices, n_out = [], 0
+        for i, gens in enumerate(outs):
+            for j, g in enumerate(gens):
+                n_out += len(g.token_ids)
+                text = tokenizer.decode(g.token_ids) if tokenizer is not None else ""
+                choice: dict[str, Any] = {"index": i * sampling.n + j, "text": text, "token_ids": g.token_ids,
+                                          "finish_reason": g.finish_reason, "logprobs": None}
+                if want_logprobs:
+                    toks = tokenizer.convert_ids_to_tokens(g.token_ids) if tokenizer is not None else None
+                    choice["logprobs"] = {
+                        "tokens": [t if t is not None else f"<id:{k}>" for t, k in zip(toks, g.token_ids)]
+                        if toks is not None else [f"<id:{k}>" for k in g.token_ids],
+                        "token_logprobs": g.logprobs, "top_logprobs": None,
+                    }
+                choices.append(choice)
+        n_in = sum(len(p) for p in prompts)
+        version = outs[0][0].weight_version if outs and outs[0] else engine.weight_version
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.get("model") or model_name, "choices": choices, "weight_version": version,
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+        }
+
+    @app.post("/weights")
+    async def weights(request: Request):
+        authorize(request)
+        version = header_int(request, VERSION_HEADER)
+        index = header_int(request, INDEX_HEADER)
+        count = header_int(request, COUNT_HEADER)
+        checksum = request.headers.get(CHECKSUM_HEADER)
+        if not checksum:
+            raise ApiError(400, f"header {CHECKSUM_HEADER}: required (hex SHA-256 of the body)")
+        data = await read_body(request, limits.max_bucket_bytes)
+        return await run_in_threadpool(staging.receive, version, index, count, data, checksum)
+
+    @app.post("/sleep")
+    async def sleep(request: Request, level: int = 1):
+        authorize(request)
+        try:
+            await run_in_threadpool(engine.sleep, level)
+        except (RuntimeError, ValueError) as e:
+            raise ApiError(400, str(e)) from e
+        return {"status": "asleep", "level": level}
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request):
+        authorize(request)
+        try:
+            await run_in_threadpool(engine.wake_up)
+        except (RuntimeError, ValueError) as e:
+            raise ApiError(400, str(e)) from e
+        return {"status": "awake", "weight_version": engine.weight_version}
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of `tools/serve_rollout.py`: build the engine, then serve it until SIGTERM/SIGINT."""
+    p = argparse.ArgumentParser(description="Serve a vLLM generation engine over HTTP (megatron-trace rollouts).")
+    p.add_argument("--model", required=True, help="HF model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enable-sleep-mode", action="store_true")
+    p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
+                   help="environment variable holding the bearer token of the weight/admin routes")
+    p.add_argument("--max-request-bytes", type=int, default=ServerLimits.max_request_bytes)
+    p.add_argument("--max-bucket-bytes", type=int, default=ServerLimits.max_bucket_bytes)
+    args = p.parse_args(argv)
+
+    import torch
+    import uvicorn
+
+    from megatron_trace.data.tokenizer import load_tokenizer
+    from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
+
+    token = os.environ.get(args.token_env) or None
+    if token is None:
+        logger.warning("$%s is not set: weight and admin routes are disabled", args.token_env)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+        p.error(f"binding {args.host} (not loopback) needs a token in ${args.token_env}")
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    engine = VLLMEngine(EngineConfig(
+        model_dir=args.model, dtype=dtype, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+        enable_prefix_caching=not args.no_prefix_caching, enable_sleep_mode=args.enable_sleep_mode,
+    ))
+    limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_bucket_bytes=args.max_bucket_bytes)
+    app = build_app(engine, model_name=os.path.basename(os.path.normpath(args.model)), token=token,
+                    limits=limits, tokenizer=load_tokenizer(args.model))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

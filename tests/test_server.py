@@ -1,0 +1,209 @@
+"""The generation server as a real process on 127.0.0.1 (real vLLM, CPU, fp32), driven through RolloutClient and
+raw HTTP; transformers' Qwen3 is the reference. One server process serves the whole module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+from dist_harness import free_port  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from tiny_hf_model import make_tiny_qwen3_dir  # noqa: E402
+
+from megatron_trace.rollout.client import ClientConfig, RolloutClient, RolloutServerError  # noqa: E402
+from megatron_trace.rollout.types import SamplingConfig  # noqa: E402
+from megatron_trace.rollout.weight_buckets import (  # noqa: E402
+    CHECKSUM_HEADER, COUNT_HEADER, INDEX_HEADER, VERSION_HEADER, encode_bucket,
+)
+
+TOKEN = "test-token-5f1c"
+TOKEN_ENV = "TRACE_TEST_ROLLOUT_TOKEN"
+PROMPTS = [[9707, 11, 1879, 0, 3555], [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")  # untied: the in-process tests cover tied embeddings
+    return {k: make_tiny_qwen3_dir(str(root / k), seed=s, tied=False) for k, s in (("a", 11), ("b", 12))}
+
+
+@pytest.fixture(scope="module")
+def hf(models):
+    from transformers import Qwen3ForCausalLM
+
+    return {k: Qwen3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for k, d in models.items()}
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    env = {**os.environ, TOKEN_ENV: TOKEN, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", models["a"], "--port", str(port),
+         "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV,
+         "--max-request-bytes", str(1 << 20)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server not healthy after 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server, monkeypatch_module):
+    monkeypatch_module.setenv(TOKEN_ENV, TOKEN)
+    with RolloutClient(ClientConfig(base_url=server, token_env=TOKEN_ENV, timeout_s=60, retries=1)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def buckets_of(model_dir, size=4):
+    items = sorted(load_file(f"{model_dir}/model.safetensors").items())
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def hf_greedy(model, prompt, n_new):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logprobs(model, prompt, response):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+def assert_serves(client, hf_model, n_new=8):
+    out = client.generate(PROMPTS, SamplingConfig(temperature=0.0, max_tokens=n_new))
+    for prompt, gens in zip(PROMPTS, out):
+        g = gens[0]
+        assert g.token_ids == hf_greedy(hf_model, prompt, n_new)
+        torch.testing.assert_close(torch.tensor(g.logprobs, dtype=torch.float64),
+                                   hf_logprobs(hf_model, prompt, g.token_ids), atol=1e-4, rtol=0)
+    return out
+
+
+def push(server, version, index, count, data, digest, token=TOKEN):
+    headers = {VERSION_HEADER: str(version), INDEX_HEADER: str(index), COUNT_HEADER: str(count),
+               CHECKSUM_HEADER: digest}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.post(server + "/weights", content=data, headers=headers, timeout=60)
+
+
+def test_generate_then_push_weights_over_http_then_generate_the_new_model(client, models, hf):
+    client.update_weights(buckets_of(models["a"]))  # whatever ran before, serve model a
+    v = client.version()
+    assert_serves(client, hf["a"])
+    assert client.update_weights(buckets_of(models["b"], size=3)) == v + 1 == client.version()
+    out = assert_serves(client, hf["b"])
+    assert all(g.weight_version == v + 1 for gens in out for g in gens)
+
+
+def test_completions_are_openai_shaped_with_n_samples_per_prompt(server, models):
+    from megatron_trace.data.tokenizer import load_tokenizer
+
+    body = {"prompt": PROMPTS, "max_tokens": 5, "n": 3, "temperature": 1.0, "seed": 7, "logprobs": 0}
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and len(out["choices"]) == 6
+    assert sorted(c["index"] for c in out["choices"]) == list(range(6))
+    tok = load_tokenizer(models["a"])
+    for c in out["choices"]:
+        assert len(c["token_ids"]) == len(c["logprobs"]["token_logprobs"]) == 5
+        assert c["text"] == tok.decode(c["token_ids"])
+    assert out["usage"]["completion_tokens"] == 30
+
+
+def test_weight_route_needs_the_bearer_token(server, models, client):
+    v = client.version()
+    data, digest = encode_bucket(buckets_of(models["b"])[0])
+    for token in (None, "wrong-token"):
+        r = push(server, v + 1, 0, 1, data, digest, token=token)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+    r = httpx.post(server + "/sleep", timeout=10)
+    assert r.status_code == 401
+    assert client.version() == v
+
+
+def test_a_corrupted_bucket_is_rejected_and_old_weights_keep_serving(server, client, models, hf):
+    client.update_weights(buckets_of(models["a"]))
+    v = client.version()
+    buckets = buckets_of(models["b"])
+    encoded = [encode_bucket(b) for b in buckets]
+    n = len(encoded)
+    assert push(server, v + 1, 0, n, *encoded[0]).json()["status"] == "staged"
+    data, digest = encoded[1]
+    corrupted = data[:-1] + bytes([data[-1] ^ 0xFF])  # one flipped byte in the tensor data
+    r = push(server, v + 1, 1, n, corrupted, digest)
+    assert r.status_code == 422 and "checksum mismatch" in r.json()["error"]["message"]
+    for i in range(2, n):  # the rest arrive fine, but the update was discarded: it never completes
+        assert push(server, v + 1, i, n, *encoded[i]).json()["status"] == "staged"
+    # a well-formed bucket with a tensor the model does not have is rejected as well
+    bad = encode_bucket([("model.layers.7.mlp.up_proj.weight", torch.zeros(256, 128))])
+    r = push(server, v + 1, 0, n, *bad)
+    assert r.status_code == 422 and "unknown weight" in r.json()["error"]["message"]
+    assert client.version() == v
+    assert_serves(client, hf["a"])
+    # a stale target version is refused
+    r = push(server, v, 0, n, *encoded[0])
+    assert r.status_code == 409 and "must exceed" in r.json()["error"]["message"]
+
+
+def test_bad_requests_get_clear_json_errors(server):
+    cases = [
+        ({"prompt": "hello"}, 400, "token ids"),
+        ({"prompt": [[1, 2], []]}, 400, "prompt[1]"),
+        ({"prompt": [1] * 250, "max_tokens": 16}, 400, "max_model_len"),
+        ({"prompt": [1, 2], "logprobs": 5}, 400, "logprobs"),
+        ({"prompt": [1, 2], "temperature": "hot"}, 400, "temperature"),
+    ]
+    for body, status, needle in cases:
+        r = httpx.post(server + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == status and needle in r.json()["error"]["message"], (body, r.text)
+    r = httpx.post(server + "/v1/completions", content=b"[" + b"1," * (1 << 20) + b"1]", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
