@@ -62,79 +62,102 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> None:
         dist.all_reduce(tensor, op=op, group=group)
 
 
+class _Workspace:
+    """Named `[rows, V/tp]` scratch buffers, allocated on first use and reused by every chunk of one call.
+
+    A fresh multi-hundred-MB tensor per chunk costs more in page faults than the arithmetic done in it; reusing a
+    few buffers keeps extra memory at a fixed multiple of `chunk x V/tp` and the time in the math."""
+
+    def __init__(self, rows: int, width: int, device: torch.device):
+        self.rows, self.width, self.device = max(rows, 1), width, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty((self.rows, self.width), dtype=dtype, device=self.device)
+        return buf[:rows]
+
+
 class VocabParallelTokenStats:
-    """Pure per-chunk helpers; each works on local shards and returns partial (pre-reduction) quantities."""
+    """Pure per-chunk helpers on local shards; each returns partial (pre-reduction) quantities or local gradients.
+
+    Buffers come from a _Workspace; results named in a docstring live in those buffers until the next call."""
 
     @staticmethod
-    def shifted(logits: torch.Tensor, row_max: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[rows, V/tp] logits - row_max, a fresh `dtype` tensor (never a view of the input)."""
-        return torch.sub(logits.to(dtype), row_max.unsqueeze(-1))
+    def sum_exp_and_moment(ws: _Workspace, logits: torch.Tensor, row_max: torch.Tensor,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial sum_v e^s and sum_v e^s s of s = logits - row_max, logits [rows, V/tp] -> ([rows], [rows])."""
+        shifted = torch.sub(logits, row_max.unsqueeze(-1), out=ws.get("a", logits.shape[0], dtype))
+        e = torch.exp(shifted, out=ws.get("b", logits.shape[0], dtype))
+        moment = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(2)).view(-1)  # a dot product without a product buffer
+        return e.sum(dim=-1), moment
 
     @staticmethod
-    def softmax(logits: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
-        """[rows, V/tp] probabilities exp(z - max) / Z, given the global max and sum-exp of each row."""
-        # exp(z - max) / Z rather than exp(z - log-sum-exp): the large entries keep ~1 ulp of relative precision
-        # instead of inheriting the rounding of a log-prob of magnitude log V.
-        return torch.sub(logits, row_max.unsqueeze(-1)).exp_().div_(row_sum.unsqueeze(-1))
+    def sum_exp(ws: _Workspace, logits: torch.Tensor, row_max: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Partial sum_v exp(logits - row_max) [rows]."""
+        e = torch.sub(logits, row_max.unsqueeze(-1), out=ws.get("a", logits.shape[0], dtype)).exp_()
+        return e.sum(dim=-1)
 
     @staticmethod
-    def sum_exp_and_moment(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Partial sum_v e^s and sum_v e^s * s of shifted logits s [rows, V/tp] -> ([rows], [rows])."""
-        e = torch.exp(shifted)
-        sum_exp = e.sum(dim=-1)
-        moment = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(2)).view(-1)  # dot product without a product buffer
-        return sum_exp, moment
+    def kl_terms(ws: _Workspace, z: torch.Tensor, z_rows: torch.Tensor, u: torch.Tensor, z_max: torch.Tensor,
+                 z_sum: torch.Tensor, u_max: torch.Tensor, u_sum: torch.Tensor, reverse: torch.Tensor,
+                 clip: float | None, dtype: torch.dtype):
+        """Per-vocab KL terms of student rows z[z_rows] and teacher rows u [n, V/tp] (raw logits).
 
-    @staticmethod
-    def kl_terms(z: torch.Tensor, u: torch.Tensor, z_max: torch.Tensor, z_sum: torch.Tensor,
-                 u_max: torch.Tensor, u_sum: torch.Tensor, reverse: torch.Tensor, clip: float | None,
-                 dtype: torch.dtype):
-        """Per-vocab KL terms of student rows z and teacher rows u, both [rows, V/tp] (raw logits).
-
-        Returns (terms, p, weight, ratio_log, active): terms = weight * ratio_log, clamped to `clip` from above
-        [rows, V/tp]; weight = q (forward rows) or p (reverse rows); ratio_log = log q - log p (forward) or
-        log p - log q (reverse); active = terms below the clip (None when clip is None). Forward and backward both
-        call this, so the clip decisions agree bit for bit.
+        Returns (terms, p, weight, ratio_log, active), each [n, V/tp]: p = softmax of the student rows;
+        weight = q (forward rows) or p (reverse rows); ratio_log = log q - log p (forward) or log p - log q
+        (reverse); terms = weight * ratio_log clamped at `clip` from above; clipped = terms at or above the clip,
+        whose gradient is zero (None when clip is None). Forward and backward both call this, so the clip decisions agree bit for bit.
         """
-        zf = z.to(dtype)
-        uf = u.to(dtype)
+        n = z_rows.shape[0]
+        zk = torch.index_select(z, 0, z_rows, out=ws.get("zk", n, z.dtype))
+        if zk.dtype != dtype:  # u - z must be formed in fp32, not in bf16
+            zk = ws.get("zk32", n, dtype).copy_(zk)
+        if u.dtype != dtype:
+            u = ws.get("u32", n, dtype).copy_(u)
         # log q - log p = (u - z) - [(u_max - z_max) + (log Z_u - log Z_z)]: subtracting raw logits first keeps
         # the precision when teacher and student nearly agree (the large row offsets cancel in one constant).
         offset = (u_max - z_max) + (torch.log(u_sum) - torch.log(z_sum))
-        ratio_log = torch.sub(uf, zf).sub_(offset.unsqueeze(-1))
-        p = VocabParallelTokenStats.softmax(zf, z_max, z_sum)
-        q = VocabParallelTokenStats.softmax(uf, u_max, u_sum)
+        ratio_log = torch.sub(u, zk, out=ws.get("ratio", n, dtype)).sub_(offset.unsqueeze(-1))
+        # exp(z - max) / Z rather than exp(z - log-sum-exp): large probabilities keep ~1 ulp of relative precision
+        # instead of inheriting the rounding of a log-prob of magnitude log V.
+        p = torch.sub(zk, z_max.unsqueeze(-1), out=ws.get("p", n, dtype)).exp_().div_(z_sum.unsqueeze(-1))
+        q = torch.sub(u, u_max.unsqueeze(-1), out=ws.get("q", n, dtype)).exp_().div_(u_sum.unsqueeze(-1))
         rev = reverse.unsqueeze(-1)
-        weight = torch.where(rev, p, q)
-        del q
+        weight = torch.where(rev, p, q, out=ws.get("w", n, dtype))
         ratio_log.mul_(torch.where(rev, -1.0, 1.0).to(dtype))  # reverse rows: log p - log q
-        terms = weight * ratio_log
-        active = None
+        terms = torch.mul(weight, ratio_log, out=q)  # q is no longer needed
+        clipped = None
         if clip is not None:
-            active = terms < clip
-            terms = terms.clamp_(max=clip)
-        return terms, p, weight, ratio_log, active
+            clipped = torch.ge(terms, clip, out=ws.get("clipped", n, torch.bool))
+            terms.clamp_(max=clip)
+        return terms, p, weight, ratio_log, clipped
 
     @staticmethod
-    def clip_correction(weight: torch.Tensor, ratio_log: torch.Tensor, active: torch.Tensor | None,
-                        reverse: torch.Tensor) -> torch.Tensor:
-        """Partial S [rows]: sum_v a_v q_v (forward rows) or sum_v a_v p_v (g_v + 1) (reverse rows)."""
-        factor = torch.where(reverse.unsqueeze(-1), ratio_log + 1.0, torch.ones_like(ratio_log))
-        contrib = weight * factor
-        if active is not None:
-            contrib = contrib * active
-        return contrib.sum(dim=-1)
+    def weighted_factor(ws: _Workspace, weight: torch.Tensor, ratio_log: torch.Tensor, clipped: torch.Tensor | None,
+                        reverse: torch.Tensor, name: str) -> torch.Tensor:
+        """[n, V/tp] a_v q_v on forward rows, a_v p_v (g_v + 1) on reverse rows (g = log p - log q; a = not
+        clipped)."""
+        rev = reverse.to(ratio_log.dtype).unsqueeze(-1)
+        out = torch.mul(ratio_log, rev, out=ws.get(name, ratio_log.shape[0], ratio_log.dtype)).add_(1.0)
+        out.mul_(weight)
+        if clipped is not None:
+            out.masked_fill_(clipped, 0.0)
+        return out
 
     @staticmethod
-    def kl_grad(p: torch.Tensor, weight: torch.Tensor, ratio_log: torch.Tensor, active: torch.Tensor | None,
-                reverse: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
-        """d kl / d z [rows, V/tp]: forward -(a q - p S); reverse a p (g + 1) - p S."""
-        rev = reverse.unsqueeze(-1)
-        grad = weight * torch.where(rev, ratio_log + 1.0, torch.ones_like(ratio_log))
-        if active is not None:
-            grad.mul_(active)
-        grad.sub_(p * correction.unsqueeze(-1))
-        return grad.mul_(torch.where(rev, 1.0, -1.0).to(grad.dtype))
+    def clip_correction(ws, weight, ratio_log, clipped, reverse) -> torch.Tensor:
+        """Partial S [n]: sum_v a_v q_v (forward rows) or sum_v a_v p_v (g_v + 1) (reverse rows)."""
+        return VocabParallelTokenStats.weighted_factor(ws, weight, ratio_log, clipped, reverse, "f").sum(dim=-1)
+
+    @staticmethod
+    def kl_grad(ws, p, weight, ratio_log, clipped, reverse, correction, upstream) -> torch.Tensor:
+        """upstream * d kl / d z  [n, V/tp]: forward -(a q - p S); reverse a p (g + 1) - p S."""
+        grad = VocabParallelTokenStats.weighted_factor(ws, weight, ratio_log, clipped, reverse, "f")
+        grad.sub_(p.mul_(correction.unsqueeze(-1)))  # p is not needed afterwards
+        sign = torch.where(reverse, 1.0, -1.0).to(grad.dtype)
+        return grad.mul_((sign * upstream.to(grad.dtype)).unsqueeze(-1))
 
 
 class _TokenStats(torch.autograd.Function):
@@ -145,6 +168,7 @@ class _TokenStats(torch.autograd.Function):
         rows, width = z.shape
         k_rows = kl_rows.numel()
         device = z.device
+        ws = _Workspace(min(chunk_rows, max(rows, k_rows)), width, device)
 
         # 1. MAX: row maxima of student and teacher rows (max is exact in the input dtype; no buffer).
         maxima = torch.cat([z.amax(dim=-1).to(dtype), u.amax(dim=-1).to(dtype)])
@@ -160,17 +184,15 @@ class _TokenStats(torch.autograd.Function):
         z_sum, z_moment, target_logit, owners, u_sum = sums.split([rows, rows, rows, rows, k_rows])
         local_target = target - vocab_start
         owned = (local_target >= 0) & (local_target < width)
-        picked = z.gather(1, local_target.clamp(0, max(width - 1, 0)).unsqueeze(1)).squeeze(1).to(dtype)
+        picked = z.gather(1, local_target.clamp(0, width - 1).unsqueeze(1)).squeeze(1).to(dtype)
         target_logit.copy_(torch.where(owned, picked - z_max, torch.zeros_like(picked)))
         owners.copy_(owned.to(dtype))
         for s in range(0, rows, chunk_rows):
             e = min(s + chunk_rows, rows)
-            a, b = helpers.sum_exp_and_moment(helpers.shifted(z[s:e], z_max[s:e], dtype))
-            z_sum[s:e] = a
-            z_moment[s:e] = b
+            z_sum[s:e], z_moment[s:e] = helpers.sum_exp_and_moment(ws, z[s:e], z_max[s:e], dtype)
         for s in range(0, k_rows, chunk_rows):
             e = min(s + chunk_rows, k_rows)
-            u_sum[s:e] = torch.exp(helpers.shifted(u[s:e], u_max[s:e], dtype)).sum(dim=-1)
+            u_sum[s:e] = helpers.sum_exp(ws, u[s:e], u_max[s:e], dtype)
         _all_reduce(sums, dist.ReduceOp.SUM, group)
         if rows and not bool((owners == 1).all()):
             bad = int((owners != 1).nonzero()[0])
@@ -187,12 +209,11 @@ class _TokenStats(torch.autograd.Function):
         for s in range(0, k_rows, chunk_rows):
             e = min(s + chunk_rows, k_rows)
             idx = kl_rows[s:e]
-            terms, _, weight, ratio_log, active = helpers.kl_terms(
-                z.index_select(0, idx), u[s:e], z_max[idx], z_sum[idx], u_max[s:e], u_sum[s:e],
-                kl_reverse[s:e], clip, dtype)
+            terms, _, weight, ratio_log, clipped = helpers.kl_terms(
+                ws, z, idx, u[s:e], z_max[idx], z_sum[idx], u_max[s:e], u_sum[s:e], kl_reverse[s:e], clip, dtype)
             kl[s:e] = terms.sum(dim=-1)
-            correction[s:e] = helpers.clip_correction(weight, ratio_log, active, kl_reverse[s:e])
-            del terms, weight, ratio_log, active
+            correction[s:e] = helpers.clip_correction(ws, weight, ratio_log, clipped, kl_reverse[s:e])
+        del ws
         if k_rows:
             _all_reduce(kl_parts, dist.ReduceOp.SUM, group)
 
@@ -205,56 +226,66 @@ class _TokenStats(torch.autograd.Function):
     def backward(ctx, g_logprob, g_entropy, g_kl):
         z, target, u, kl_rows, kl_reverse, z_max, z_sum, entropy, u_max, u_sum, correction = ctx.saved_tensors
         helpers = VocabParallelTokenStats
-        if g_logprob is None and g_entropy is None and (g_kl is None or kl_rows.numel() == 0):
+        use_kl = g_kl is not None and kl_rows.numel() > 0
+        if g_logprob is None and g_entropy is None and not use_kl:
             return (None,) * 9
         dtype = _math_dtype(z.dtype)
         rows, width = z.shape
         chunk_rows = ctx.chunk_rows
+        ws = _Workspace(min(chunk_rows, rows), width, z.device)
         grad = torch.empty_like(z)
+        z_log_sum = torch.log(z_sum)
 
+        # Per row, the logprob/entropy gradient is e_j * (alpha s_j + beta) (+ g_lp at the target), with
+        # e = exp(s), s = z - max: p_j (-g_lp - g_H (log p_j + H)) folded into two row constants.
+        g_lp = g_logprob.to(dtype) if g_logprob is not None else None
+        if g_entropy is not None:
+            g_h = g_entropy.to(dtype)
+            alpha = -g_h / z_sum
+            beta = g_h * (z_log_sum - entropy)
+            beta = (beta - g_lp if g_lp is not None else beta) / z_sum
+        elif g_lp is not None:
+            alpha, beta = None, -g_lp / z_sum
         local_target = target - ctx.vocab_start
         owned = (local_target >= 0) & (local_target < width)
         # Teacher rows grouped by the student chunk they fall in, so each chunk's gradient is summed in fp32.
-        if g_kl is not None and kl_rows.numel():
+        if use_kl:
             order = torch.argsort(kl_rows, stable=True)
-            sorted_rows = kl_rows[order]
-        else:
-            order = sorted_rows = None
+            bounds = torch.searchsorted(kl_rows[order], torch.arange(0, rows + chunk_rows, chunk_rows,
+                                                                     device=z.device)).tolist()
 
-        for s in range(0, rows, chunk_rows):
+        for ci, s in enumerate(range(0, rows, chunk_rows)):
             e = min(s + chunk_rows, rows)
-            shifted = helpers.shifted(z[s:e], z_max[s:e], dtype)
-            p = torch.exp(shifted).div_(z_sum[s:e].unsqueeze(-1))
-            log_p = shifted.sub_(torch.log(z_sum[s:e]).unsqueeze(-1))
-            # coefficient c_j so that the chunk gradient is p_j * c_j (+ onehot): c = -g_lp - g_H (log p + H)
-            if g_entropy is not None:
-                buf = log_p.add_(entropy[s:e].unsqueeze(-1)).mul_(-g_entropy[s:e].to(dtype).unsqueeze(-1))
-                if g_logprob is not None:
-                    buf.sub_(g_logprob[s:e].to(dtype).unsqueeze(-1))
-                buf.mul_(p)
-            elif g_logprob is not None:
-                buf = p.mul_(-g_logprob[s:e].to(dtype).unsqueeze(-1))
+            n = e - s
+            direct = grad.dtype == dtype  # else sum in an fp32 buffer and round once into the bf16/fp16 gradient
+            out = grad[s:e] if direct else ws.get("g", n, dtype)
+            if g_lp is None and g_entropy is None:
+                out.zero_()
             else:
-                buf = log_p.zero_()
-            if g_logprob is not None:
-                rows_owned = owned[s:e].nonzero().squeeze(-1)
-                buf.index_put_((rows_owned, local_target[s:e][rows_owned]),
-                               g_logprob[s:e][rows_owned].to(dtype), accumulate=True)
-            del p
-            if order is not None:
-                lo, hi = (int(i) for i in torch.searchsorted(sorted_rows, torch.tensor([s, e], device=z.device)))
+                shifted = torch.sub(z[s:e], z_max[s:e].unsqueeze(-1), out=ws.get("a", n, dtype))
+                if alpha is None:
+                    torch.mul(shifted.exp_(), beta[s:e].unsqueeze(-1), out=out)
+                else:
+                    exp = torch.exp(shifted, out=ws.get("b", n, dtype))
+                    coef = shifted.mul_(alpha[s:e].unsqueeze(-1)).add_(beta[s:e].unsqueeze(-1))
+                    torch.mul(exp, coef, out=out)
+            if g_lp is not None:
+                hit = owned[s:e].nonzero().squeeze(-1)
+                out.index_put_((hit, local_target[s:e][hit]), g_lp[s:e][hit], accumulate=True)
+            if use_kl:
+                lo, hi = bounds[ci], bounds[ci + 1]
                 for a in range(lo, hi, chunk_rows):
                     idx = order[a:min(a + chunk_rows, hi)]
                     src = kl_rows[idx]
-                    _, pk, weight, ratio_log, active = helpers.kl_terms(
-                        z.index_select(0, src), u.index_select(0, idx), z_max[src], z_sum[src], u_max[idx],
-                        u_sum[idx], kl_reverse[idx], ctx.clip, dtype)
-                    gk = helpers.kl_grad(pk, weight, ratio_log, active, kl_reverse[idx], correction[idx])
-                    gk.mul_(g_kl[idx].to(dtype).unsqueeze(-1))
-                    buf.index_add_(0, src - s, gk)
-                    del pk, weight, ratio_log, active, gk
-            grad[s:e].copy_(buf)
-            del buf
+                    uk = torch.index_select(u, 0, idx, out=ws.get("u", idx.numel(), u.dtype))
+                    _, pk, weight, ratio_log, clipped = helpers.kl_terms(
+                        ws, z, src, uk, z_max[src], z_sum[src], u_max[idx], u_sum[idx], kl_reverse[idx], ctx.clip,
+                        dtype)
+                    gk = helpers.kl_grad(ws, pk, weight, ratio_log, clipped, kl_reverse[idx], correction[idx],
+                                         g_kl[idx])
+                    out.index_add_(0, src - s, gk)
+            if not direct:
+                grad[s:e].copy_(out)
         return grad, None, None, None, None, None, None, None, None
 
 
