@@ -35,14 +35,14 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the field precisely
+            return _coerce(value, options[0], path)
+        for arg in options:
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: {value!r} does not match {tp}")
     if origin is typing.Literal:
         if value not in args:

@@ -59,3 +59,17 @@ def test_yaml_and_dotted_overrides(tmp_path):
         load_yaml_config(Outer, p, ["inner.bogus=1"])
     with pytest.raises(ConfigError, match="not found"):
         load_yaml_config(Outer, tmp_path / "missing.yaml")
+
+
+@dataclass
+class WithOptionalSection:
+    inner: Optional[Inner] = None
+
+
+def test_optional_section_reports_the_inner_field():
+    assert from_dict(WithOptionalSection, {}).inner is None
+    assert from_dict(WithOptionalSection, {"inner": {"lr": 3}}).inner.lr == 3.0
+    with pytest.raises(ConfigError, match=r"inner\.lr"):
+        from_dict(WithOptionalSection, {"inner": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"inner\.nope"):
+        from_dict(WithOptionalSection, {"inner": {"nope": 1}})

@@ -16,11 +16,12 @@ from megatron_trace.config_base import ConfigError
 class AnnotateConfig:
     """Who annotates, how many spans it may name, and how spans become token masks and routes.
 
-    annotator: "external" (an OpenAI-compatible server, see `client`) or "self" (the policy, through the
-    generation engine that serves rollouts).
+    annotator: "external" (an OpenAI-compatible server, see `client`), "self" (the policy, through the
+    generation engine that serves rollouts) or "reference_match" (rule-based, for data whose worked solutions
+    state every intermediate value, like the shipped arithmetic set; see `reference_match.py`).
     """
 
-    annotator: Literal["external", "self"] = "self"
+    annotator: Literal["external", "self", "reference_match"] = "self"
     client: AnnotatorClientConfig = field(default_factory=AnnotatorClientConfig)  # used when "external"
     max_spans: int = 4  # spans asked for per response
     self_max_tokens: int = 1024  # reply length for self-annotation
@@ -34,10 +35,14 @@ class AnnotateConfig:
             raise ConfigError(f"max_spans: must be >= 1, got {self.max_spans}")
 
 
-def build_annotator(cfg: AnnotateConfig, *, engine=None, tokenizer=None) -> Annotator:
+def build_annotator(cfg: AnnotateConfig, *, engine=None, tokenizer=None):
     """The annotator `cfg` describes; "self" needs the generation engine and the policy's tokenizer."""
     if cfg.annotator == "external":
         return OpenAIAnnotator(cfg.client)
+    if cfg.annotator == "reference_match":
+        from megatron_trace.annotate.reference_match import ReferenceMatchAnnotator
+
+        return ReferenceMatchAnnotator(max_spans=cfg.max_spans)
     if engine is None or tokenizer is None:
         raise ValueError("self-annotation needs the generation engine and the tokenizer")
     return SelfAnnotator(engine, tokenizer, max_tokens=cfg.self_max_tokens, enable_thinking=cfg.self_enable_thinking)

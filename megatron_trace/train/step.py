@@ -12,8 +12,9 @@ hands the schedule `loss * num_microbatches * dp`, which cancels it exactly.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -86,7 +87,8 @@ def _check_microbatches(microbatches: list[dict], seq_length: int, micro_batch_s
 
 
 def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: LossFn, *, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> list:
+                     micro_batch_size: int, forward_only: bool = False,
+                     model_context: Callable[[Any, dict], ContextManager] | None = None) -> list:
     """Forward (and backward unless forward_only) over `microbatches` with megatron's schedule for the current
     pipeline layout.
 
@@ -98,6 +100,8 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
       summed over microbatches and DP/CP ranks), metrics anything picklable.
     Returns the list of `metrics`, one per microbatch, on the last pipeline stage; [] on other stages.
     Gradients accumulate into the DDP grad buffers (call zero_grad first).
+    model_context(model, microbatch): an optional context manager entered around each model call (the
+      teacher uses it to run the output layer on span rows only).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -116,8 +120,9 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
 
     def forward_step(data_iterator, model):
         microbatch = _to_device(next(data_iterator), device)
-        logits = model(input_ids=microbatch["tokens"], position_ids=microbatch["position_ids"],
-                       attention_mask=None, labels=None)
+        with (model_context(model, microbatch) if model_context is not None else nullcontext()):
+            logits = model(input_ids=microbatch["tokens"], position_ids=microbatch["position_ids"],
+                           attention_mask=None, labels=None)
         return logits, partial(scaled_loss, microbatch)
 
     forward_backward_func = get_forward_backward_func()

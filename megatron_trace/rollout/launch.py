@@ -1,0 +1,134 @@
+"""Bring up the trainer's generation engine: a vLLM generation server beside the driver rank (or one already
+running), or an in-process engine for single-process runs.
+
+The server is started as a child process of global rank 0 with torchrun's variables removed from its
+environment (vLLM would otherwise join the trainer's process group), bound to 127.0.0.1 on a free port, with a
+fresh bearer token, and stopped with the trainer. Its log goes to `<output_dir>/rollout_server.log`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import httpx
+
+__all__ = ["start_engine", "ManagedServer"]
+
+# torchrun's (and torch elastic's) variables: a child with these would think it is a trainer rank.
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ManagedServer:
+    """A generation server child process and its client; a `GenerationEngine` (generate, update_weights)."""
+
+    def __init__(self, model_dir: str, *, log_path: str, token_env: str, dtype: str, max_model_len: int,
+                 kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, seed: int,
+                 start_timeout_s: float):
+        from megatron_trace.rollout.client import RolloutClient
+
+        token = os.environ.get(token_env) or secrets.token_hex(16)
+        # The client reads the token from this variable; the child inherits it.
+        os.environ[token_env] = token
+        env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+        self.port = _free_port()
+        cmd = [sys.executable, os.path.join(_REPO_ROOT, "tools", "serve_rollout.py"), "--model", model_dir,
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype, "--max-model-len",
+               str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
+               "--token-env", token_env]
+        if kv_cache_memory_bytes:
+            cmd += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.client = RolloutClient(base_url=f"http://127.0.0.1:{self.port}", token_env=token_env)
+        self._wait_ready(start_timeout_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the generation server exited with code {self.proc.returncode} during "
+                                   f"start-up; last lines of {self.log_path}:\n{self._tail()}")
+            try:  # a bare probe: the client's retry logging would flood the log during start-up
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.close()
+        raise TimeoutError(f"the generation server did not become healthy within {timeout_s:.0f}s "
+                           f"(rollout.server_start_timeout_s); see {self.log_path}:\n{self._tail()}")
+
+    def _tail(self, n: int = 20) -> str:
+        try:
+            with open(self.log_path) as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def generate(self, prompt_token_ids, sampling):
+        return self.client.generate(prompt_token_ids, sampling)
+
+    def update_weights(self, buckets) -> int:
+        return self.client.update_weights(buckets)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.client.close()
+        self._log.close()
+
+
+def start_engine(cfg, export_fn: Callable[[str], None], *, driver: bool = True):
+    """The run's generation engine on the driver (None on other ranks); collective when the current weights
+    must first be exported as an HF folder (`export_fn(dir)`, called on every rank).
+
+    An external server (`rollout.server_url`) is used as is: the trainer pushes its weights before the first step.
+    """
+    r = cfg.rollout
+    if r.server_url:
+        if not driver:
+            return None
+        from megatron_trace.rollout.client import RolloutClient
+
+        client = RolloutClient(base_url=r.server_url, token_env=r.server_token_env)
+        client.health()  # fails now, naming the URL, if unreachable
+        return client
+    model_dir = os.path.join(cfg.logging.output_dir, "rollout_model")
+    export_fn(model_dir)
+    if not driver:
+        return None
+    dtype = "bfloat16" if cfg.model.bf16 else "float32"
+    if r.engine == "inprocess":
+        from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
+
+        return VLLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, max_model_len=r.max_model_len,
+                                       gpu_memory_utilization=r.gpu_memory_utilization,
+                                       kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=cfg.train.seed))
+    return ManagedServer(model_dir, log_path=os.path.join(cfg.logging.output_dir, "rollout_server.log"),
+                         token_env=r.server_token_env, dtype=dtype, max_model_len=r.max_model_len,
+                         kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+                         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.train.seed,
+                         start_timeout_s=r.server_start_timeout_s)

@@ -1,0 +1,182 @@
+"""Megatron -> rollout engine weight resharding: HF-named full tensors from a model at any TP/PP, in buckets.
+
+Every rank calls `export_hf_buckets` together (it is collective). For each pipeline stage in order, the stage's
+data-parallel-rank-0 TP ranks gather each parameter's TP shards onto the stage leader (tp_rank 0), which merges
+them (`merge_tp_shards`), converts Megatron -> HF names and layouts (un-fused QKV and gate/up, vocab padding
+stripped; `iter_hf_tensors_from_megatron`) and sends the HF tensors to the destination rank (global rank 0 by
+default), which groups them into buckets of at most `bucket_bytes` and yields them. The engine (in-process
+vLLM or the generation server) re-shards for its own TP.
+
+Memory: at any moment the destination holds one bucket plus one parameter in flight, and a stage leader one
+gathered parameter: peak extra memory is max(bucket_bytes, largest parameter) + the largest parameter, never the
+whole model. A parameter larger than the bucket travels alone in its own bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_trace.checkpoint.hf_mapping import (
+    EMBEDDING, FINAL_NORM, OUTPUT_LAYER, Qwen3Dims, canonical_megatron_name, global_layer_index,
+    hf_param_shapes, iter_hf_tensors_from_megatron, layers_for_stage, megatron_param_names,
+    merge_tp_shards, split_layer_name,
+)
+
+__all__ = ["export_hf_buckets", "stage_of", "local_named_params"]
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def stage_of(megatron_name: str, dims: Qwen3Dims, pp: int) -> int:
+    """Pipeline stage that owns a (global-index) Megatron parameter."""
+    name = canonical_megatron_name(megatron_name)
+    if name == EMBEDDING:
+        return 0
+    if name in (FINAL_NORM, OUTPUT_LAYER):
+        return pp - 1
+    layer, _ = split_layer_name(name)
+    if layer is None:
+        raise KeyError(f"unknown Megatron parameter {megatron_name!r}")
+    for stage in range(pp):
+        if layer in layers_for_stage(dims.layers, pp, stage):
+            return stage
+    raise KeyError(f"{megatron_name}: layer {layer} is outside the model's {dims.layers} layers")
+
+
+def local_named_params(model, dims: Qwen3Dims, pp: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    """This rank's parameters keyed by canonical Megatron name with GLOBAL layer indices.
+
+    A tied model's last-stage copy of the embedding (`output_layer.weight` under PP) is left out: stage 0's
+    embedding is the one exported.
+    """
+    out = {}
+    for name, param in _unwrap(model).named_parameters():
+        layer, suffix = split_layer_name(name)
+        if layer is not None:
+            name = f"decoder.layers.{global_layer_index(layer, dims.layers, pp, pp_rank)}.{suffix}"
+        name = canonical_megatron_name(name)
+        if name == OUTPUT_LAYER and dims.tied:
+            continue
+        out[name] = param
+    return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int = 0,
+                      dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+    """Yield, on global rank `dst`, buckets of (HF name, full tensor) covering the whole model; collective.
+
+    model: this rank's model chunk (a GPTModel or a DDP wrapper). dtype: cast exported tensors (None = as
+    trained). On ranks other than `dst` the generator yields nothing but takes part in the gathers and sends,
+    so every rank must exhaust it. Ranks of data-parallel replicas other than 0 only iterate.
+    """
+    from megatron.core import parallel_state as ps
+
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    dims = Qwen3Dims.from_hf_config(hf_config)
+    hf_shapes = hf_param_shapes(dims)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    pp = ps.get_pipeline_model_parallel_world_size() if distributed else 1
+    pp_rank = ps.get_pipeline_model_parallel_rank() if distributed else 0
+    tp = ps.get_tensor_model_parallel_world_size() if distributed else 1
+    tp_rank = ps.get_tensor_model_parallel_rank() if distributed else 0
+    dp_rank = ps.get_data_parallel_rank() if distributed else 0
+    tp_group = ps.get_tensor_model_parallel_group() if distributed else None
+    # Global rank of each stage's leader (dp 0, tp 0); every rank computes the same table.
+    leaders = _stage_leaders(pp) if distributed else [0]
+    params = local_named_params(model, dims, pp, pp_rank)
+
+    bucket: Bucket = []
+    size = 0
+    with torch.no_grad():
+        for mname in megatron_param_names(dims):
+            stage = stage_of(mname, dims, pp)
+            on_stage = distributed and stage == pp_rank and dp_rank == 0
+            leader = leaders[stage]
+            hf_tensors: list[tuple[str, torch.Tensor]] = []
+            if on_stage or not distributed:
+                local = params[mname].detach()
+                if tp > 1:
+                    shards = [torch.empty_like(local) for _ in range(tp)] if tp_rank == 0 else None
+                    dist.gather(local.contiguous(), shards, dst=leader, group=tp_group)
+                    full = merge_tp_shards(mname, shards) if tp_rank == 0 else None
+                else:
+                    full = local
+                if full is not None:
+                    hf_tensors = list(iter_hf_tensors_from_megatron([(mname, full)], hf_config))
+                    if dtype is not None:
+                        hf_tensors = [(n, t.to(dtype)) for n, t in hf_tensors]
+                    del full
+            # Move the HF tensors from the stage leader to dst (a no-op when they are the same rank).
+            if distributed and leader != dst:
+                if rank == leader:
+                    for _, t in hf_tensors:
+                        dist.send(t.contiguous(), dst=dst)
+                    hf_tensors = []
+                elif rank == dst:
+                    names = [n for n in _hf_names(mname, dims)]
+                    wire = dtype or params_dtype_of(model)
+                    for n in names:
+                        buf = torch.empty(hf_shapes[n], dtype=wire)
+                        dist.recv(buf, src=leader)
+                        hf_tensors.append((n, buf))
+            if rank != dst:
+                continue
+            for name, t in hf_tensors:
+                t = t if (t.is_contiguous() and not _is_view_of_param(t, params)) else t.contiguous()
+                nbytes = _tensor_bytes(t)
+                if bucket and size + nbytes > bucket_bytes:
+                    yield bucket
+                    bucket, size = [], 0
+                bucket.append((name, t.clone() if _is_view_of_param(t, params) else t))
+                size += nbytes
+    if rank == dst and bucket:
+        yield bucket
+
+
+def _is_view_of_param(t: torch.Tensor, params: dict[str, torch.Tensor]) -> bool:
+    """True if `t` shares storage with a live parameter: buckets must hold copies, not views the optimizer
+    will overwrite before the engine reads them."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(p.untyped_storage().data_ptr() == ptr for p in params.values())
+
+
+def params_dtype_of(model) -> torch.dtype:
+    return next(_unwrap(model).parameters()).dtype
+
+
+def _hf_names(megatron_name: str, dims: Qwen3Dims) -> list[str]:
+    from megatron_trace.checkpoint.hf_mapping import hf_names_for
+
+    name = canonical_megatron_name(megatron_name)
+    if name == OUTPUT_LAYER and dims.tied:
+        return []
+    return hf_names_for(name, dims)
+
+
+def _stage_leaders(pp: int) -> list[int]:
+    """Global rank of (dp 0, tp 0, cp 0) on each pipeline stage, agreed by every rank."""
+    from megatron.core import parallel_state as ps
+
+    mine = torch.tensor([dist.get_rank() if (ps.get_tensor_model_parallel_rank() == 0
+                                             and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+                         else -1], dtype=torch.long)
+    table = torch.full((pp,), -1, dtype=torch.long)
+    table[ps.get_pipeline_model_parallel_rank()] = mine[0]
+    # MAX over the world: exactly one rank per stage writes a non-negative value.
+    dist.all_reduce(table, op=dist.ReduceOp.MAX)
+    return [int(x) for x in table]

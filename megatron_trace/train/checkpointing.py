@@ -1,0 +1,183 @@
+"""Trainer checkpoints: Megatron distributed checkpoints of model + optimizer (+ teacher snapshot), RNG and
+trainer state, written atomically.
+
+Layout under the checkpoint dir:
+    step_000010/            one complete checkpoint (a megatron dist checkpoint + our files)
+        trainer_state.json  step, data position, lambda schedule position, exposure, teacher snapshot step
+        rng_rank00000.pt    each rank's RNG states (torch, python, numpy, megatron's tracker)
+    latest                  the name of the newest complete checkpoint (replaced atomically)
+A checkpoint is written into `step_XXXXXX.tmp`, every rank finishes, then rank 0 renames it and updates
+`latest`; a kill during the write leaves only a `.tmp` directory, which is ignored and removed by the next save.
+Only the last `keep_last` checkpoints are kept. The distributed format is layout-independent, so a run can
+resume at another TP/PP (the padded vocabulary permitting).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "load_model_weights"]
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _sharded_state(model_chunks: list, optimizer, teacher_chunks: list | None, *, with_optimizer: bool,
+                   loading: bool) -> dict:
+    model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer and optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    if teacher_chunks is not None:
+        state["teacher"] = _unwrap(teacher_chunks[0]).sharded_state_dict(prefix="teacher.")
+    return state
+
+
+def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, trainer_state: dict, *,
+                    teacher_chunks: list | None = None, save_optimizer: bool = True, keep_last: int = 2) -> str:
+    """Write checkpoint `step` under `ckpt_root` atomically (collective). Returns its final path."""
+    from megatron.core import dist_checkpointing
+
+    name = f"step_{step:06d}"
+    final = os.path.join(ckpt_root, name)
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+        for entry in os.listdir(ckpt_root):  # leftovers of interrupted writes
+            if entry.endswith(".tmp"):
+                shutil.rmtree(os.path.join(ckpt_root, entry), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    state = _sharded_state(model_chunks, optimizer, teacher_chunks, with_optimizer=save_optimizer, loading=False)
+    dist_checkpointing.save(state, tmp)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank():05d}.pt"))
+    if _rank() == 0:
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({**trainer_state, "step": step, "has_optimizer": bool(save_optimizer),
+                       "has_teacher": teacher_chunks is not None}, f, indent=1, sort_keys=True)
+    _barrier()
+    if _rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_latest(ckpt_root, name)
+        kept = sorted(e for e in os.listdir(ckpt_root) if e.startswith("step_") and not e.endswith(".tmp"))
+        for old in kept[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_latest(ckpt_root: str, name: str) -> None:
+    tmp = os.path.join(ckpt_root, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp, os.path.join(ckpt_root, LATEST))
+
+
+def latest_checkpoint(ckpt_root: str) -> str | None:
+    """Path of the newest complete checkpoint under `ckpt_root`, or None."""
+    marker = os.path.join(ckpt_root, LATEST)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            path = os.path.join(ckpt_root, f.read().strip())
+        if os.path.isfile(os.path.join(path, STATE_FILE)):
+            return path
+    return None
+
+
+def resolve_resume(resume: str, ckpt_root: str) -> str | None:
+    """`auto` -> the latest checkpoint if any; `none` -> None; else the given path (must be complete)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
+    return resume
+
+
+def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks: list | None = None) -> dict:
+    """Load a checkpoint written by `save_checkpoint` into the model (+ optimizer, teacher, RNG); collective.
+    Returns the trainer state dict."""
+    from megatron.core import dist_checkpointing
+
+    with open(os.path.join(path, STATE_FILE)) as f:
+        trainer_state = json.load(f)
+    with_opt = trainer_state.get("has_optimizer", True) and optimizer is not None
+    teacher = teacher_chunks if trainer_state.get("has_teacher") else None
+    state = _sharded_state(model_chunks, optimizer, teacher, with_optimizer=with_opt, loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+    if with_opt:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if teacher is not None:
+        _unwrap(teacher[0]).load_state_dict({k.removeprefix("teacher."): v for k, v in loaded["teacher"].items()})
+    rng_file = os.path.join(path, f"rng_rank{_rank():05d}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming with another world size: keep the fresh seeds
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def load_model_weights(path: str, model_chunks: list, hf_config: dict) -> None:
+    """Initial weights from `path` (collective): a trainer checkpoint (model only), an HF folder
+    (safetensors), or a Megatron checkpoint made by tools/convert_checkpoint.py."""
+    from megatron_trace.checkpoint.convert import load_converted_checkpoint
+    from megatron_trace.checkpoint.hf_mapping import load_hf_state_into_model
+
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        load_checkpoint_model_only(path, model_chunks)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        load_hf_state_into_model(_unwrap(model_chunks[0]), path, hf_config)
+    else:
+        load_converted_checkpoint(_unwrap(model_chunks[0]), path)
+
+
+def load_checkpoint_model_only(path: str, model_chunks: list) -> None:
+    """The policy weights of a trainer checkpoint (no optimizer, RNG or trainer state): a warm start."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd}, path)
+    _unwrap(model_chunks[0]).load_state_dict(loaded["model"])

@@ -1,0 +1,446 @@
+"""The TRACE trainer: one SPMD program under torchrun, every rank runs `Trainer(cfg).run()`.
+
+A step (DESIGN.md "The TRACE step"):
+    batch   = driver: rollout -> reward -> annotate -> route          (global rank 0, then broadcast)
+    teacher = privileged forward on span rows                          (while lambda_k > 0)
+    loss    = routed TRACE loss, forward/backward through the pipeline (Megatron schedule, TP/PP/DP)
+    step    = Megatron optimizer step
+    sync    = Megatron shards -> HF tensors -> generation engine       (weight bridge, in buckets)
+    log     = metrics to stdout / JSONL / TensorBoard / wandb
+`train.mode: sft` runs the supervised warm-start on the reference solutions instead (same model, optimizer,
+checkpoints and logging).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_trace.config import TraceConfig, to_dict, validate_run_config
+from megatron_trace.loss.trace_loss import ExposureTracker, KLSchedule, TraceLossConfig, trace_loss
+from megatron_trace.loss.vocab_parallel import token_stats
+from megatron_trace.routes import Route
+from megatron_trace.train.batching import (
+    RolloutBatch, Sample, build_microbatches, padded_length, split_for_data_parallel,
+)
+from megatron_trace.train.metrics import MetricsLogger, Timer
+from megatron_trace.train.step import build_model_and_optimizer, forward_backward, optimizer_step, zero_grad
+
+__all__ = ["Trainer", "SUM_KEYS"]
+
+# Additive metrics the loss returns per micro-batch; summed over micro-batches and ranks.
+SUM_KEYS = ("tokens", "pg_tokens", "fkl_tokens", "rkl_tokens", "span_tokens", "loss", "pg_loss", "kl_loss",
+            "kl_fkl_sum", "kl_rkl_sum", "entropy_sum", "entropy_pg_sum", "entropy_fkl_sum", "entropy_rkl_sum",
+            "clipped_tokens", "logprob_mismatch_sum", "nll_sum")
+
+
+class Trainer:
+    def __init__(self, cfg: TraceConfig):
+        from megatron_trace.distributed import initialize_distributed
+        from megatron_trace.models.qwen3 import padded_vocab_size, qwen3_transformer_config
+
+        self.cfg = cfg
+        p = cfg.parallel
+        self.layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
+        # Fails (naming the field) before any model is built.
+        self.hf_config = validate_run_config(cfg, world_size=self.layout.world_size)
+        self.is_driver = self.layout.rank == 0
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+
+        self.vocab_size = int(self.hf_config["vocab_size"])
+        self.padded_vocab = padded_vocab_size(self.vocab_size, p.tp)
+        self.shard_width = self.padded_vocab // p.tp
+        self.vocab_start = self.layout.tp_rank * self.shard_width
+        # Padded vocabulary columns (Megatron pads to a multiple of 128 x tp) must take no probability mass:
+        # the loss sees them at a logit of -1e9 (exp underflows to exactly 0; no inf, so no NaN in p log p).
+        valid = max(0, min(self.shard_width, self.vocab_size - self.vocab_start))
+        self.vocab_padding = None
+        if valid < self.shard_width:
+            self.vocab_padding = torch.arange(self.shard_width) >= valid
+
+        dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
+        self.tcfg = qwen3_transformer_config(self.hf_config, tp=p.tp, pp=p.pp, cp=p.cp, params_dtype=dtype,
+                                             bf16=cfg.model.bf16, recompute=cfg.model.recompute)
+        o = cfg.optim
+        lr = cfg.sft.lr if cfg.train.mode == "sft" else o.lr
+        self.model, self.optimizer = build_model_and_optimizer(
+            self.hf_config, self.tcfg, lr=lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            use_distributed_optimizer=p.use_distributed_optimizer, bf16=cfg.model.bf16)
+        if cfg.model.load:
+            from megatron_trace.train.checkpointing import load_model_weights
+
+            load_model_weights(cfg.model.load, self.model, self.hf_config)
+            if hasattr(self.optimizer, "reload_model_params"):
+                self.optimizer.reload_model_params()  # fp32 main copies of bf16 params
+
+        self.schedule = KLSchedule(w0=cfg.loss.w0, warmup_steps=cfg.loss.warmup_steps,
+                                   decay_steps=cfg.loss.decay_steps)
+        self.loss_cfg = TraceLossConfig(w0=cfg.loss.w0 if cfg.loss.w0 > 0 else 1.0, eps_low=cfg.loss.eps_low,
+                                        eps_high=cfg.loss.eps_high, kl_clip=cfg.loss.kl_clip, mode=cfg.loss.mode)
+        self.exposure = ExposureTracker()
+        self.teacher = None
+        if cfg.train.mode == "trace" and cfg.distills:
+            from megatron_trace.models.qwen3 import build_qwen3_model
+            from megatron_trace.train.teacher import Teacher
+
+            self.teacher = Teacher(self.model, refresh_steps=cfg.teacher.refresh_steps,
+                                   sparse_output=cfg.teacher.sparse_output,
+                                   build_snapshot=lambda: build_qwen3_model(self.hf_config, config=self.tcfg))
+
+        from megatron_trace.data.dataset import load_problems
+        from megatron_trace.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self._tokenizer_dir())
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.problems = load_problems(cfg.data)
+        self.step = 0
+        self.data_position = 0
+
+        resume_from = None
+        if cfg.checkpoint.resume != "none":
+            from megatron_trace.train.checkpointing import load_checkpoint, resolve_resume
+
+            resume_from = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
+            if resume_from:
+                state = load_checkpoint(resume_from, self.model, self.optimizer,
+                                        teacher_chunks=self.teacher.snapshot if self.teacher else None)
+                self.step = int(state["step"])
+                self.data_position = int(state["data_position"])
+                self.exposure.load_state_dict(state["exposure"])
+                if self.teacher is not None:
+                    self.teacher.snapshot_step = state.get("teacher_snapshot_step")
+
+        self.logger = None
+        if self.is_driver:
+            self.logger = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
+                                        wandb_project=cfg.logging.wandb_project, run_config=to_dict(cfg),
+                                        print_every=cfg.logging.print_every, resume=resume_from is not None)
+            if resume_from is not None:
+                self.logger.truncate_after(self.step - 1)
+            print(f"[megatron-trace] {cfg.train.mode} run: world {self.layout.world_size} = tp {p.tp} x pp {p.pp} "
+                  f"x cp {p.cp} x dp {self.layout.dp}; {len(self.problems)} problems; "
+                  f"{'resuming from ' + resume_from if resume_from else 'fresh start'} at step {self.step}",
+                  flush=True)
+        self.timer = Timer()
+        self.engine = None
+        self.experience = None
+        if cfg.train.mode == "trace":
+            self._setup_rollout()
+            if cfg.rollout.server_url:  # an external server starts from other weights: push ours
+                self.sync_weights()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def _tokenizer_dir(self) -> str | None:
+        if self.cfg.model.tokenizer:
+            return self.cfg.model.tokenizer
+        load = self.cfg.model.load
+        if load and os.path.isfile(os.path.join(load, "tokenizer.json")):
+            return load
+        return None  # the shipped Qwen3 tokenizer
+
+    def _setup_rollout(self) -> None:
+        """Driver: the generation engine (started from the current weights), reward workers, annotator."""
+        from megatron_trace.rollout.launch import start_engine
+
+        cfg = self.cfg
+        engine = None
+        if self.is_driver:
+            engine = start_engine(cfg, self._export_rollout_model)
+        else:
+            # Non-driver ranks take part in the weight export the engine start may need.
+            start_engine(cfg, self._export_rollout_model, driver=False)
+        self.engine = engine
+        if self.is_driver:
+            from megatron_trace.annotate.config import build_annotator
+            from megatron_trace.rewards.batch import RewardScorer
+            from megatron_trace.train.experience import ExperienceMaker
+
+            scorer = RewardScorer(cfg.reward.name, workers=cfg.reward.workers)
+            annotator = build_annotator(cfg.annotate, engine=engine, tokenizer=self.tokenizer) \
+                if cfg.distills else None
+            self.experience = ExperienceMaker(cfg, self.tokenizer, engine, scorer, annotator)
+
+    def _export_rollout_model(self, out_dir: str) -> None:
+        """Collective: write the current policy as an HF folder (config, safetensors, tokenizer) for the
+        generation engine to start from."""
+        from megatron_trace.rollout.hf_export import save_hf_folder
+
+        save_hf_folder(self.model[0], self.hf_config, out_dir, tokenizer=self.tokenizer,
+                       bucket_bytes=int(self.cfg.rollout.weight_bucket_mb * 2**20))
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def _next_problems(self, n: int):
+        """The next n problems of a seeded per-epoch shuffle; position survives resume."""
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.data_position, len(self.problems))
+            order = np.random.default_rng(self.cfg.train.seed + epoch).permutation(len(self.problems))
+            out.append(self.problems[int(order[index])])
+            self.data_position += 1
+        return out
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def run(self) -> None:
+        cfg = self.cfg
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                metrics = self.sft_step() if cfg.train.mode == "sft" else self.trace_step()
+                metrics["time/step"] = time.perf_counter() - t0
+                if metrics.get("tokens_generated"):
+                    metrics["tokens_per_s"] = metrics["tokens_generated"] / metrics["time/step"]
+                elif metrics.get("tokens"):
+                    metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
+                if self.logger is not None:
+                    self.logger.log(self.step, metrics)
+                self.step += 1
+                every = cfg.checkpoint.save_every
+                if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            self.close()
+
+    def save(self) -> str:
+        from megatron_trace.train.checkpointing import save_checkpoint
+
+        state = {"data_position": self.data_position, "exposure": self.exposure.state_dict(),
+                 "kl_weight_next": self.schedule.kl_weight(self.step) if self.cfg.distills else 0.0,
+                 "teacher_snapshot_step": self.teacher.snapshot_step if self.teacher else None,
+                 "mode": self.cfg.train.mode}
+        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, state,
+                               teacher_chunks=self.teacher.snapshot if self.teacher else None,
+                               save_optimizer=self.cfg.checkpoint.save_optimizer,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+    def _broadcast(self, obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def kl_weight(self, step: int) -> float:
+        return self.schedule.kl_weight(step) if self.cfg.distills else 0.0
+
+    def trace_step(self) -> dict:
+        cfg = self.cfg
+        step = self.step
+        kl_weight = self.kl_weight(step)
+        batch = None
+        if self.is_driver:
+            with self.timer("rollout"):
+                problems = self._next_problems(cfg.rollout.prompts_per_step)
+                batch = self.experience.make(problems, step=step, kl_weight=kl_weight, timer=self.timer)
+                batch.data_position = self.data_position
+        batch: RolloutBatch = self._broadcast(batch)
+        self.data_position = batch.data_position
+        metrics = dict(batch.metrics)
+        metrics["lambda"] = kl_weight
+        metrics["tokens_generated"] = float(sum(len(s.response_ids) for s in batch.samples))
+        if batch.samples:
+            metrics.update(self._update(batch.samples, kl_weight))
+            with self.timer("sync"):
+                self.sync_weights()
+        else:
+            metrics["skipped_update"] = 1.0  # dynamic sampling left nothing to learn from
+        metrics["exposure"] = self.exposure.value
+        metrics.update(self.timer.pop())
+        metrics["time/rollout"] = metrics.get("time/rollout", 0.0) - sum(
+            metrics.get(f"time/{k}", 0.0) for k in ("reward", "annotate"))
+        return metrics
+
+    def _update(self, samples: list[Sample], kl_weight: float) -> dict:
+        """Teacher pass (if any span), routed loss forward/backward, optimizer step; returns global metrics."""
+        cfg = self.cfg
+        lay = self.layout
+        seq_length = padded_length(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+        with_teacher = self.teacher is not None and kl_weight > 0 and any(s.num_kl_rows for s in samples)
+        teacher_seq = None
+        if with_teacher:
+            teacher_seq = padded_length(max(len(s.teacher_prompt_ids) + len(s.response_ids)
+                                            for s in samples if s.teacher_prompt_ids is not None))
+        local = split_for_data_parallel(samples, lay.dp, lay.dp_rank)
+        mbs = build_microbatches(local, micro_batch_size=cfg.optim.micro_batch_size, seq_length=seq_length,
+                                 teacher_seq_length=teacher_seq, pad_id=self.pad_id)
+        if with_teacher:
+            self.teacher.maybe_refresh(self.step)
+            with self.timer("teacher"):
+                for mb, logits in zip(mbs, self.teacher.logits(
+                        mbs, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
+                    if logits is not None:
+                        mb["teacher_logits"] = self._mask_vocab_padding(logits)
+        num_tokens = float(sum(len(s.response_ids) for s in samples))
+        loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, num_tokens,
+                                       float(len(samples)))
+        with self.timer("train"):
+            metrics = self._forward_backward_step(mbs, loss_fn, seq_length)
+        if metrics["tokens"] > 0:
+            self.exposure.update(kl_weight if with_teacher else 0.0, metrics["span_tokens"], metrics["tokens"])
+        return metrics
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab_padding is None:
+            return logits
+        return logits.masked_fill(self.vocab_padding.to(logits.device), -1e9)
+
+    def _rows(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Student logits of the response rows with vocabulary padding masked: [T, vocab/tp]."""
+        return self._mask_vocab_padding(logits.reshape(-1, logits.shape[-1]).index_select(0, rows))
+
+    def _routed_loss_fn(self, kl_weight: float, with_teacher: bool, num_tokens: float, num_responses: float):
+        tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
+        recompute_old = self.cfg.rollout.recompute_old_logprobs
+        kl_clip = self.cfg.loss.kl_clip
+        loss_cfg = self.loss_cfg
+
+        def loss_fn(logits: torch.Tensor, mb: dict):
+            rows = mb["rows"]
+            if rows.numel() == 0:  # a padding micro-batch
+                return logits.sum() * 0.0, {}
+            z = self._rows(logits, rows)
+            teacher = mb.get("teacher_logits") if with_teacher else None
+            use_kl = teacher is not None and mb["kl_rows"].numel() > 0
+            stats = token_stats(z, mb["targets"], vocab_start=self.vocab_start, group=tp_group,
+                                teacher_logits=teacher if use_kl else None,
+                                kl_rows=mb["kl_rows"] if use_kl else None,
+                                kl_reverse=mb["kl_reverse"] if use_kl else None, kl_clip=kl_clip)
+            # One update per rollout batch: the trainer's recomputed log p_old is this very forward's log-prob
+            # under unchanged weights, detached (no second pass needed).
+            old = stats.logprob.detach() if recompute_old else mb["sampler_logprobs"]
+            routes = mb["routes"] if use_kl else torch.full_like(mb["routes"], int(Route.PG))
+            kl_rows = mb["kl_rows"] if use_kl else mb["kl_rows"][:0]
+            loss, m = trace_loss(stats, old_logprob=old, advantages=mb["advantages"], routes=routes,
+                                 response_index=mb["response_index"], response_lengths=mb["response_lengths"],
+                                 loss_mask=torch.ones_like(stats.logprob), kl_rows=kl_rows, kl_weight=kl_weight,
+                                 cfg=loss_cfg, num_tokens=num_tokens, num_responses=num_responses)
+            with torch.no_grad():
+                m["entropy_sum"] = float(stats.entropy.sum())
+                m["logprob_mismatch_sum"] = float((stats.logprob - mb["sampler_logprobs"]).abs().sum())
+            return loss, m
+
+        return loss_fn
+
+    def _forward_backward_step(self, mbs: list[dict], loss_fn, seq_length: int) -> dict:
+        zero_grad(self.model, self.optimizer)
+        out = forward_backward(self.model, mbs, loss_fn, seq_length=seq_length,
+                               micro_batch_size=self.cfg.optim.micro_batch_size)
+        ok, grad_norm, _ = optimizer_step(self.optimizer)
+        sums = self._reduce_sums(out)
+        metrics = dict(sums)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_skipped"] = 0.0 if ok else 1.0
+        tokens = sums["tokens"]
+        div = (lambda a, b: a / b if b else 0.0)
+        metrics.update(
+            entropy=div(sums["entropy_sum"], tokens), entropy_pg=div(sums["entropy_pg_sum"], sums["pg_tokens"]),
+            entropy_fkl=div(sums["entropy_fkl_sum"], sums["fkl_tokens"]),
+            entropy_rkl=div(sums["entropy_rkl_sum"], sums["rkl_tokens"]),
+            kl_fkl=div(sums["kl_fkl_sum"], sums["fkl_tokens"]), kl_rkl=div(sums["kl_rkl_sum"], sums["rkl_tokens"]),
+            frac_pg=div(sums["pg_tokens"], tokens), frac_fkl=div(sums["fkl_tokens"], tokens),
+            frac_rkl=div(sums["rkl_tokens"], tokens), clip_frac=div(sums["clipped_tokens"], tokens),
+            logprob_mismatch=div(sums["logprob_mismatch_sum"], tokens), nll=div(sums["nll_sum"], tokens),
+        )
+        return metrics
+
+    def _reduce_sums(self, per_microbatch: list[dict]) -> dict:
+        """Sum SUM_KEYS over this rank's micro-batches, then over the world (only last-stage TP-rank-0 ranks
+        contribute, so each micro-batch counts once)."""
+        vec = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+        lay = self.layout
+        if lay.is_last_stage and lay.tp_rank == 0:
+            for m in per_microbatch:
+                for i, k in enumerate(SUM_KEYS):
+                    vec[i] += float(m.get(k, 0.0))
+        dist.all_reduce(vec)
+        return {k: float(v) for k, v in zip(SUM_KEYS, vec)}
+
+    def sync_weights(self) -> None:
+        """Push the updated policy into the generation engine (collective; the driver talks to the engine)."""
+        from megatron_trace.rollout.weight_bridge import export_hf_buckets
+
+        buckets = export_hf_buckets(self.model[0], self.hf_config,
+                                    bucket_bytes=int(self.cfg.rollout.weight_bucket_mb * 2**20), dst=0)
+        if self.is_driver:
+            self.engine.update_weights(buckets)
+        else:
+            for _ in buckets:
+                pass
+
+    # ------------------------------------------------------------------------------------------------ SFT
+
+    def sft_step(self) -> dict:
+        """Supervised warm-start: token-mean NLL of the reference solution after the student prompt (and, with
+        sft.privileged_format, after the privileged prompt too)."""
+        cfg = self.cfg
+        samples = self._broadcast(self._sft_samples() if self.is_driver else None)
+        seq_length = padded_length(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
+        local = split_for_data_parallel(samples, self.layout.dp, self.layout.dp_rank)
+        mbs = build_microbatches(local, micro_batch_size=cfg.optim.micro_batch_size, seq_length=seq_length,
+                                 pad_id=self.pad_id)
+        num_tokens = float(sum(len(s.response_ids) for s in samples))
+        tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
+
+        def loss_fn(logits, mb):
+            if mb["rows"].numel() == 0:
+                return logits.sum() * 0.0, {}
+            stats = token_stats(self._rows(logits, mb["rows"]), mb["targets"], vocab_start=self.vocab_start,
+                                group=tp_group)
+            nll = -stats.logprob.sum()
+            return nll / num_tokens, {"tokens": float(stats.logprob.numel()), "nll_sum": float(nll.detach()),
+                                      "entropy_sum": float(stats.entropy.detach().sum()),
+                                      "loss": float(nll.detach()) / num_tokens}
+
+        with self.timer("train"):
+            metrics = self._forward_backward_step(mbs, loss_fn, seq_length)
+        metrics.update(self.timer.pop())
+        return {k: metrics[k] for k in ("loss", "nll", "entropy", "grad_norm", "tokens", "time/train")}
+
+    def _sft_samples(self) -> list[Sample]:
+        from megatron_trace.data.prompts import build_prompt_ids, privileged_messages, student_messages
+
+        cfg = self.cfg
+        thinking = cfg.rollout.enable_thinking
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        n = cfg.sft.batch_size // (2 if cfg.sft.privileged_format else 1)
+        out = []
+        for p in self._next_problems(max(1, n)):
+            target = self.tokenizer.encode(p.solution, add_special_tokens=False) + [eos]
+            prompts = [build_prompt_ids(self.tokenizer, student_messages(p.problem), enable_thinking=thinking)]
+            if cfg.sft.privileged_format:
+                prompts.append(build_prompt_ids(self.tokenizer, privileged_messages(p.problem, p.solution),
+                                                enable_thinking=thinking))
+            for prompt in prompts:
+                room = cfg.sft.max_seq_len - len(prompt)
+                if room < 1:
+                    raise ValueError(f"sft.max_seq_len={cfg.sft.max_seq_len} leaves no room after a "
+                                     f"{len(prompt)}-token prompt (problem {p.id})")
+                resp = target[:room]
+                out.append(Sample(prompt_ids=prompt, response_ids=resp, sampler_logprobs=[],
+                                  routes=[int(Route.PG)] * len(resp), advantage=0.0, reward=0.0, group=len(out)))
+        return out
+
+    # ------------------------------------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        from megatron_trace.distributed import destroy_distributed
+
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if self.engine is not None:
+            close = getattr(self.engine, "close", None)
+            if close:
+                close()
+            self.engine = None
+        if self.experience is not None:
+            self.experience.scorer.close()
+            self.experience = None
+        destroy_distributed()
