@@ -14,7 +14,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -93,12 +93,17 @@ class RolloutClient:
         self.close()
 
     # ---------------------------------------------------------------- transport
-    def _request(self, method: str, path: str, *, timeout: float | None = None, **kw) -> dict[str, Any]:
+    def _request(self, method: str, path: str, *, timeout: float | None = None, body: bytes | None = None,
+                 **kw) -> dict[str, Any]:
         import httpx
 
         delay = self.cfg.backoff_s
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries
+            if body is not None:
+                # Streamed in slices: httpx's sync client sends one large `bytes` body ~10x slower than this.
+                kw["content"] = _slices(body)
+                kw["headers"] = {**kw.get("headers", {}), "Content-Length": str(len(body))}
             try:
                 r = self._http.request(method, path, timeout=timeout or self.cfg.timeout_s, **kw)
             except httpx.TransportError as e:  # connect error, timeout, reset: the request may not have run
@@ -182,7 +187,7 @@ class RolloutClient:
             headers = {**auth, "Content-Type": "application/octet-stream", VERSION_HEADER: str(target),
                        INDEX_HEADER: str(i), COUNT_HEADER: str(len(buckets)), CHECKSUM_HEADER: digest}
             try:
-                out = self._request("POST", "/weights", content=data, headers=headers,
+                out = self._request("POST", "/weights", body=data, headers=headers,
                                     timeout=self.cfg.weight_timeout_s)
             except RolloutServerError as e:
                 # The last bucket's answer can be lost after the server applied it; its retry then hits 409.
@@ -198,6 +203,12 @@ class RolloutClient:
 
     def wake_up(self) -> None:
         self._request("POST", "/wake_up", headers=self._auth())
+
+
+def _slices(data: bytes, size: int = 4 << 20) -> Iterator[bytes]:
+    view = memoryview(data)
+    for i in range(0, len(view), size):
+        yield view[i : i + size]
 
 
 def _error_message(r) -> str:

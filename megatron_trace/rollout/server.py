@@ -275,8 +275,14 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         checksum = request.headers.get(CHECKSUM_HEADER)
         if not checksum:
             raise ApiError(400, f"header {CHECKSUM_HEADER}: required (hex SHA-256 of the body)")
+        t0 = time.perf_counter()
         data = await read_body(request, limits.max_bucket_bytes)
-        return await run_in_threadpool(staging.receive, version, index, count, data, checksum)
+        t1 = time.perf_counter()
+        out = await run_in_threadpool(staging.receive, version, index, count, data, checksum)
+        logger.info("weights v%d bucket %d/%d: %.1f MB, read %.2fs, verify+stage%s %.2fs", version, index + 1, count,
+                    len(data) / 1e6, t1 - t0, "+apply" if out["status"] == "applied" else "",
+                    time.perf_counter() - t1)
+        return out
 
     @app.post("/sleep")
     async def sleep(request: Request, level: int = 1):
