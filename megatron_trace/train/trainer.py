@@ -40,7 +40,10 @@ SUM_KEYS = ("tokens", "pg_tokens", "fkl_tokens", "rkl_tokens", "span_tokens", "l
 
 
 class Trainer:
-    def __init__(self, cfg: TraceConfig):
+    """Builds every component from `cfg` (collective: call on every rank). `start_rollout=False` leaves out the
+    generation engine, reward workers and annotator (tests and benchmarks drive `update` with a given batch)."""
+
+    def __init__(self, cfg: TraceConfig, *, start_rollout: bool = True):
         from megatron_trace.distributed import initialize_distributed
         from megatron_trace.models.qwen3 import padded_vocab_size, qwen3_transformer_config
 
@@ -98,7 +101,9 @@ class Trainer:
         from megatron_trace.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(self._tokenizer_dir())
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        pad = self.tokenizer.pad_token_id
+        # Padding positions are never scored, but they are embedded: keep the id inside the model's vocabulary.
+        self.pad_id = int(pad) if pad is not None and pad < self.vocab_size else 0
         self.problems = load_problems(cfg.data)
         self.step = 0
         self.data_position = 0
@@ -131,7 +136,7 @@ class Trainer:
         self.timer = Timer()
         self.engine = None
         self.experience = None
-        if cfg.train.mode == "trace":
+        if cfg.train.mode == "trace" and start_rollout:
             self._setup_rollout()
             if cfg.rollout.server_url:  # an external server starts from other weights: push ours
                 self.sync_weights()
@@ -246,7 +251,7 @@ class Trainer:
         metrics["lambda"] = kl_weight
         metrics["tokens_generated"] = float(sum(len(s.response_ids) for s in batch.samples))
         if batch.samples:
-            metrics.update(self._update(batch.samples, kl_weight))
+            metrics.update(self.update(batch.samples, kl_weight))
             with self.timer("sync"):
                 self.sync_weights()
         else:
@@ -257,8 +262,9 @@ class Trainer:
             metrics.get(f"time/{k}", 0.0) for k in ("reward", "annotate"))
         return metrics
 
-    def _update(self, samples: list[Sample], kl_weight: float) -> dict:
-        """Teacher pass (if any span), routed loss forward/backward, optimizer step; returns global metrics."""
+    def update(self, samples: list[Sample], kl_weight: float) -> dict:
+        """One optimizer step on a rollout batch (collective; every rank passes the same global `samples`):
+        teacher pass (if any span), routed loss forward/backward, optimizer step. Returns global metrics."""
         cfg = self.cfg
         lay = self.layout
         seq_length = padded_length(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))

@@ -1,0 +1,161 @@
+"""One TRACE update through the real trainer: the same at TP=1 and TP=2 x PP=2, and equal to the TRACE loss
+recomputed plainly in float64 from transformers' Qwen3 on the gathered batch.
+
+The batch mixes PG, FKL and RKL tokens, so the teacher pass (privileged prompt + the same response tokens,
+span-sparse output layer) and both KL directions are on the path. The vocabulary (1000) is not a multiple of
+128 x tp, so Megatron's vocabulary padding is exercised too.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dist_harness import run_distributed
+
+VOCAB = 1000
+KL_WEIGHT = 0.3
+W0 = 0.5
+KL_CLIP = 0.05
+
+
+def _make_hf_dir(path: str) -> str:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                      max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6)
+    model = Qwen3ForCausalLM(cfg).float()
+    with torch.no_grad():  # larger logits than the default init, so the KL terms are far from zero
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    return path
+
+
+def _samples():
+    from megatron_trace.routes import Route
+    from megatron_trace.train.batching import Sample
+
+    rng = random.Random(7)
+    out = []
+    for i in range(6):
+        P, L, Pt = rng.randint(5, 12), rng.randint(6, 14), rng.randint(8, 16)
+        routes = [int(Route.PG)] * L
+        correct = i % 2 == 0
+        if i != 5:  # one response with no span at all
+            start = rng.randint(0, L - 3)
+            for t in range(start, start + 3):
+                routes[t] = int(Route.FKL if correct else Route.RKL)
+        out.append(Sample(prompt_ids=[rng.randrange(VOCAB) for _ in range(P)],
+                          response_ids=[rng.randrange(VOCAB) for _ in range(L)],
+                          sampler_logprobs=[-1.0] * L, routes=routes, advantage=rng.uniform(-1.5, 1.5),
+                          reward=float(correct), group=i // 2,
+                          teacher_prompt_ids=[rng.randrange(VOCAB) for _ in range(Pt)] if i != 5 else None))
+    return out
+
+
+def _update(rank, world_size, hf_dir, tp, pp, mbs):
+    from megatron_trace.config import load_config
+    from megatron_trace.rollout.weight_bridge import export_hf_buckets
+    from megatron_trace.train.trainer import Trainer
+
+    cfg = load_config(None, [f"model.hf_config={hf_dir}", f"model.load={hf_dir}", f"parallel.tp={tp}",
+                             f"parallel.pp={pp}", "data.path=megatron_trace/data/assets/arith_test.jsonl",
+                             "annotate.annotator=reference_match", f"loss.w0={W0}", f"loss.kl_clip={KL_CLIP}",
+                             "loss.eps_low=0.2", "loss.eps_high=0.28", "optim.lr=0.01", "optim.clip_grad=100.0",
+                             "optim.adam_eps=0.01",  # Adam step 1 is lr*g/(|g|+eps): keep it smooth in g
+                             f"optim.micro_batch_size={mbs}", "checkpoint.resume=none",
+                             f"logging.output_dir=/tmp/trace_step_{world_size}", "logging.tensorboard=false"])
+    trainer = Trainer(cfg, start_rollout=False)
+    metrics = trainer.update(_samples(), KL_WEIGHT)
+    weights = {}
+    for bucket in export_hf_buckets(trainer.model[0], trainer.hf_config, bucket_bytes=1 << 20):
+        weights.update({n: t.numpy().copy() for n, t in bucket})  # numpy: torch tensors in a queue need the sender alive
+    trainer.close()
+    return {"metrics": metrics, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return _make_hf_dir(str(tmp_path_factory.mktemp("trace_step") / "hf"))
+
+
+@pytest.fixture(scope="module")
+def single(hf_dir):
+    return run_distributed(_update, 1, hf_dir, 1, 1, 4, init_gloo=False, timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2(hf_dir):
+    return run_distributed(_update, 4, hf_dir, 2, 2, 2, init_gloo=False, timeout=400)[0]
+
+
+def _reference_loss(hf_dir: str) -> dict:
+    """The TRACE loss of DESIGN.md point 6 in float64 on full-vocabulary logits from transformers' Qwen3.
+
+    Old log-probs are recomputed under the same weights, so rho = 1 and l_PG(t) = -A (the clip is inactive).
+    """
+    from transformers import Qwen3ForCausalLM
+
+    from megatron_trace.routes import Route
+
+    model = Qwen3ForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float64).eval()
+    samples = _samples()
+    n_tokens = sum(len(s.response_ids) for s in samples)
+    pg = kl = 0.0
+    fkl_sum = rkl_sum = 0.0
+    for s in samples:
+        L, P = len(s.response_ids), len(s.prompt_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([s.prompt_ids + s.response_ids])).logits[0]
+        logp = torch.log_softmax(logits[P - 1:P - 1 + L], dim=-1)
+        routes = torch.tensor(s.routes)
+        span = routes != Route.PG
+        weight = torch.where(span, torch.tensor(1 - KL_WEIGHT / W0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+        pg += float((weight * -s.advantage).sum())
+        if span.any():
+            Pt = len(s.teacher_prompt_ids)
+            with torch.no_grad():
+                t_logits = model(torch.tensor([s.teacher_prompt_ids + s.response_ids])).logits[0]
+            logq = torch.log_softmax(t_logits[Pt - 1:Pt - 1 + L], dim=-1)
+            p, q = logp.exp(), logq.exp()
+            fkl = (q * (logq - logp)).clamp(max=KL_CLIP).sum(-1)
+            rkl = (p * (logp - logq)).clamp(max=KL_CLIP).sum(-1)
+            d = torch.where(routes == Route.FKL, fkl, rkl)[span]
+            kl += float(d.sum()) / L
+            fkl_sum += float(fkl[routes == Route.FKL].sum())
+            rkl_sum += float(rkl[routes == Route.RKL].sum())
+    return {"loss": pg / n_tokens + KL_WEIGHT * kl / len(samples), "kl_fkl_sum": fkl_sum, "kl_rkl_sum": rkl_sum}
+
+
+def test_routed_loss_on_the_last_stage_equals_a_float64_recomputation(hf_dir, single, tp2_pp2):
+    ref = _reference_loss(hf_dir)
+    assert ref["kl_fkl_sum"] > 1e-3 and ref["kl_rkl_sum"] > 1e-3, "the batch must exercise both KL directions"
+    for got in (single["metrics"], tp2_pp2["metrics"]):
+        for key in ("loss", "kl_fkl_sum", "kl_rkl_sum"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    m = single["metrics"]
+    assert m["fkl_tokens"] == 9 and m["rkl_tokens"] == 6 and m["tokens"] == sum(len(s.response_ids) for s in _samples())
+
+
+def test_trace_step_at_tp2_pp2_equals_tp1(hf_dir, single, tp2_pp2):
+    import os
+
+    from safetensors.torch import load_file
+
+    a, b = single, tp2_pp2
+    for key in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm"):
+        assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
+    assert a["weights"].keys() == b["weights"].keys()
+    moved = 0.0
+    for name, w in a["weights"].items():
+        assert w.shape == b["weights"][name].shape, name
+        torch.testing.assert_close(torch.from_numpy(b["weights"][name]), torch.from_numpy(w), rtol=1e-5, atol=1e-5,
+                                   msg=name)
+    hf = load_file(os.path.join(hf_dir, "model.safetensors"))
+    for name, w in a["weights"].items():
+        moved = max(moved, float((torch.from_numpy(w) - hf[name]).abs().max()))
+    assert moved > 1e-3, "the step must actually move the weights (lr 0.01)"
