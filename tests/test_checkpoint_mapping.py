@@ -159,3 +159,24 @@ def test_hf_to_megatron_to_hf_is_the_identity(tied):
 def test_iter_hf_tensors_rejects_a_tensor_that_does_not_match_the_config():
     with pytest.raises(ValueError, match=r"decoder\.layers\.0\.mlp\.linear_fc2\.weight: shape \(8, 10\)"):
         list(iter_hf_tensors_from_megatron([("decoder.layers.0.mlp.linear_fc2.weight", torch.zeros(8, 10))], CFG))
+
+
+def test_reading_only_a_ranks_slice_of_hf_tensors_gives_that_ranks_shard(tmp_path):
+    """megatron_shard_from_hf (sliced reads) == shard_for_tp of the full fused tensor, from a file and a dict."""
+    from safetensors.torch import save_file
+
+    from megatron_trace.checkpoint.hf_io import HFTensorSource
+    from megatron_trace.checkpoint.hf_mapping import megatron_shard_from_hf
+
+    cfg = dict(CFG, num_key_value_heads=4)  # 4 query groups: TP=4 still splits them
+    dims = Qwen3Dims.from_hf_config(cfg)
+    g = torch.Generator().manual_seed(1)
+    hf = {n: torch.randn(s, generator=g) for n, s in hf_param_shapes(dims).items()}
+    save_file(hf, str(tmp_path / "model.safetensors"))
+    for source in (HFTensorSource(str(tmp_path)), HFTensorSource(hf)):
+        for tp, padded in ((1, 384), (2, 512), (4, 512)):
+            for name in megatron_param_names(dims):
+                full = megatron_tensor_from_hf(name, hf.__getitem__, dims, padded)
+                for r in range(tp):
+                    got = megatron_shard_from_hf(name, source, dims, padded, r, tp)
+                    assert torch.equal(got, shard_for_tp(name, full, r, tp)), (name, tp, r)

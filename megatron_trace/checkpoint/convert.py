@@ -322,6 +322,8 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, overwrite: bool =
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         assets = os.path.join(megatron_dir, HF_ASSETS_DIR)
         if os.path.isdir(assets):
             _copy_assets(assets, tmp)

@@ -132,6 +132,19 @@ class HFTensorSource:
             handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
         return handle.get_tensor(name)
 
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows/columns [start, stop) of one tensor along `dim` (0 or 1); from a folder only those bytes are read."""
+        if self._dict is not None:
+            return self._dict[name].narrow(dim, start, stop - start)
+        from safetensors import safe_open
+
+        path = self._file_of[name]
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
+        sl = handle.get_slice(name)
+        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
     def close(self) -> None:
         self._handles.clear()
 
@@ -179,9 +192,21 @@ def write_safetensors_shards(
             weight_map[name] = fname
         save_file(chunk, os.path.join(out_dir, fname), metadata={"format": "pt"})
         del chunk
+        fsync_file(os.path.join(out_dir, fname))
     leftover = next(stream, None)
     if leftover is not None:
         raise ValueError(f"tensor stream has a tensor the plan does not: {leftover[0]!r}")
     if len(files) > 1:
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def fsync_file(path: str) -> None:
+    """Flush a written file to disk, so that renaming its folder into place publishes complete data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -392,6 +392,41 @@ def megatron_tensor_from_hf(megatron_name: str, get_hf: Callable[[str], torch.Te
     return parts[0]
 
 
+def megatron_shard_from_hf(megatron_name: str, source, dims: Qwen3Dims, padded_vocab: int, tp_rank: int,
+                           tp_size: int) -> torch.Tensor:
+    """This TP rank's shard of one Megatron parameter, reading only the HF rows/columns it needs.
+
+    Equal to `shard_for_tp(name, megatron_tensor_from_hf(...), tp_rank, tp_size)` without materialising the full
+    tensor: at TP=8 each rank reads 1/8 of every sharded weight. `source` is an `HFTensorSource`.
+    """
+    name = canonical_megatron_name(megatron_name)
+    rule = tp_rule(name)
+    hf_names = hf_names_for(name, dims)
+    if rule == "replicated" or tp_size == 1:
+        return shard_for_tp(name, megatron_tensor_from_hf(name, source.get, dims, padded_vocab), tp_rank, tp_size)
+    if rule == "vocab":
+        _check_divisible(name, padded_vocab, tp_size, "rows")
+        per = padded_vocab // tp_size
+        start, stop = tp_rank * per, (tp_rank + 1) * per
+        real = source.get_slice(hf_names[0], 0, min(start, dims.vocab), min(stop, dims.vocab))
+        return pad_vocab(real, per)  # rows past the real vocab are zero
+    if rule == "column":  # fused QKV: this rank's query groups
+        _check_divisible(name, dims.groups, tp_size, "query groups")
+        g = dims.groups // tp_size
+        d, qg = dims.head_dim, dims.q_per_group
+        q = source.get_slice(hf_names[0], 0, tp_rank * g * qg * d, (tp_rank + 1) * g * qg * d)
+        k, v = (source.get_slice(n, 0, tp_rank * g * d, (tp_rank + 1) * g * d) for n in hf_names[1:])
+        return fuse_qkv(q, k, v, num_query_groups=g, head_dim=d)
+    if rule == "gate_up":
+        _check_divisible(name, dims.ffn, tp_size, "ffn rows")
+        per = dims.ffn // tp_size
+        return fuse_gate_up(*(source.get_slice(n, 0, tp_rank * per, (tp_rank + 1) * per) for n in hf_names))
+    cols = source.info(hf_names[0]).shape[1]  # row parallel: a slice of the input columns
+    _check_divisible(name, cols, tp_size, "columns")
+    per = cols // tp_size
+    return source.get_slice(hf_names[0], 1, tp_rank * per, (tp_rank + 1) * per).contiguous()
+
+
 def iter_hf_tensors_from_megatron(
     named_full_tensors: Iterable[tuple[str, torch.Tensor]], hf_config: Mapping
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -527,11 +562,9 @@ def load_hf_state_into_model(model, hf: str | Mapping[str, torch.Tensor], hf_con
     try:
         needed = [n for name, _ in plan for n in hf_names_for(name, dims)]
         check_hf_tensors(source, dims, needed)
-        # Pass 2: one Megatron parameter at a time (its HF parts are freed before the next).
+        # Pass 2: one Megatron parameter at a time, reading only this rank's rows/columns of the HF tensors.
         with torch.no_grad():
             for name, param in plan:
-                full = megatron_tensor_from_hf(name, source.get, dims, padded_vocab)
-                param.copy_(shard_for_tp(name, full, tp_rank, tp))
-                del full
+                param.copy_(megatron_shard_from_hf(name, source, dims, padded_vocab, tp_rank, tp))
     finally:
         source.close()
