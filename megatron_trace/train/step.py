@@ -42,6 +42,10 @@ def build_model_and_optimizer(hf_config: dict, tcfg, *, lr: float, weight_decay:
 
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if use_distributed_optimizer and not torch.cuda.is_available():
+        # megatron's DistributedOptimizer accepts only parameters whose type() is torch.cuda.*Tensor.
+        raise ValueError("use_distributed_optimizer=True needs CUDA (megatron-core's DistributedOptimizer "
+                         "only takes CUDA parameters); use the default optimizer on CPU")
     model = build_qwen3_model(hf_config, config=tcfg)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
