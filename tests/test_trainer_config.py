@@ -1,0 +1,76 @@
+"""A bad run config fails before any work, with a message naming the field."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from megatron_trace.config import ConfigError, load_config, validate_run_config
+
+DATA = "megatron_trace/data/assets/arith_test.jsonl"
+EXAMPLE = "examples/configs/tiny_cpu.yaml"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_the_shipped_example_configs_load_and_validate():
+    for path in (EXAMPLE, "examples/configs/tiny_cpu_sft.yaml"):
+        cfg = load_config(path)
+        hf = validate_run_config(cfg, world_size=cfg.parallel.tp * cfg.parallel.pp)
+        assert hf["num_hidden_layers"] >= 1
+
+
+@pytest.mark.parametrize("overrides, world, field", [
+    (["loss.wo=0.5"], 2, "loss.wo"),
+    (["rollout.group_size=four"], 2, "rollout.group_size"),
+    (["parallel.tp=3"], 3, "parallel.tp"),
+    (["parallel.tp=4", "model.hf_config=qwen3-8b"], 4, "parallel.tp"),  # 8 kv heads: fine; 32 heads: fine
+    (["parallel.pp=3"], 6, "parallel.pp"),
+    (["data.path=/nonexistent/problems.jsonl"], 2, "data.path"),
+    (["model.hf_config=/nonexistent/model"], 2, "model.hf_config"),
+    (["model.load=/nonexistent/ckpt"], 2, "model.load"),
+    (["loss.mode=ppo"], 2, "loss.mode"),
+    (["annotate.spans.coverage_cap=1.5"], 2, "annotate.spans.coverage_cap"),
+    (["rollout.engine=inprocess"], 2, "rollout.engine"),
+    (["parallel.tp=2"], 3, "parallel"),  # world size not divisible
+])
+def test_bad_config_names_the_field(overrides, world, field):
+    if overrides == ["parallel.tp=4", "model.hf_config=qwen3-8b"]:
+        # Qwen3-8B has 32 heads / 8 kv heads: tp=4 is valid, tp=16 is not.
+        cfg = load_config(EXAMPLE, overrides)
+        validate_run_config(cfg, world_size=4)
+        overrides = ["parallel.tp=16", "model.hf_config=qwen3-8b"]
+        world = 16
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        cfg = load_config(EXAMPLE, overrides)
+        validate_run_config(cfg, world_size=world)
+
+
+def test_unreachable_annotator_is_reported_at_start_up_naming_the_url():
+    port = _closed_port()
+    cfg = load_config(EXAMPLE, ["annotate.annotator=external", f"annotate.client.base_url=http://127.0.0.1:{port}/v1",
+                                "annotate.client.model=judge", "annotate.client.timeout_s=2", "parallel.tp=1"])
+    with pytest.raises(ConfigError, match=rf"annotate\.client\.base_url.*127\.0\.0\.1:{port}"):
+        validate_run_config(cfg, world_size=1)
+
+
+def test_external_annotator_without_a_model_name_is_rejected_on_load():
+    with pytest.raises(ConfigError, match=r"annotate\.client\.model"):
+        load_config(EXAMPLE, ["annotate.annotator=external"])
+
+
+def test_the_launcher_exits_2_with_the_field_before_any_work(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(EXAMPLE).read() + "\nbogus_section:\n  x: 1\n")
+    out = subprocess.run([sys.executable, "-m", "megatron_trace.train", "--config", str(bad),
+                          f"logging.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "bogus_section" in out.stderr
+    assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
