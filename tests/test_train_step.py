@@ -75,7 +75,7 @@ def _global_params(model) -> dict:
     return params
 
 
-def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int) -> dict:
+def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int, recompute: str | None = None) -> dict:
     from megatron_trace.checkpoint.hf_mapping import load_hf_state_into_model
     from megatron_trace.distributed import destroy_distributed, initialize_distributed
     from megatron_trace.models import qwen3_transformer_config
@@ -84,7 +84,7 @@ def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int) -> dict:
     layout = initialize_distributed(tp=tp, pp=pp, seed=3)
     try:
         cfg = _hf_config(name)
-        chunks, optimizer = build_model_and_optimizer(cfg, qwen3_transformer_config(cfg, tp=tp, pp=pp), lr=LR,
+        chunks, optimizer = build_model_and_optimizer(cfg, qwen3_transformer_config(cfg, tp=tp, pp=pp, recompute=recompute), lr=LR,
                                                       adam_eps=ADAM_EPS, clip_grad=1.0)
         load_hf_state_into_model(chunks[0], _reference_hf_state(cfg), cfg)
         initial = _global_params(chunks[0].module)
@@ -119,13 +119,15 @@ def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int) -> dict:
 
 
 def _ranks(rank: int, world_size: int, layouts: list) -> dict:
-    return {(name, tp, pp): _run_layout(name, tp, pp, mbs) for name, tp, pp, mbs in layouts}
+    return {(name, tp, pp, *recompute): _run_layout(name, tp, pp, mbs, *recompute)
+            for name, tp, pp, mbs, *recompute in layouts}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """Single process, TP=1, PP=1: two microbatches of two sequences."""
-    return run_distributed(_ranks, 1, [(n, 1, 1, 2) for n in CONFIGS], timeout=300)[0]
+    """Single process, TP=1, PP=1: two microbatches of two sequences; and the same with activation recompute."""
+    layouts = [(n, 1, 1, 2) for n in CONFIGS] + [("tiny", 1, 1, 2, "full"), ("tiny", 1, 1, 2, "selective")]
+    return run_distributed(_ranks, 1, layouts, timeout=300)[0]
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +189,15 @@ def test_reference_step_moves_the_weights_far_more_than_the_tolerance_and_clips(
         assert ref["losses"][1] < ref["losses"][0]
         moved = {n: float(abs(ref["params"][n] - ref["initial_params"][n]).max()) for n in ref["params"]}
         assert min(moved.values()) > 1e-4, moved
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_activation_recompute_changes_nothing_but_memory(reference, recompute):
+    plain, again = reference[("tiny", 1, 1)], reference[("tiny", 1, 1, recompute)]
+    assert sum(again["losses"], []) == pytest.approx(sum(plain["losses"], []), abs=1e-6)
+    assert again["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-6)
+    for pname, value in plain["params"].items():
+        assert abs(again["params"][pname] - value).max() < 1e-6, pname
 
 
 def test_tp2_pp2_step_equals_single_process(tp2_pp2, reference):
