@@ -36,7 +36,8 @@ import dist_harness  # noqa: E402
 from megatron_trace.loss.vocab_parallel import token_stats  # noqa: E402
 
 CLIP = 0.05
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter_tensor",
+               "broadcast")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -49,7 +50,8 @@ def _gather_vocab(shard: torch.Tensor, group) -> torch.Tensor:
         return shard.detach().clone()
     rows, width = shard.shape
     out = torch.empty((world * rows, width), dtype=shard.dtype)
-    dist.all_gather_into_tensor(out, shard.detach().contiguous(), group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, shard.detach().contiguous(), group=group)
     return out.view(world, rows, width).permute(1, 0, 2).reshape(rows, world * width)
 
 
@@ -211,7 +213,7 @@ def worker(rank, world, method, rows, vocab, kl_frac, repeats, chunk_rows):
     kwargs = dict(chunk_rows=chunk_rows) if method == "fused" else {}
 
     counts = {name: 0 for name in COLLECTIVES}
-    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
     def counting(name):
         def call(*a, **kw):
@@ -221,10 +223,10 @@ def worker(rank, world, method, rows, vocab, kl_frac, repeats, chunk_rows):
 
     dist.barrier()
     base = _rss()
-    for name in COLLECTIVES:
+    for name in saved:
         setattr(dist, name, counting(name))
     outs, grad = step(z, target, u, kl_rows, reverse, weights, rank * width, group, **kwargs)
-    for name in COLLECTIVES:
+    for name in saved:
         setattr(dist, name, saved[name])
     peak = _peak_rss() - base
     checksum = [float(o.double().sum()) for o in outs] + [float(grad.double().norm())]

@@ -36,6 +36,7 @@ CASES = [
     (3, 9, 1024, 6, 10.0, 0.05, 1024),
     (4, 5, 12, 4, 5.0, 0.01, 2),
     (5, 16, 1000, 9, 10.0, 1e-3, 5),
+    (6, 3, 151936, 3, 4.0, 0.05, 2),  # the Qwen3 vocabulary: long reductions must stay accurate
 ]
 
 
@@ -260,14 +261,14 @@ def rank_main_local():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_token_stats_match_float64_reference_across_vocab_shards(world):
+@pytest.mark.parametrize("world, dtypes", [(2, DTYPES), (4, [torch.float32])])
+def test_token_stats_match_float64_reference_across_vocab_shards(world, dtypes):
     """TP = 2 and 4 over gloo: same values on every rank, gradient shards assemble to the full-vocab gradient,
-    exactly 3 all-reduces (2 without a teacher) in forward, none in backward, inputs untouched."""
-    specs = [s for s in CASES if s[2] % world == 0]
-    assert len(specs) == len(CASES)
-    per_rank = dist_harness.run_distributed(rank_main, world, CASES, DTYPES)
-    check_results([[_tensors(r) for r in rank] for rank in per_rank], world, DTYPES)
+    exactly 3 all-reduces (2 without a teacher) in forward, none in backward, inputs untouched. (bf16 storage is
+    checked at TP = 1 and 2; TP = 4 adds nothing dtype-specific.)"""
+    assert all(spec[2] % world == 0 for spec in CASES)
+    per_rank = dist_harness.run_distributed(rank_main, world, CASES, dtypes)
+    check_results([[_tensors(r) for r in rank] for rank in per_rank], world, dtypes)
 
 
 def test_clipping_is_exercised_by_the_cases():

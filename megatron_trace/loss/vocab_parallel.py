@@ -90,8 +90,9 @@ class VocabParallelTokenStats:
         """Partial sum_v e^s and sum_v e^s s of s = logits - row_max, logits [rows, V/tp] -> ([rows], [rows])."""
         shifted = torch.sub(logits, row_max.unsqueeze(-1), out=ws.get("a", logits.shape[0], dtype))
         e = torch.exp(shifted, out=ws.get("b", logits.shape[0], dtype))
-        moment = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(2)).view(-1)  # a dot product without a product buffer
-        return e.sum(dim=-1), moment
+        # torch's sum reduces pairwise; a BLAS dot (bmm) accumulates sequentially in fp32 and loses ~1e-4 relative
+        # over a 150k-entry vocabulary row.
+        return e.sum(dim=-1), shifted.mul_(e).sum(dim=-1)
 
     @staticmethod
     def sum_exp(ws: _Workspace, logits: torch.Tensor, row_max: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
