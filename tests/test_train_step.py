@@ -84,8 +84,8 @@ def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int, recompute: s
     layout = initialize_distributed(tp=tp, pp=pp, seed=3)
     try:
         cfg = _hf_config(name)
-        chunks, optimizer = build_model_and_optimizer(cfg, qwen3_transformer_config(cfg, tp=tp, pp=pp, recompute=recompute), lr=LR,
-                                                      adam_eps=ADAM_EPS, clip_grad=1.0)
+        tcfg = qwen3_transformer_config(cfg, tp=tp, pp=pp, recompute=recompute)
+        chunks, optimizer = build_model_and_optimizer(cfg, tcfg, lr=LR, adam_eps=ADAM_EPS, clip_grad=1.0)
         load_hf_state_into_model(chunks[0], _reference_hf_state(cfg), cfg)
         initial = _global_params(chunks[0].module)
 
@@ -167,7 +167,8 @@ def _check_against_reference(results: list, reference: dict, dp: int) -> None:
         for dp_rank in range(dp):
             merged = {}
             for pp_rank in range(2):
-                shards = sorted((r for r in runs if (r["layout"].dp_rank, r["layout"].pp_rank) == (dp_rank, pp_rank)),
+                shards = sorted((r for r in runs
+                                 if (r["layout"].dp_rank, r["layout"].pp_rank) == (dp_rank, pp_rank)),
                                 key=lambda r: r["layout"].tp_rank)
                 for pname in shards[0]["params"]:
                     full = merge_tp_shards(pname, [torch.from_numpy(s["params"][pname]) for s in shards])

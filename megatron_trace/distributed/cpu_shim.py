@@ -6,22 +6,30 @@ built without CUDA each of those calls raises `AssertionError: Torch not compile
 below redirects exactly one such call to its CPU meaning; all of them are applied together by `apply_cpu_shim()`,
 once, only when `torch.cuda.is_available()` is False (on a GPU nothing here is touched).
 
-| patch                | what it replaces                                           | megatron paths that need it |
-|----------------------|------------------------------------------------------------|-----------------------------|
-| `current_device`     | `torch.cuda.current_device()` -> `torch.device("cpu")`     | used as `device=` for DDP grad buffers, rotary frequencies, TP gather buffers, PP shape tensors, optimizer constants |
-| `synchronize`        | `torch.cuda.synchronize()` -> no-op (CPU ops are synchronous) | PP p2p `_communicate` after `batch_isend_irecv` |
-| `tied_embedding_copy`| `Tensor.cuda()` -> identity, only inside `LanguageModule.setup_embeddings_and_output_layer` | PP>1 with tied embeddings: the last stage's copy of the word embeddings is moved with `.cuda()` before its all-reduce |
-| `cuda_literals`      | `device="cuda"` in tensor factories -> CPU, only in the listed modules' `torch` | causal mask (`transformer.utils`), token counters (`pipeline_parallel.schedules`), grad-norm buffers (`optimizer.clip_grads`, `utils.local_multi_tensor_l2_norm`), loss-scale constants (`optimizer.optimizer`) |
-| `clip_grad_cpu`      | `clip_grad_by_total_norm_fp32` as bound in `optimizer.optimizer` | it asserts `grad.type() == "torch.cuda.FloatTensor"` before scaling the grads |
-| `rng_tracker_cpu`    | the CUDA RNG get/set/seed in `tensor_parallel.random`      | `model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()` (attention dropout region), activation recompute |
+The patches (name: what is replaced; which megatron path needs it):
+- `current_device`: `torch.cuda.current_device()` -> `torch.device("cpu")`; it is the `device=` of DDP grad
+  buffers, rotary frequencies, TP gather buffers, PP shape tensors and optimizer constants.
+- `synchronize`: `torch.cuda.synchronize()` -> no-op (CPU kernels finish before returning); PP p2p
+  `_communicate` calls it after `batch_isend_irecv`.
+- `tied_embedding_copy`: `Tensor.cuda()` -> identity, only inside `LanguageModule.setup_embeddings_and_output_layer`;
+  with PP>1 and tied embeddings the last stage's copy of the word embeddings is moved with `.cuda()` before its
+  all-reduce.
+- `cuda_literals`: tensor factories called with `device="cuda"` build on the CPU, only through the `torch` name of
+  the modules in CUDA_LITERAL_MODULES: the causal mask (`transformer.utils`), token counters
+  (`pipeline_parallel.schedules`), grad-norm buffers (`optimizer.clip_grads`, `utils.local_multi_tensor_l2_norm`),
+  loss-scale constants (`optimizer.optimizer`).
+- `clip_grad_cpu`: `clip_grad_by_total_norm_fp32` as bound in `optimizer.optimizer`; megatron's asserts
+  `grad.type() == "torch.cuda.FloatTensor"` before scaling the grads.
+- `rng_tracker_cpu`: the CUDA RNG get/set/seed of `tensor_parallel.random`; used by
+  `model_parallel_cuda_manual_seed`, `get_cuda_rng_tracker().fork()` (attention dropout) and activation recompute.
 
 On CPU the tracked "CUDA" RNG streams of megatron become states of torch's CPU generator, which is the generator
 that CPU dropout actually draws from: forking the tensor-parallel stream therefore has the same meaning as on GPU.
 
-Every patch counts the calls it intercepted (`shim_hits()`); `tests/test_cpu_shim.py` runs a TP=2 x PP=2 train
-step with every other `torch.cuda` entry point made to fail loudly, asserts that each patch was used, and that the
-unpatched call it stands for raises on this machine: a newer megatron-core that no longer needs a patch, or that
-needs a new one, fails that test.
+Every patch counts the calls it intercepted (`shim_hits()`, `shim_hits_by_site()`). `tests/test_cpu_shim.py`
+runs a train step at TP=2 and at PP=2 while recording every other attempt to reach CUDA (there must be none),
+asserts that each patch (and each module of `cuda_literals`) was used, and removes each patch alone to assert
+that the same path then breaks: a newer megatron-core that no longer needs a patch, or needs a new one, fails it.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["CPU_SHIM_PATCHES", "apply_cpu_shim", "remove_cpu_shim", "shim_hits", "shim_hits_by_site", "is_cpu_shim_applied", "PATCHES"]
+__all__ = ["CPU_SHIM_PATCHES", "CUDA_LITERAL_MODULES", "PATCHES", "apply_cpu_shim", "is_cpu_shim_applied",
+           "remove_cpu_shim", "shim_hits", "shim_hits_by_site"]
 
 
 @dataclass
