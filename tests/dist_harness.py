@@ -11,7 +11,9 @@ launch rather than one launch per case.
 from __future__ import annotations
 
 import os
+import queue as _q
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -60,15 +62,22 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, init_gloo: b
         p.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
-    import queue as _q
-
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
+        while len(results) < world_size:
             try:
-                rank, ok, payload = queue.get(timeout=timeout)
+                rank, ok, payload = queue.get(timeout=1.0)
             except _q.Empty:
-                errors.append(f"timed out after {timeout}s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
-                break
+                # A rank that died without reporting (os._exit, a signal, a segfault) fails the run at once.
+                dead = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results}
+                if dead:
+                    errors.append(f"rank(s) died without a result: {dead} (rank: exit code)")
+                    break
+                if time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout}s waiting for ranks "
+                                  f"{sorted(set(range(world_size)) - set(results))}")
+                    break
+                continue
             if ok:
                 results[rank] = payload
             else:

@@ -55,6 +55,10 @@ def test_yaml_and_dotted_overrides(tmp_path):
     p.write_text("steps: 4\ninner:\n  mode: b\n")
     cfg = load_yaml_config(Outer, p, ["inner.lr=0.5", "name=run1"])
     assert (cfg.steps, cfg.inner.mode, cfg.inner.lr, cfg.name) == (4, "b", 0.5, "run1")
+    # YAML 1.1 reads 1e-3 as a string; a float field still takes it.
+    assert load_yaml_config(Outer, p, ["inner.lr=1e-3"]).inner.lr == 1e-3
+    with pytest.raises(ConfigError, match="inner.lr"):
+        load_yaml_config(Outer, p, ["inner.lr=fast"])
     with pytest.raises(ConfigError, match="inner.bogus"):
         load_yaml_config(Outer, p, ["inner.bogus=1"])
     with pytest.raises(ConfigError, match="not found"):

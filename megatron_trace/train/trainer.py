@@ -196,24 +196,29 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ steps
 
     def run(self) -> None:
-        cfg = self.cfg
+        """Train to `train.steps`, then release everything (engine, workers, process groups)."""
         try:
-            while self.step < cfg.train.steps:
-                t0 = time.perf_counter()
-                metrics = self.sft_step() if cfg.train.mode == "sft" else self.trace_step()
-                metrics["time/step"] = time.perf_counter() - t0
-                if metrics.get("tokens_generated"):
-                    metrics["tokens_per_s"] = metrics["tokens_generated"] / metrics["time/step"]
-                elif metrics.get("tokens"):
-                    metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
-                if self.logger is not None:
-                    self.logger.log(self.step, metrics)
-                self.step += 1
-                every = cfg.checkpoint.save_every
-                if (every and self.step % every == 0) or self.step == cfg.train.steps:
-                    self.save()
+            self.train()
         finally:
             self.close()
+
+    def train(self) -> None:
+        """The step loop: log every step, checkpoint every `save_every` steps and at the end."""
+        cfg = self.cfg
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            metrics = self.sft_step() if cfg.train.mode == "sft" else self.trace_step()
+            metrics["time/step"] = time.perf_counter() - t0
+            if metrics.get("tokens_generated"):
+                metrics["tokens_per_s"] = metrics["tokens_generated"] / metrics["time/step"]
+            elif metrics.get("tokens"):
+                metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
+            if self.logger is not None:
+                self.logger.log(self.step, metrics)
+            self.step += 1
+            every = cfg.checkpoint.save_every
+            if (every and self.step % every == 0) or self.step == cfg.train.steps:
+                self.save()
 
     def save(self) -> str:
         from megatron_trace.train.checkpointing import save_checkpoint
