@@ -177,6 +177,12 @@ def test_a_stream_failing_midway_blocks_generation_until_a_complete_update(engin
     assert len(engine.generate(PROMPTS, SamplingConfig(max_tokens=4))) == len(PROMPTS)
 
 
+def test_workers_carry_the_nccl_weight_receiver_extension(engine):
+    assert engine._llm.collective_rpc("weight_receiver_ready") == [True]
+    with pytest.raises(Exception, match="CUDA"):
+        engine.init_weight_group("127.0.0.1", 29998, 1, 2)
+
+
 def test_bad_requests_name_their_cause(engine, models):
     with pytest.raises(ValueError, match="exceeds max_model_len"):
         engine.generate([[1] * 250], SamplingConfig(max_tokens=16))

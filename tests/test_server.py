@@ -207,3 +207,23 @@ def test_bad_requests_get_clear_json_errors(server):
     r = httpx.post(server + "/v1/completions", content=b"[" + b"1," * (1 << 20) + b"1]", timeout=30,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_nccl_update_announcement_is_validated_before_any_broadcast(server, models, client):
+    # The GPU fast path itself cannot run on CPU; its HTTP half (auth, announcement check) can.
+    metas = [[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for b in buckets_of(models["b"]) for n, t in b]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    v = client.version()
+    ok = httpx.post(server + "/weights/nccl", headers=auth, timeout=30,
+                    json={"version": v + 1, "tensors": metas, "validate_only": True})
+    assert ok.status_code == 200 and ok.json()["status"] == "valid"
+    wrong = [m if i else [m[0], m[1], [m[2][0] + 1] + m[2][1:]] for i, m in enumerate(metas)]
+    r = httpx.post(server + "/weights/nccl", headers=auth, timeout=30,
+                   json={"version": v + 1, "tensors": wrong, "validate_only": True})
+    assert r.status_code == 422 and "shape" in r.json()["error"]["message"]
+    r = httpx.post(server + "/weights/nccl", timeout=30, json={"version": v + 1, "tensors": metas})
+    assert r.status_code == 401
+    r = httpx.post(server + "/weights/nccl/init", headers=auth, timeout=30,
+                   json={"master_address": "127.0.0.1", "master_port": 29999, "world_size": 2})
+    assert r.status_code == 400 and "CUDA" in r.json()["error"]["message"]
+    assert client.version() == v

@@ -198,6 +198,38 @@ class RolloutClient:
             raise RolloutServerError(f"server did not apply the update after the last bucket: {out}")
         return int(out["weight_version"])
 
+    # ---------------------------------------------------------------- NCCL fast path (GPU; untested here)
+    def init_nccl_weights(self, master_address: str, master_port: int, world_size: int, device=0):
+        """Form the NCCL weight group with the server's vLLM workers; returns the `NcclWeightSender` (rank 0).
+
+        world_size = 1 + the server's tensor-parallel size; master_address must be reachable from the server.
+        """
+        from megatron_trace.rollout.nccl_weights import NcclWeightSender
+
+        body = {"master_address": master_address, "master_port": master_port, "rank_offset": 1,
+                "world_size": world_size}
+        with ThreadPoolExecutor(max_workers=1) as pool:  # both sides block until everyone joined
+            joined = pool.submit(self._request, "POST", "/weights/nccl/init", json=body, headers=self._auth(),
+                                 timeout=self.cfg.weight_timeout_s)
+            sender = NcclWeightSender(master_address, master_port, world_size, device)
+            joined.result()
+        return sender
+
+    def update_weights_nccl(self, sender, buckets: Iterable[list[tuple[str, torch.Tensor]]],
+                            version: int | None = None) -> int:
+        """Announce the update over HTTP, broadcast the tensors over NCCL; returns the server's new version."""
+        buckets = list(buckets)
+        target = self.version() + 1 if version is None else int(version)
+        metas = [[m.name, m.dtype, list(m.shape)] for m in sender.announce(buckets)]
+        # validate first: once broadcasting starts, a refused update would leave the sender waiting forever
+        self._request("POST", "/weights/nccl", json={"version": target, "tensors": metas, "validate_only": True},
+                      headers=self._auth())
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            applied = pool.submit(self._request, "POST", "/weights/nccl", json={"version": target, "tensors": metas},
+                                  headers=self._auth(), timeout=self.cfg.weight_timeout_s)
+            sender.send(buckets)
+            return int(applied.result()["weight_version"])
+
     def sleep(self, level: int = 1) -> None:
         self._request("POST", f"/sleep?level={int(level)}", headers=self._auth())
 

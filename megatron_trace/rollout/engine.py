@@ -212,6 +212,8 @@ class VLLMEngine:
             # log-probs of the sampled tokens under the unmodified model (temperature 1, no top-p/k),
             # comparable with the trainer's log-probs.
             logprobs_mode="raw_logprobs",
+            # adds the NCCL weight-receiving methods to each worker (used on GPU only; inert on CPU)
+            worker_extension_cls="megatron_trace.rollout.nccl_weights.WeightReceiverExtension",
         )
         if kv_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
@@ -317,21 +319,56 @@ class VLLMEngine:
                     yield name, tensor
                 self._validator.check_complete(seen)
 
-            try:
-                self._llm.collective_rpc(
-                    "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True}
-                )
-                if self.tied:
-                    self._llm.collective_rpc(_refresh_tied_head)
-            except Exception as e:
-                if started:
-                    self._inconsistent = f"{type(e).__name__}: {e}"
-                    self._llm.collective_rpc(_finish_aborted_reload)
-                raise
-            self._llm.reset_prefix_cache()
-            self._inconsistent = None
-            self._version = new_version
-            return new_version
+            return self._reload(
+                lambda: self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True}),
+                new_version, lambda: started)
+
+    def _reload(self, run, new_version: int, started) -> int:
+        """Run a reload (`run()`), then repack the tied head, reset the prefix cache and bump the version."""
+        try:
+            run()
+            if self.tied:
+                self._llm.collective_rpc(_refresh_tied_head)
+        except Exception as e:
+            if started():
+                self._inconsistent = f"{type(e).__name__}: {e}"
+                self._llm.collective_rpc(_finish_aborted_reload)
+            raise
+        self._llm.reset_prefix_cache()
+        self._inconsistent = None
+        self._version = new_version
+        return new_version
+
+    # ---------------------------------------------------------------- NCCL fast path (GPU; untested here)
+    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Join the trainer's NCCL weight group (see nccl_weights.py); blocks until the trainer joins too."""
+        self._llm.collective_rpc("init_weight_update_group",
+                                 args=(master_address, int(master_port), int(rank_offset), int(world_size)))
+
+    def validate_announcement(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None) -> int:
+        """Check an NCCL update's announcement (names, dtype names, shapes) and target version; returns the version.
+        The sender must not start broadcasting before this passed: a refused update has no receiver."""
+        from megatron_trace.rollout.nccl_weights import _DTYPES
+
+        new_version = self._version + 1 if version is None else int(version)
+        if new_version <= self._version:
+            raise WeightUpdateError(f"target version {new_version} must exceed the serving version {self._version}")
+        for name, dtype, _ in metas:
+            if dtype not in _DTYPES:
+                raise WeightUpdateError(f"weight {name!r}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        self.validate_weights((n, tuple(s), _DTYPES[d]) for n, d, s in metas)
+        return new_version
+
+    def update_weights_from_nccl(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None) -> int:
+        """Receive an announced update (name, dtype name, shape per tensor, in send order) broadcast by trainer
+        rank 0, through the same reload path as update_weights. The announcement is validated first."""
+        new_version = self.validate_announcement(metas, version)
+        metas = [(n, d, tuple(s)) for n, d, s in metas]
+        with self._lock:
+            self._check_serving()
+            return self._reload(lambda: self._llm.collective_rpc("receive_weights_nccl", args=(metas,)),
+                                new_version, lambda: True)
 
     # ---------------------------------------------------------------- colocation
     def sleep(self, level: int = 1) -> None:

@@ -10,6 +10,8 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   `weight_buckets` (target version, bucket index/count, SHA-256). Buckets are staged; when the last one arrives
   the whole update is validated and applied in one engine reload. All-or-nothing: a bad bucket (checksum,
   decoding, unknown name, wrong shape) discards the staged update and leaves the old weights serving.
+- `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
+  trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
 - `POST /sleep`, `POST /wake_up` (bearer token): free / re-allocate GPU memory (colocated use).
 - `GET /health`, `GET /version`.
 
@@ -227,15 +229,7 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        import json
-
-        raw = await read_body(request, limits.max_request_bytes)
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, "body must be a JSON object")
+        body = await read_json(request)
         prompts, sampling, want_logprobs = _sampling_from_request(body, limits)
         try:
             outs = await run_in_threadpool(engine.generate, prompts, sampling)
@@ -283,6 +277,60 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
                     len(data) / 1e6, t1 - t0, "+apply" if out["status"] == "applied" else "",
                     time.perf_counter() - t1)
         return out
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        import json
+
+        raw = await read_body(request, limits.max_request_bytes)
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
+
+    @app.post("/weights/nccl/init")
+    async def nccl_init(request: Request):
+        """Join the trainer's NCCL weight group (GPU only; blocks until the trainer's sender joins)."""
+        authorize(request)
+        body = await read_json(request)
+        try:
+            args = (str(body["master_address"]), int(body["master_port"]), int(body.get("rank_offset", 1)),
+                    int(body["world_size"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ApiError(400, f"expected master_address, master_port, world_size (and rank_offset): {e}") from e
+        try:
+            await run_in_threadpool(engine.init_weight_group, *args)
+        except RuntimeError as e:
+            raise ApiError(400, str(e)) from e
+        return {"status": "joined"}
+
+    @app.post("/weights/nccl")
+    async def nccl_update(request: Request):
+        """Receive an update broadcast over the NCCL weight group: body {version, tensors: [[name, dtype,
+        shape], ...]} in send order; answers when the update is applied. With validate_only=true, only checks
+        the announcement (the client does this first, so a refused update never leaves the sender hanging)."""
+        authorize(request)
+        body = await read_json(request)
+        try:
+            metas = [(str(n), str(d), [int(x) for x in shape]) for n, d, shape in body["tensors"]]
+            version = int(body["version"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ApiError(400, f"expected version and tensors [[name, dtype, shape], ...]: {e}") from e
+        if body.get("validate_only"):
+            try:
+                engine.validate_announcement(metas, version)
+            except ValueError as e:
+                raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
+            return {"status": "valid", "weight_version": engine.weight_version}
+        try:
+            new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version)
+        except ValueError as e:
+            raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
+        except RuntimeError as e:
+            raise ApiError(409, str(e), "conflict") from e
+        return {"status": "applied", "weight_version": new}
 
     @app.post("/sleep")
     async def sleep(request: Request, level: int = 1):
