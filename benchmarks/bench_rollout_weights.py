@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""How fast do new weights reach vLLM? In-process reload vs HTTP push to a generation server vs a plain memcpy.
+
+Builds a synthetic Qwen3-shaped HF model (Qwen3-0.6B widths, --layers deep, fp32, random weights), starts the
+in-process engine on it and pushes the same HF-named tensors (in buckets of --bucket-mb) R times; then does the
+same through `tools/serve_rollout.py` + `RolloutClient`. The baseline is `dst.copy_(src)` of the same bytes into
+preallocated tensors (the floor for any update that lands in fresh memory). Prints medians, GB/s, and each
+method's time as a multiple of memcpy's.
+
+    .venv/bin/python benchmarks/bench_rollout_weights.py --layers 16 --repeats 3   # ~7 GB peak RAM
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN_ENV = "BENCH_ROLLOUT_TOKEN"
+
+
+def synthetic_qwen3(path: str, layers: int, seed: int) -> dict[str, torch.Tensor]:
+    """Write a Qwen3-0.6B-wide model with `layers` layers into `path`; returns its HF-named tensors."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config
+
+    from megatron_trace.data.tokenizer import qwen3_tokenizer_dir
+
+    hidden, inter, heads, kv, hd, vocab = 1024, 3072, 16, 8, 128, 151936
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, tie_word_embeddings=True,
+                      max_position_embeddings=4096, torch_dtype="float32")
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv * hd, hidden),
+            p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
+            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+        })
+    tensors = {n: (torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s)) for n, s in shapes.items()}
+    os.makedirs(path, exist_ok=True)
+    cfg.save_pretrained(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    tok = qwen3_tokenizer_dir()
+    for name in os.listdir(tok):
+        shutil.copy(os.path.join(tok, name), path)
+    return tensors
+
+
+def buckets_of(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    out, cur, size = [], [], 0
+    for name, t in tensors.items():
+        cur.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            out.append(cur)
+            cur, size = [], 0
+    return out + ([cur] if cur else [])
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=16,
+                    help="depth at Qwen3-0.6B width (16 = 0.41B params, 1.6 GB; 8 = 0.28B); peak RAM ~4x the bytes")
+    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-http", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # before vLLM replaces it with a no-op; the machine is shared
+
+    work = tempfile.mkdtemp(prefix="bench_rollout_weights_")
+    try:
+        model_dir = os.path.join(work, "model")
+        src = synthetic_qwen3(model_dir, args.layers, seed=0)
+        new = {n: t + 0.001 for n, t in src.items()}  # the "trained" weights pushed each repeat
+        del src
+        nbytes = sum(t.numel() * t.element_size() for t in new.values())
+        nparams = sum(t.numel() for t in new.values())
+        buckets = buckets_of(new, args.bucket_mb << 20)
+        rows = []
+
+        dst = {n: torch.empty_like(t) for n, t in new.items()}
+        rows.append(("memcpy (tensor.copy_)", timed(lambda: [dst[n].copy_(t) for n, t in new.items()], args.repeats)))
+        del dst
+
+        from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
+
+        engine = VLLMEngine(EngineConfig(model_dir, max_model_len=128))
+        rows.append(("vLLM in-process reload", timed(lambda: engine.update_weights(buckets), args.repeats)))
+        engine.close()
+        del engine
+        gc.collect()  # free the in-process engine's copy before the server process loads its own
+
+        if not args.skip_http:
+            rows.append(("HTTP push to server", http_times(model_dir, buckets, args.repeats, work)))
+
+        base = statistics.median(rows[0][1])
+        print(f"\nweights: {nparams / 1e9:.3f} B params, {nbytes / 1e9:.2f} GB fp32, {len(buckets)} buckets of "
+              f"~{args.bucket_mb} MiB; {args.repeats} repeats; torch threads 1; host CPUs {os.cpu_count()}")
+        print(f"{'method':<26} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9}")
+        for name, times in rows:
+            med = statistics.median(times)
+            print(f"{name:<26} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def http_times(model_dir, buckets, repeats, work) -> list[float]:
+    import httpx
+
+    from megatron_trace.rollout.client import ClientConfig, RolloutClient
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from dist_harness import free_port
+
+    token = os.urandom(16).hex()
+    port = free_port()
+    log = open(os.path.join(work, "server.log"), "w+")
+    env = {**os.environ, TOKEN_ENV: token, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", model_dir, "--port", str(port),
+         "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"server exited:\n{log.read()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server not healthy after 300 s")
+            time.sleep(1)
+        os.environ[TOKEN_ENV] = token
+        with RolloutClient(ClientConfig(base_url=url, token_env=TOKEN_ENV, timeout_s=600, retries=0)) as client:
+            return timed(lambda: client.update_weights(buckets), repeats)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.seek(0)
+        print("server-side timings:\n" + "".join(line for line in log if "bucket" in line))
+        log.close()
+
+
+if __name__ == "__main__":
+    main()
