@@ -189,7 +189,9 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # The engine core must live in this process: weight tensors then reach the workers by reference
+        # (through a process boundary vLLM cannot pickle them). vLLM reads its env vars lazily, at use.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM  # lazy: vLLM is an optional extra
 
         with open(os.path.join(cfg.model_dir, "config.json")) as f:
@@ -292,6 +294,8 @@ class VLLMEngine:
         All buckets go into ONE vLLM reload (vLLM processes each layer once all its tensors arrived), then the
         tied head is repacked and the prefix cache reset (cached KV of old weights would be served silently).
         version: the version to report afterwards (must exceed the current one); default current + 1.
+        With tensor_parallel_size > 1 vLLM runs its workers in other processes, which cannot receive tensors
+        this way: use the NCCL path there (update_weights_from_nccl). Untested beyond TP=1 on CPU.
         Atomicity: if `buckets` is a list/tuple the whole update is validated before anything is loaded. A
         streamed iterator is validated tensor by tensor; a failure after loading began leaves the engine refusing
         to generate until a complete update succeeds.
