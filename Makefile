@@ -20,7 +20,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	bash examples/run_demo.sh
+	bash examples/run_trace_tiny_cpu.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -25,6 +25,12 @@ def test_the_shipped_example_configs_load_and_validate():
         cfg = load_config(path)
         hf = validate_run_config(cfg, world_size=cfg.parallel.tp * cfg.parallel.pp)
         assert hf["num_hidden_layers"] >= 1
+    # The GPU recipes (data and annotator are the user's): 8 GPUs a node.
+    for path, layers, rkl in (("examples/configs/qwen3_8b.yaml", 36, False),
+                              ("examples/configs/qwen3_1p7b.yaml", 28, True)):
+        cfg = load_config(path, [f"data.path={DATA}"])
+        hf = validate_run_config(cfg, world_size=8, check_annotator=False)
+        assert hf["num_hidden_layers"] == layers and cfg.model.bf16 and cfg.annotate.spans.rkl is rkl
 
 
 @pytest.mark.parametrize("overrides, world, field", [

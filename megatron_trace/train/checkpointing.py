@@ -161,10 +161,16 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks:
 
 
 def load_model_weights(path: str, model_chunks: list, hf_config: dict) -> None:
-    """Initial weights from `path` (collective): a trainer checkpoint (model only), an HF folder
-    (safetensors), or a Megatron checkpoint made by tools/convert_checkpoint.py."""
+    """Initial weights from `path` (collective): a trainer checkpoint (model only) or a trainer checkpoint
+    root (its `latest`), an HF folder (safetensors), or a Megatron checkpoint made by tools/convert_checkpoint.py."""
     from megatron_trace.checkpoint.convert import load_converted_checkpoint
     from megatron_trace.checkpoint.hf_mapping import load_hf_state_into_model
+
+    if os.path.isfile(os.path.join(path, LATEST)):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"model.load: {path} has a `latest` marker but no complete checkpoint")
+        path = latest
 
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         load_checkpoint_model_only(path, model_chunks)
