@@ -109,7 +109,8 @@ def test_stop_token_ends_the_response_with_reason_stop(engine, models):
     use(engine, models, "a")
     outs = engine.generate(PROMPTS, SamplingConfig(temperature=0.0, max_tokens=12))
     # a (prompt, step) whose greedy token first appears at that step, after at least one other token
-    i, cut = next((i, t) for i, o in enumerate(outs) for t in range(1, 12) if o[0].token_ids[t] not in o[0].token_ids[:t])
+    ids = [o[0].token_ids for o in outs]
+    i, cut = next((i, t) for i in range(len(ids)) for t in range(1, 12) if ids[i][t] not in ids[i][:t])
     greedy, stop = outs[i][0].token_ids, outs[i][0].token_ids[cut]
     g = engine.generate([PROMPTS[i]], SamplingConfig(temperature=0.0, max_tokens=12, stop_token_ids=[stop]))[0][0]
     assert g.finish_reason == "stop"

@@ -364,7 +364,9 @@ class VLLMEngine:
         self.validate_weights((n, tuple(s), _DTYPES[d]) for n, d, s in metas)
         return new_version
 
-    def update_weights_from_nccl(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None) -> int:
+    def update_weights_from_nccl(
+        self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None
+    ) -> int:
         """Receive an announced update (name, dtype name, shape per tensor, in send order) broadcast by trainer
         rank 0, through the same reload path as update_weights. The announcement is validated first."""
         new_version = self.validate_announcement(metas, version)
