@@ -24,6 +24,10 @@ import tempfile
 from collections.abc import Iterator
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_trace.checkpoint.hf_io import (
     HF_ASSET_FILES,
@@ -96,32 +100,27 @@ def read_conversion_metadata(megatron_dir: str) -> dict:
     return meta
 
 
-class _SliceLoadPlanner:
+class _SliceLoadPlanner(DefaultLoadPlanner):
     """A torch DCP load planner that reads arbitrary slices of stored global tensors into given buffers.
 
     megatron's own loader cannot read one layer of a stacked `decoder.layers.*` tensor in a single process
     (it assumes the missing grid cells belong to other ranks), so megatron-to-hf reads the torch_dist files
-    through torch.distributed.checkpoint directly: `requests` maps a stored key to (global offsets, buffer).
+    through torch.distributed.checkpoint directly. requests: {stored key: (global offsets, buffer)}.
     """
 
-    def __new__(cls, requests):
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    def __init__(self, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]):
+        super().__init__()
+        self.requests = requests
 
-        class Planner(DefaultLoadPlanner):
-            def create_local_plan(self):
-                items = []
-                for key, (offsets, buf) in requests.items():
-                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
-                    items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-                return LoadPlan(items)
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, (offsets, buf) in self.requests.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(items)
 
-            def lookup_tensor(self, index):
-                return requests[index.fqn][1]
-
-        return Planner()
+    def lookup_tensor(self, index) -> torch.Tensor:
+        return self.requests[index.fqn][1]
 
 
 def _read_slices(megatron_dir: str, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
