@@ -81,6 +81,7 @@ EOF
 echo "== 1/2 transformers: build a tiny random Qwen3 and save it as an HF checkpoint"
 "$PY" "$WORK/make_hf.py" "$WORK/hf"
 echo "== 2/2 Megatron-Core: load it at TP=$NPROC ($NPROC gloo processes) and compare logits"
-OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29511}" \
+# --standalone: a local rendezvous on a free port (no clash with other jobs on this machine)
+OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
     "$WORK/megatron_forward.py" "$WORK/hf" 1e-4
 echo "demo OK"
