@@ -33,6 +33,13 @@ PROMPTS = [[9707, 11, 1879, 0, 3555], [151644, 872, 198, 3838, 374, 220, 17, 10,
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if this process dies, so a killed run leaves no server behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")  # untied: the in-process tests cover tied embeddings
@@ -55,7 +62,7 @@ def server(models, tmp_path_factory):
         [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", models["a"], "--port", str(port),
          "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV,
          "--max-request-bytes", str(1 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent, cwd=REPO,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
