@@ -5,7 +5,7 @@ Builds a synthetic Qwen3-shaped HF model (Qwen3-0.6B widths, --layers deep, fp32
 in-process engine on it and pushes the same HF-named tensors (in buckets of --bucket-mb) R times; then does the
 same through `tools/serve_rollout.py` + `RolloutClient`. The baseline is `dst.copy_(src)` of the same bytes into
 preallocated tensors (the floor for any update that lands in fresh memory). Prints medians, GB/s, and each
-method's time as a multiple of memcpy's.
+method's time as a multiple of memcpy's. Each method gets one untimed warm-up call.
 
     .venv/bin/python benchmarks/bench_rollout_weights.py --layers 16 --repeats 3   # ~7 GB peak RAM
 """
@@ -27,6 +27,13 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN_ENV = "BENCH_ROLLOUT_TOKEN"
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if this process dies, so a killed run leaves no server behind."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
 
 
 def synthetic_qwen3(path: str, layers: int, seed: int) -> dict[str, torch.Tensor]:
@@ -74,6 +81,8 @@ def buckets_of(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list
 
 
 def timed(fn, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls, after one untimed warm-up (first-touch page faults, lazy initialisation)."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -144,7 +153,7 @@ def http_times(model_dir, buckets, repeats, work) -> list[float]:
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", model_dir, "--port", str(port),
          "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
     )
     url = f"http://127.0.0.1:{port}"
     try:
