@@ -26,8 +26,13 @@ Gradients (g = upstream gradient; a_v = 1 where the vocab term is below the clip
 S is a global per-row scalar, so it is reduced in the forward's third all-reduce and backward is local.
 
 Math runs in fp32 on bf16/fp16/fp32 inputs (fp64 on fp64 inputs, for gradcheck), over chunks of `chunk_rows` rows,
-and backward recomputes the softmax chunk by chunk, so extra memory is a few `chunk_rows x V/tp` fp32 buffers on
-top of the gradient itself. Inputs are never modified.
+and backward recomputes the softmax chunk by chunk. Extra memory is a fixed set of `chunk_rows x V/tp` fp32 buffers
+(2 for the student pass, up to 8 more while teacher rows are processed), reused by every chunk of a call, on top of
+the gradient itself; nothing of size `V/tp` is kept between forward and backward. Inputs are never modified.
+
+Precision: log q - log p is formed from the raw logit difference (u - z) minus one per-row constant, so nearly
+agreeing rows keep their small KL; probabilities are exp(z - max) / Z; every vocabulary reduction is torch's
+pairwise sum.
 """
 
 from __future__ import annotations
@@ -106,10 +111,11 @@ class VocabParallelTokenStats:
                  clip: float | None, dtype: torch.dtype):
         """Per-vocab KL terms of student rows z[z_rows] and teacher rows u [n, V/tp] (raw logits).
 
-        Returns (terms, p, weight, ratio_log, active), each [n, V/tp]: p = softmax of the student rows;
+        Returns (terms, p, weight, ratio_log, clipped), each [n, V/tp]: p = softmax of the student rows;
         weight = q (forward rows) or p (reverse rows); ratio_log = log q - log p (forward) or log p - log q
-        (reverse); terms = weight * ratio_log clamped at `clip` from above; clipped = terms at or above the clip,
-        whose gradient is zero (None when clip is None). Forward and backward both call this, so the clip decisions agree bit for bit.
+        (reverse); terms = weight * ratio_log clamped at `clip` from above; clipped = bool, terms at or above the
+        clip, whose gradient is zero (None when clip is None). Forward and backward both call this, so the clip
+        decisions agree bit for bit.
         """
         n = z_rows.shape[0]
         zk = torch.index_select(z, 0, z_rows, out=ws.get("zk", n, z.dtype))
