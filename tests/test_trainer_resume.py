@@ -51,11 +51,17 @@ def _train(rank, world_size, out_dir, steps, mode, kill_in_save_at=None):
         trainer.train()
         weights = {}
         for bucket in export_hf_buckets(trainer.model[0], trainer.hf_config, bucket_bytes=64 << 20):
-            weights.update({n: float(t.double().sum()) for n, t in bucket})
-            weights.update({n + ":abs": float(t.double().abs().sum()) for n, t in bucket})
+            weights.update({n: _digest(t) for n, t in bucket})
     finally:
         trainer.close()
     return weights
+
+
+def _digest(t: torch.Tensor) -> str:
+    """Bitwise identity of a tensor: dtype, shape and a hash of its bytes."""
+    import hashlib
+
+    return f"{t.dtype}{tuple(t.shape)}" + hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _metrics(out_dir: str) -> list[dict]:
@@ -95,3 +101,22 @@ def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(tm
     assert latest_checkpoint(ckpt_root) == os.path.join(ckpt_root, "step_000004")
     assert not any(e.endswith(".tmp") for e in os.listdir(ckpt_root))
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3]
+
+
+def test_a_trainer_checkpoint_converts_to_the_same_hf_weights(tmp_path):
+    from safetensors import safe_open
+
+    from megatron_trace.checkpoint.convert import convert_megatron_to_hf
+    from megatron_trace.train.checkpointing import latest_checkpoint
+
+    out = str(tmp_path / "run")
+    exported = run_distributed(_train, 1, out, 1, "sft", init_gloo=False, timeout=300)[0]
+    hf_dir = str(tmp_path / "hf")
+    convert_megatron_to_hf(latest_checkpoint(os.path.join(out, "checkpoints")), hf_dir)
+    converted = {}
+    for fname in os.listdir(hf_dir):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(hf_dir, fname), "pt") as f:
+                for n in f.keys():
+                    converted[n] = _digest(f.get_tensor(n))
+    assert converted == exported

@@ -81,6 +81,9 @@ def dist_checkpoint_key(megatron_name: str) -> tuple[str, int | None]:
     return f"decoder.layers.{_DIST_LAYER_KEYS.get(suffix, suffix)}", layer
 
 
+_NON_MODEL_PREFIXES = ("optimizer.", "teacher.")
+
+
 def _read_common_state(megatron_dir: str) -> dict:
     """The checkpoint's common (non-sharded) state, read from `common.pt` alone (no tensor data)."""
     from megatron.core.dist_checkpointing.serialization import verify_checkpoint_and_load_strategy
@@ -300,7 +303,8 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, overwrite: bool =
         key, layer = dist_checkpoint_key(name)
         shape = megatron_param_shape(name, dims, meta["padded_vocab_size"])
         expected[key] = shape if layer is None else (dims.layers, *shape)
-    tensor_keys = {k for k in stored if "._extra_state" not in k}
+    # Trainer checkpoints also hold optimizer states and a teacher snapshot: not part of the model.
+    tensor_keys = {k for k in stored if "._extra_state" not in k and not k.startswith(_NON_MODEL_PREFIXES)}
     missing = sorted(set(expected) - tensor_keys)
     extra = sorted(tensor_keys - set(expected))
     misshaped = [f"{k} {tuple(stored[k].size)} (config implies {expected[k]})"

@@ -75,8 +75,12 @@ def _sharded_state(model_chunks: list, optimizer, teacher_chunks: list | None, *
 
 
 def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, trainer_state: dict, *,
-                    teacher_chunks: list | None = None, save_optimizer: bool = True, keep_last: int = 2) -> str:
-    """Write checkpoint `step` under `ckpt_root` atomically (collective). Returns its final path."""
+                    teacher_chunks: list | None = None, save_optimizer: bool = True, keep_last: int = 2,
+                    hf_config: dict | None = None) -> str:
+    """Write checkpoint `step` under `ckpt_root` atomically (collective). Returns its final path.
+
+    With `hf_config`, the checkpoint also records the conversion metadata, so
+    `tools/convert_checkpoint.py megatron-to-hf` turns it into a Hugging Face folder directly."""
     from megatron.core import dist_checkpointing
 
     name = f"step_{step:06d}"
@@ -90,7 +94,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, tr
         os.makedirs(tmp)
     _barrier()
     state = _sharded_state(model_chunks, optimizer, teacher_chunks, with_optimizer=save_optimizer, loading=False)
-    dist_checkpointing.save(state, tmp)
+    dist_checkpointing.save(state, tmp, content_metadata=_conversion_metadata(model_chunks, hf_config))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank():05d}.pt"))
     if _rank() == 0:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -107,6 +111,18 @@ def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, tr
             shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     _barrier()
     return final
+
+
+def _conversion_metadata(model_chunks: list, hf_config: dict | None) -> dict | None:
+    if hf_config is None:
+        return None
+    from megatron_trace.checkpoint.convert import CONVERSION_FORMAT, CONVERSION_VERSION
+
+    config = _unwrap(model_chunks[0]).config
+    return {"format": CONVERSION_FORMAT, "version": CONVERSION_VERSION, "hf_config": dict(hf_config),
+            "tensor_model_parallel_size": config.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
+            "vocab_size": int(hf_config["vocab_size"]), "padded_vocab_size": int(_unwrap(model_chunks[0]).vocab_size)}
 
 
 def _write_latest(ckpt_root: str, name: str) -> None:
@@ -149,6 +165,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks:
     teacher = teacher_chunks if trainer_state.get("has_teacher") else None
     state = _sharded_state(model_chunks, optimizer, teacher, with_optimizer=with_opt, loading=True)
     loaded = dist_checkpointing.load(state, path)
+    loaded.pop("content_metadata", None)
     _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])

@@ -230,7 +230,7 @@ class Trainer:
         return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, state,
                                teacher_chunks=self.teacher.snapshot if self.teacher else None,
                                save_optimizer=self.cfg.checkpoint.save_optimizer,
-                               keep_last=self.cfg.checkpoint.keep_last)
+                               keep_last=self.cfg.checkpoint.keep_last, hf_config=self.hf_config)
 
     def _broadcast(self, obj):
         box = [obj]
