@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Demo (what `make demo` runs until the trainer exists): a tiny random Qwen3 built with transformers is saved as
+# Parity demo: a tiny random Qwen3 built with transformers is saved as
 # an HF checkpoint, loaded into Megatron-Core at tensor parallel 2 (two gloo processes under torchrun), and both
 # models score the same tokenised prompt. Prints the largest |logit difference|; exits non-zero above tolerance.
 #
-#   bash examples/run_demo.sh            # CPU: gloo, fp32, megatron's local layer spec
-#   NPROC=1 bash examples/run_demo.sh    # TP=1 instead
+#   bash examples/run_parity_demo.sh            # CPU: gloo, fp32, megatron's local layer spec
+#   NPROC=1 bash examples/run_parity_demo.sh    # TP=1 instead
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
