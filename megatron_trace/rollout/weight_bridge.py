@@ -8,8 +8,10 @@ default), which groups them into buckets of at most `bucket_bytes` and yields th
 vLLM or the generation server) re-shards for its own TP.
 
 Memory: at any moment the destination holds one bucket plus one parameter in flight, and a stage leader one
-gathered parameter: peak extra memory is max(bucket_bytes, largest parameter) + the largest parameter, never the
-whole model. A parameter larger than the bucket travels alone in its own bucket.
+gathered parameter. A parameter in flight is its gathered TP shards and, briefly beside them, their merged copy
+(the HF tensors are views or same-size copies of it): peak extra memory on the destination is
+max(bucket_bytes, largest parameter) + 2 x the largest parameter, on a stage leader 2 x the largest parameter,
+never the whole model. A parameter larger than the bucket travels alone in its own bucket.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                     shards = [torch.empty_like(local) for _ in range(tp)] if tp_rank == 0 else None
                     dist.gather(local.contiguous(), shards, dst=leader, group=tp_group)
                     full = merge_tp_shards(mname, shards) if tp_rank == 0 else None
+                    # Free the shards now: held until the next parameter's gather they would add a third copy.
+                    del shards
                 else:
                     full = local
                 if full is not None:
