@@ -9,7 +9,7 @@ of its own (one per tied/untied model) and broadcasts the sampled responses back
 them with the Megatron model.
 
 Also here: a bucket smaller than one tensor still carries every tensor, bitwise equal to a one-bucket export;
-the bridge's extra memory is bounded by the bucket plus a few of the largest tensor, whatever the model size
+the bridge's extra memory is bounded by the bucket plus two of the largest parameter, whatever the model size
 (live bytes of every torch allocation made while the generator runs, counted through a dispatch mode); and
 `save_hf_folder` writes exactly the bridge's tensors as a loadable HF folder.
 """
@@ -58,7 +58,8 @@ def _reference_hf_state(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
     def init(name, shape):
         if name.endswith("norm.weight"):
             return 1 + 0.1 * torch.randn(shape, generator=g)
-        return (0.3 if name in ("model.embed_tokens.weight", "lm_head.weight") else 0.08) * torch.randn(shape, generator=g)
+        std = 0.3 if name in ("model.embed_tokens.weight", "lm_head.weight") else 0.08
+        return std * torch.randn(shape, generator=g)
 
     return {name: init(name, shape) for name, shape in hf_param_shapes(Qwen3Dims.from_hf_config(cfg)).items()}
 
