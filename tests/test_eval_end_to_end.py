@@ -1,6 +1,7 @@
 """tools/evaluate.py on a tiny random Qwen3 and a 10-problem fixture, through the real in-process vLLM engine:
 every problem gets k responses sampled with the paper's settings, the verdicts in results.json are the verifier's
-verdicts on the saved responses, and the tables carry avg@k / pass@k with intervals.
+verdicts on the saved responses, and the tables carry avg@k / pass@k with intervals. The same model given as a
+Megatron checkpoint (converted on the fly) samples the same responses.
 """
 
 from __future__ import annotations
@@ -36,11 +37,17 @@ def tiny(tmp_path_factory):
     return make_tiny_qwen3_dir(str(tmp_path_factory.mktemp("eval") / "hf"), seed=3, tied=False)
 
 
-def test_tiny_model_evaluates_end_to_end_through_the_engine(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def hf_eval(tiny, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval") / "hf_eval")
+    _evaluate(tiny, out)
+    return out
+
+
+def test_tiny_model_evaluates_end_to_end_through_the_engine(hf_eval):
     from megatron_trace.rewards import choice_reward, math_reward
 
-    out = str(tmp_path / "eval")
-    _evaluate(tiny, out)
+    out = hf_eval
     report = json.load(open(os.path.join(out, "results.json")))
     assert report["config"]["temperature"] == 0.6 and report["config"]["top_p"] == 0.95
     assert report["config"]["top_k"] == 20 and report["config"]["enable_thinking"] is True
@@ -68,3 +75,16 @@ def test_tiny_model_evaluates_end_to_end_through_the_engine(tiny, tmp_path):
     md = open(os.path.join(out, "results.md")).read()
     assert "| math500 | 10 |" in md and "| gpqa_diamond | 3 |" in md and "**average**" in md
     assert f"avg@{K}" in md and f"pass@{K}" in md
+
+
+def test_a_megatron_checkpoint_is_converted_and_samples_as_its_hf_folder(tiny, hf_eval, tmp_path):
+    """Same weights + same seed = same responses, whether given as the HF folder or as its Megatron conversion."""
+    from megatron_trace.checkpoint.convert import convert_hf_to_megatron
+
+    megatron_dir = str(tmp_path / "megatron")
+    convert_hf_to_megatron(tiny, megatron_dir, 1, 1)
+    _evaluate(megatron_dir, str(tmp_path / "megatron_eval"))
+    hf = [json.loads(l) for l in open(os.path.join(hf_eval, "responses.jsonl"))]
+    mg = [json.loads(l) for l in open(tmp_path / "megatron_eval" / "responses.jsonl")]
+    assert len(hf) == (10 + 3) * K
+    assert [(r["id"], r["text"]) for r in mg] == [(r["id"], r["text"]) for r in hf]
