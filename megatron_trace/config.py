@@ -165,7 +165,6 @@ class TrainConfig:
     mode: Literal["trace", "sft"] = "trace"
     steps: int = 50
     seed: int = 1234
-    eval_every: int = 0  # steps; 0 = off (greedy pass rate on data.eval)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
