@@ -23,7 +23,8 @@ Memory (bytes per GPU, worst pipeline stage):
 - runtime: a fixed per-GPU allowance (CUDA context, NCCL buffers, allocator fragmentation).
 
 Step time (seconds): rollout (decode at memory bandwidth: every step reads the weights and the KV cache),
-teacher (forward of the privileged prompt + response), train (forward + backward [+ recompute]) at a stated model-FLOPs utilisation, weight sync (bf16 weights over NVLink within a node, or the
+teacher (forward of the privileged prompt + response), train (forward + backward [+ recompute]) at a stated
+model-FLOPs utilisation, weight sync (bf16 weights over NVLink within a node, or the
 inter-node network to separate rollout nodes).
 """
 
@@ -128,7 +129,8 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {"config": asdict(self.config), "hardware": asdict(self.hardware), "params_total": self.params_total,
-                "params_rank": self.params_rank, "memory_bytes": self.memory, "rollout_memory_bytes": self.rollout_memory,
+                "params_rank": self.params_rank, "memory_bytes": self.memory,
+                "rollout_memory_bytes": self.rollout_memory,
                 "kv_tokens_per_engine": self.kv_tokens_per_engine, "concurrent_sequences": self.concurrent_sequences,
                 "time_s": self.time, "warnings": self.warnings}
 
@@ -293,7 +295,8 @@ def format_plan(p: Plan) -> str:
     lines += [f"| **total** | **{p.memory['total'] / GIB:.2f}** |", "",
               "| vLLM memory per rollout GPU | GiB |", "|---|---:|"]
     lines += [f"| {k} | {v / GIB:.2f} |" for k, v in p.rollout_memory.items()]
-    lines += ["", f"KV cache: {p.kv_tokens_per_engine:,} tokens per engine -> {p.concurrent_sequences} sequences decoded "
+    lines += ["", f"KV cache: {p.kv_tokens_per_engine:,} tokens per engine -> {p.concurrent_sequences} sequences "
+              "decoded "
               "at once.", "", "| step phase | s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in p.time.items() if k != "total"]
     lines += [f"| **total** | **{p.time['total']:.1f}** |", "",

@@ -77,7 +77,8 @@ def test_build_order_is_vllm_then_extensions_then_source(instructions):
     def index(pattern: str) -> int:
         return next(i for i, (w, r) in enumerate(instructions) if re.search(pattern, f"{w} {r}"))
 
-    vllm, te, apex = index(r"RUN .*vllm=="), index(r"RUN pip install [^&]*\"transformer-engine"), index(r"RUN git clone \S*apex")
+    vllm = index(r"RUN .*vllm==")
+    te, apex = index(r"RUN pip install [^&]*\"transformer-engine"), index(r"RUN git clone \S*apex")
     mcore, first_copy = index(r"RUN .*megatron-core=="), index(r"^COPY ")
     pkg_copy, pkg_install = index(r"^COPY megatron_trace "), index(r"RUN pip install --no-deps \.")
     assert vllm < te and vllm < apex, "TE and Apex must be compiled against the torch vLLM installs"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_trace.eval.benchmarks import (BenchmarkError, load_benchmark, load_benchmark_file,
+from megatron_trace.eval.benchmarks import (BenchmarkError, load_benchmark,
                                             packaged_benchmark_path)
 from megatron_trace.rewards import choice_reward, math_reward
 
@@ -26,7 +26,8 @@ def test_math_jsonl_in_the_math500_layout_loads_ids_problems_and_answers():
 
 @pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])
 def test_other_file_formats_and_column_spellings(tmp_path, suffix):
-    records = [{"ID": "2023-I-1", "Problem": "Find $1+1$.", "Answer": 2}, {"ID": "2023-I-2", "Problem": "x", "Answer": 3}]
+    records = [{"ID": "2023-I-1", "Problem": "Find $1+1$.", "Answer": 2},
+               {"ID": "2023-I-2", "Problem": "x", "Answer": 3}]
     path = tmp_path / f"aime{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(records))
@@ -38,7 +39,8 @@ def test_other_file_formats_and_column_spellings(tmp_path, suffix):
     else:
         path.write_text("ID,Problem,Answer\n2023-I-1,Find $1+1$.,2\n2023-I-2,x,3\n")
     b = load_benchmark("aime24", str(path))
-    assert [(p.id, p.problem, p.answer) for p in b.problems] == [("2023-I-1", "Find $1+1$.", "2"), ("2023-I-2", "x", "3")]
+    assert [(p.id, p.problem, p.answer) for p in b.problems] == [("2023-I-1", "Find $1+1$.", "2"),
+                                                                  ("2023-I-2", "x", "3")]
 
 
 def test_field_map_where_and_limit(tmp_path):
@@ -59,7 +61,8 @@ def test_missing_fields_and_files_name_the_cause(tmp_path):
     with pytest.raises(BenchmarkError, match="unknown benchmark 'mathh'"):
         load_benchmark("mathh", str(path))
     dup = tmp_path / "dup.jsonl"
-    dup.write_text(json.dumps({"id": 1, "problem": "a", "answer": "1"}) + "\n" + json.dumps({"id": 1, "problem": "b", "answer": "2"}))
+    dup.write_text(json.dumps({"id": 1, "problem": "a", "answer": "1"}) + "\n"
+                   + json.dumps({"id": 1, "problem": "b", "answer": "2"}))
     with pytest.raises(BenchmarkError, match="duplicate problem id '1'"):
         load_benchmark("amc23", str(dup))
 

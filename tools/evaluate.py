@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="benchmark (math500, aime24, aime25, amc23, gpqa_diamond), optionally =local file; repeat")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--k", type=int, default=16, help="samples per problem (avg@k)")
-    p.add_argument("--pass-k", type=int, action="append", default=None, help="report pass@K (repeatable; default 1 and k)")
+    p.add_argument("--pass-k", type=int, action="append", default=None,
+                   help="report pass@K (repeatable; default 1 and k)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=20)
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
             from megatron_trace.eval.evaluate import benchmark_prompts
             from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
 
-            longest = max(len(p) for b in benches for p in benchmark_prompts(tokenizer, b, enable_thinking=cfg.enable_thinking))
+            longest = max(len(p) for b in benches
+                          for p in benchmark_prompts(tokenizer, b, enable_thinking=cfg.enable_thinking))
             dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
             engine = VLLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, max_model_len=longest + cfg.max_tokens,
                                              gpu_memory_utilization=args.gpu_memory_utilization,

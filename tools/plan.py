@@ -29,7 +29,8 @@ def config_from_trainer_yaml(path: str) -> dict:
 
     cfg = load_config(path)
     hf = cfg.model.hf_config
-    return dict(model=hf, tp=cfg.parallel.tp, pp=cfg.parallel.pp, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    return dict(model=hf, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                 bf16=cfg.model.bf16, recompute=cfg.model.recompute, prompts_per_step=cfg.rollout.prompts_per_step,
                 group_size=cfg.rollout.group_size, response_len=cfg.rollout.max_response_tokens,
                 prompt_len=max(1, cfg.rollout.max_model_len - cfg.rollout.max_response_tokens) // 2,
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     for f in dataclasses.fields(PlanConfig):
         if args.get(f.name) is not None:
             values[f.name] = None if (f.name == "recompute" and args[f.name] == "none") else args[f.name]
-    hw_values = {f.name: args["hw_" + f.name] for f in dataclasses.fields(Hardware) if args.get("hw_" + f.name) is not None}
+    hw_values = {f.name: args["hw_" + f.name] for f in dataclasses.fields(Hardware)
+                 if args.get("hw_" + f.name) is not None}
     try:
         result = plan(PlanConfig(**values), Hardware(**hw_values))
     except (ValueError, FileNotFoundError) as e:

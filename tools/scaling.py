@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--last-n", type=int, default=5, help="collect: steps averaged for the summary table")
     args = p.parse_args(argv)
 
-    from megatron_trace.eval.scaling import GridError, collect, load_grid, run_command, run_local, sbatch_script, _shell
+    from megatron_trace.eval.scaling import (GridError, collect, load_grid, run_command, run_local, sbatch_script,
+                                             shell_join)
 
     try:
         grid = load_grid(args.grid, output_dir=args.output_dir)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         return 2
     if args.command == "print":
         for run in grid.runs:
-            print(f"# {run.name}\n{_shell(run_command(grid, run, multinode=grid.nnodes > 1))}")
+            print(f"# {run.name}\n{shell_join(run_command(grid, run, multinode=grid.nnodes > 1))}")
         return 0
     if args.command == "run":
         results = run_local(grid, steps_done_ok=not args.rerun)

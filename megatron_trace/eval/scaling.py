@@ -31,8 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ROUTES", "SERIES", "GridError", "Run", "Grid", "load_grid", "run_command", "sbatch_script",
-           "read_metrics", "collect"]
+__all__ = ["ROUTES", "SERIES", "GridError", "Run", "Grid", "load_grid", "run_command", "shell_join",
+           "sbatch_script", "run_local", "read_metrics", "collect"]
 
 ROUTES: dict[str, dict[str, Any]] = {
     "grpo": {"loss.mode": "grpo"},
@@ -162,7 +162,7 @@ def run_command(grid: Grid, run: Run, *, master_port: int | None = None, multino
     return cmd + ["-m", "megatron_trace.train", "--config", grid.base_config, *run.overrides]
 
 
-def _shell(argv: list[str]) -> str:
+def shell_join(argv: list[str]) -> str:
     # $VARS stay expandable in the generated script; everything else is quoted.
     return " ".join(a if a.startswith("$") else shlex.quote(a) for a in argv)
 
@@ -185,7 +185,7 @@ def sbatch_script(grid: Grid) -> str:
     for i, run in enumerate(grid.runs):
         cmd = run_command(grid, run, master_port=29500 + i % 1000, multinode=True)
         cmd[0] = s.get("python", "python")  # the cluster's interpreter (this machine's path means nothing there)
-        inner = _shell(cmd).replace("$NODE_RANK", "$SLURM_NODEID").replace("$MASTER_ADDR", '"$MASTER_ADDR"')
+        inner = shell_join(cmd).replace("$NODE_RANK", "$SLURM_NODEID").replace("$MASTER_ADDR", '"$MASTER_ADDR"')
         lines.append(f"  {i}) srun --kill-on-bad-exit=1 bash -c {shlex.quote(inner)} ;;  # {run.name}")
     lines += ['  *) echo "no run for task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', "esac", ""]
     return "\n".join(lines)
@@ -202,7 +202,7 @@ def run_local(grid: Grid, *, steps_done_ok: bool = True, env: dict | None = None
             results.append((run, 0))
             continue
         cmd = run_command(grid, run)
-        log(f"[{i + 1}/{len(grid.runs)}] {run.name}: {_shell(cmd)}")
+        log(f"[{i + 1}/{len(grid.runs)}] {run.name}: {shell_join(cmd)}")
         with open(os.path.join(run.output_dir, "train.log"), "w") as out:
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         if rc:
