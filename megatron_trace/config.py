@@ -108,10 +108,16 @@ class TeacherConfig:
     # 1 = the live weights (no extra memory); N > 1 = a frozen snapshot refreshed every N steps.
     refresh_steps: int = 1
     sparse_output: bool = True  # run the output layer on span rows only
+    # Teacher logits ([span rows, vocab/tp]) are computed and held for this many micro-batches at a time, each
+    # group followed by its student forward/backward; 0 = the whole local batch at once (fewest pipeline
+    # flushes under PP, most memory).
+    microbatches_per_pass: int = 4
 
     def __post_init__(self) -> None:
         if self.refresh_steps < 1:
             raise ConfigError(f"refresh_steps: must be >= 1, got {self.refresh_steps}")
+        if self.microbatches_per_pass < 0:
+            raise ConfigError(f"microbatches_per_pass: must be >= 0, got {self.microbatches_per_pass}")
 
 
 @dataclass

@@ -57,7 +57,7 @@ def _samples():
     return out
 
 
-def _update(rank, world_size, hf_dir, tp, pp, mbs):
+def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass):
     from megatron_trace.config import load_config
     from megatron_trace.rollout.weight_bridge import export_hf_buckets
     from megatron_trace.train.trainer import Trainer
@@ -67,7 +67,8 @@ def _update(rank, world_size, hf_dir, tp, pp, mbs):
                              "annotate.annotator=reference_match", f"loss.w0={W0}", f"loss.kl_clip={KL_CLIP}",
                              "loss.eps_low=0.2", "loss.eps_high=0.28", "optim.lr=0.01", "optim.clip_grad=100.0",
                              "optim.adam_eps=0.01",  # Adam step 1 is lr*g/(|g|+eps): keep it smooth in g
-                             f"optim.micro_batch_size={mbs}", "checkpoint.resume=none",
+                             f"optim.micro_batch_size={mbs}", f"teacher.microbatches_per_pass={per_pass}",
+                             "checkpoint.resume=none",
                              f"logging.output_dir=/tmp/trace_step_{world_size}", "logging.tensorboard=false"])
     trainer = Trainer(cfg, start_rollout=False)
     metrics = trainer.update(_samples(), KL_WEIGHT)
@@ -85,12 +86,14 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(hf_dir):
-    return run_distributed(_update, 1, hf_dir, 1, 1, 4, init_gloo=False, timeout=300)[0]
+    # All micro-batches' teacher logits at once (2 micro-batches).
+    return run_distributed(_update, 1, hf_dir, 1, 1, 4, 0, init_gloo=False, timeout=300)[0]
 
 
 @pytest.fixture(scope="module")
 def tp2_pp2(hf_dir):
-    return run_distributed(_update, 4, hf_dir, 2, 2, 2, init_gloo=False, timeout=400)[0]
+    # 3 micro-batches, teacher logits one micro-batch at a time (the DP all-reduce after the last group only).
+    return run_distributed(_update, 4, hf_dir, 2, 2, 2, 1, init_gloo=False, timeout=400)[0]
 
 
 def _reference_loss(hf_dir: str) -> dict:

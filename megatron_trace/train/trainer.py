@@ -281,18 +281,21 @@ class Trainer:
         local = split_for_data_parallel(samples, lay.dp, lay.dp_rank)
         mbs = build_microbatches(local, micro_batch_size=cfg.optim.micro_batch_size, seq_length=seq_length,
                                  teacher_seq_length=teacher_seq, pad_id=self.pad_id)
+        prepare = None
         if with_teacher:
             self.teacher.maybe_refresh(self.step)
-            with self.timer("teacher"):
-                for mb, logits in zip(mbs, self.teacher.logits(
-                        mbs, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
-                    if logits is not None:
-                        mb["teacher_logits"] = self._mask_vocab_padding(logits)
+
+            def prepare(group: list[dict]) -> None:
+                with self.timer("teacher"):
+                    for mb, logits in zip(group, self.teacher.logits(
+                            group, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
+                        if logits is not None:
+                            mb["teacher_logits"] = self._mask_vocab_padding(logits)
         num_tokens = float(sum(len(s.response_ids) for s in samples))
         loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, num_tokens,
                                        float(len(samples)))
-        with self.timer("train"):
-            metrics = self._forward_backward_step(mbs, loss_fn, seq_length)
+        metrics = self._forward_backward_step(mbs, loss_fn, seq_length, prepare=prepare,
+                                              group_size=cfg.teacher.microbatches_per_pass)
         if metrics["tokens"] > 0:
             self.exposure.update(kl_weight if with_teacher else 0.0, metrics["span_tokens"], metrics["tokens"])
         return metrics
@@ -339,11 +342,34 @@ class Trainer:
 
         return loss_fn
 
-    def _forward_backward_step(self, mbs: list[dict], loss_fn, seq_length: int) -> dict:
+    def _forward_backward_step(self, mbs: list[dict], loss_fn, seq_length: int, *, prepare=None,
+                               group_size: int = 0) -> dict:
+        """Zero grads, forward/backward over `mbs`, optimizer step; returns the reduced metrics.
+
+        With `prepare` (the teacher pass), micro-batches go in groups of `group_size` (0 = all at once): each
+        group gets its teacher logits, then its student forward/backward, then drops the teacher logits, so at
+        most one group's `[rows, vocab/tp]` teacher logits are alive. Gradients accumulate across the groups;
+        megatron's finalize (the DP all-reduce) runs after the last group only.
+        """
         zero_grad(self.model, self.optimizer)
-        out = forward_backward(self.model, mbs, loss_fn, seq_length=seq_length,
-                               micro_batch_size=self.cfg.optim.micro_batch_size)
-        ok, grad_norm, _ = optimizer_step(self.optimizer)
+        size = group_size if (prepare is not None and group_size > 0) else len(mbs)
+        groups = [mbs[i:i + size] for i in range(0, len(mbs), size)]
+        finalize = self.tcfg.finalize_model_grads_func
+        out = []
+        try:
+            for index, group in enumerate(groups):
+                if prepare is not None:
+                    prepare(group)
+                self.tcfg.finalize_model_grads_func = finalize if index == len(groups) - 1 else None
+                with self.timer("train"):
+                    out += forward_backward(self.model, group, loss_fn, seq_length=seq_length,
+                                            micro_batch_size=self.cfg.optim.micro_batch_size)
+                for mb in group:
+                    mb.pop("teacher_logits", None)
+        finally:
+            self.tcfg.finalize_model_grads_func = finalize
+        with self.timer("train"):
+            ok, grad_norm, _ = optimizer_step(self.optimizer)
         sums = self._reduce_sums(out)
         metrics = dict(sums)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -409,8 +435,7 @@ class Trainer:
                                       "entropy_sum": float(stats.entropy.detach().sum()),
                                       "loss": float(nll.detach()) / num_tokens}
 
-        with self.timer("train"):
-            metrics = self._forward_backward_step(mbs, loss_fn, seq_length)
+        metrics = self._forward_backward_step(mbs, loss_fn, seq_length)
         metrics.update(self.timer.pop())
         return {k: metrics[k] for k in ("loss", "nll", "entropy", "grad_norm", "tokens", "time/train")}
 
