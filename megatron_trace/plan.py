@@ -15,8 +15,9 @@ Memory (bytes per GPU, worst pipeline stage):
   rows only (mbs x response_len): the padding-masked copy the loss reads and its gradient (compute dtype) and
   the loss's fp32 scratch (`LOSS_WORKSPACE_BUFFERS` x min(rows, chunk_rows) x V/tp).
 - teacher logits (span-sparse): the teacher's output layer runs on span rows only; rows = this rank's
-  responses (or one micro-batch's, see `teacher_logits_scope`) x response_len x span_fraction, fp32, held from
-  the teacher pass to the student's backward.
+  responses (or `teacher_microbatches_per_pass` micro-batches' at a time, as the trainer's
+  `teacher.microbatches_per_pass` does) x response_len x span_fraction, fp32, held from the teacher pass to the
+  student's backward.
 - teacher snapshot: a copy of the rank's weights when the teacher is refreshed less often than every step.
 - vLLM (colocated or on separate nodes): the engine reserves gpu_memory_utilization x GPU memory for its weights
   (bf16, / rollout_tp) and KV cache (the rest); the planner reports how many concurrent sequences fit.
@@ -84,9 +85,9 @@ class PlanConfig:
     flash_attention: bool = True  # fused attention (TE/flash): no [heads, s, s] scores kept; False on CPU
     span_fraction: float = 0.25  # annotator coverage cap: share of response tokens with teacher logits
     teacher_refresh_steps: int = 1  # 1 = live weights (no snapshot)
-    # "batch": the teacher's span logits of all of a rank's micro-batches are held until the student pass (what
-    # train/trainer.py does today); "microbatch": one micro-batch's at a time (teacher pass interleaved).
-    teacher_logits_scope: Literal["batch", "microbatch"] = "batch"
+    # The trainer's teacher.microbatches_per_pass: teacher span logits are held for this many micro-batches at a
+    # time, each group followed by its student pass; 0 = all of a rank's micro-batches at once.
+    teacher_microbatches_per_pass: int = 0
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node", "tp", "pp", "prompts_per_step", "group_size", "prompt_len",
@@ -220,7 +221,8 @@ def plan(cfg: PlanConfig, hw: Hardware | None = None) -> Plan:
     rows = cfg.micro_batch_size * cfg.response_len
     mem["student_logits"] = vocab_rank * (mb_tokens * abytes + rows * 2 * abytes
                                           + LOSS_WORKSPACE_BUFFERS * min(rows, LOSS_CHUNK_ROWS) * 4)
-    held = local_seqs if cfg.teacher_logits_scope == "batch" else min(local_seqs, cfg.micro_batch_size)
+    per_pass = cfg.teacher_microbatches_per_pass
+    held = local_seqs if per_pass == 0 else min(local_seqs, per_pass * cfg.micro_batch_size)
     span_rows = held * cfg.response_len * cfg.span_fraction
     mem["teacher_logits"] = span_rows * vocab_rank * 4
     mem["teacher_snapshot"] = mem["weights"] if cfg.teacher_refresh_steps > 1 else 0.0

@@ -61,7 +61,7 @@ def test_layouts_that_cannot_fit_are_flagged():
     assert any("does not fit" in w for w in p.warnings)
     assert p.memory["total"] > 79 * GIB
     ok = plan(PlanConfig(model="qwen3-0.6b", nodes=1, gpus_per_node=8, tp=1, prompts_per_step=16, group_size=4,
-                         response_len=1024, teacher_logits_scope="microbatch"))
+                         response_len=1024, teacher_microbatches_per_pass=1))
     assert not any("does not fit" in w for w in ok.warnings), ok.warnings
     with pytest.raises(ValueError, match="does not divide"):
         PlanConfig(nodes=1, gpus_per_node=8, tp=3)
@@ -153,7 +153,7 @@ def test_cli_prints_the_plan_and_fails_when_it_does_not_fit(tmp_path):
     out = tmp_path / "plan.json"
     ok = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan.py"), "--model", "qwen3-0.6b", "--tp", "1",
                          "--prompts-per-step", "16", "--group-size", "4", "--response-len", "1024",
-                         "--teacher-logits-scope", "microbatch", "--json", str(out)], capture_output=True, text=True)
+                         "--teacher-microbatches-per-pass", "1", "--json", str(out)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "| weights |" in ok.stdout and "| rollout |" in ok.stdout
     data = json.loads(out.read_text())

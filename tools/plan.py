@@ -36,6 +36,7 @@ def config_from_trainer_yaml(path: str) -> dict:
                 prompt_len=max(1, cfg.rollout.max_model_len - cfg.rollout.max_response_tokens) // 2,
                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                 micro_batch_size=cfg.optim.micro_batch_size, teacher_refresh_steps=cfg.teacher.refresh_steps,
+                teacher_microbatches_per_pass=cfg.teacher.microbatches_per_pass,
                 span_fraction=cfg.annotate.spans.coverage_cap)
 
 
