@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import httpx
 
@@ -27,6 +27,13 @@ _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG; Linux)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,36 +41,58 @@ def _free_port() -> int:
 
 
 class ManagedServer:
-    """A generation server child process and its client; a `GenerationEngine` (generate, update_weights)."""
+    """A generation server child process and its client; a `GenerationEngine` (generate, update_weights).
 
-    def __init__(self, model_dir: str, *, log_path: str, token_env: str, dtype: str, max_model_len: int,
-                 kv_cache_memory_bytes: int | None, gpu_memory_utilization: float, seed: int,
-                 start_timeout_s: float):
+    The trainer passes its rollout settings; tests and benchmarks also use: token (this bearer token instead of
+    the one in $token_env or a fresh one), extra_args (more `serve_rollout.py` flags, e.g. size limits),
+    extra_env (variables for the child only, e.g. OMP_NUM_THREADS), die_with_parent (the child gets SIGTERM when
+    the process that started it dies, so a killed test or benchmark leaves no server behind; Linux). Arguments
+    left at None are left to the server's own defaults. Also a context manager (close() on exit).
+    """
+
+    def __init__(self, model_dir: str, *, log_path: str, token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN",
+                 dtype: str | None = None, max_model_len: int | None = None,
+                 kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float | None = None,
+                 seed: int | None = None, start_timeout_s: float = 300.0, token: str | None = None,
+                 extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
+                 die_with_parent: bool = False):
         from megatron_trace.rollout.client import RolloutClient
 
-        token = os.environ.get(token_env) or secrets.token_hex(16)
+        token = token or os.environ.get(token_env) or secrets.token_hex(16)
         # The client reads the token from this variable; the child inherits it.
         os.environ[token_env] = token
         env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+        env.update(extra_env or {})
         self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, os.path.join(_REPO_ROOT, "tools", "serve_rollout.py"), "--model", model_dir,
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype, "--max-model-len",
-               str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
-               "--token-env", token_env]
+               "--host", "127.0.0.1", "--port", str(self.port), "--token-env", token_env]
+        for flag, value in (("--dtype", dtype), ("--max-model-len", max_model_len),
+                            ("--gpu-memory-utilization", gpu_memory_utilization), ("--seed", seed)):
+            if value is not None:
+                cmd += [flag, str(value)]
         if kv_cache_memory_bytes:
             cmd += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
+        cmd += [str(a) for a in extra_args]
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.client = RolloutClient(base_url=f"http://127.0.0.1:{self.port}", token_env=token_env)
+                                     start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None)
+        self.client = RolloutClient(base_url=self.url, token_env=token_env)
         self._wait_ready(start_timeout_s)
+
+    def __enter__(self) -> "ManagedServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.close()
                 raise RuntimeError(f"the generation server exited with code {self.proc.returncode} during "
                                    f"start-up; last lines of {self.log_path}:\n{self._tail()}")
             try:  # a bare probe: the client's retry logging would flood the log during start-up
@@ -90,6 +119,7 @@ class ManagedServer:
         return self.client.update_weights(buckets)
 
     def close(self) -> None:
+        """Stop the server (SIGTERM to its process group, SIGKILL after 30 s); idempotent."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
