@@ -57,6 +57,7 @@ class ScriptedServer:
 
     def __init__(self, script):
         self.requests = []
+        self.headers = []
         self.in_flight = 0
         self.max_in_flight = 0
         lock = threading.Lock()
@@ -67,6 +68,7 @@ class ScriptedServer:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with lock:
                     outer.requests.append((self.command, self.path))
+                    outer.headers.append(dict(self.headers))
                     k = len(outer.requests)
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
@@ -181,6 +183,128 @@ def test_pushing_weights_without_a_token_names_the_variable(monkeypatch):
                 c.update_weights([[("w", torch.zeros(2))]])
     finally:
         srv.close()
+
+
+class WeightServer:
+    """The weight routes of a scripted server: version 4 serving, buckets staged, the commit applies version 5.
+    `fail` maps a request number (1-based, /version calls included) to an error status."""
+
+    def __init__(self, fail=None, on_request=None):
+        self.version, self.fail, self.on_request = 4, fail or {}, on_request or (lambda path: None)
+        self.srv = ScriptedServer(self.script)
+
+    def script(self, method, path, body, k):
+        self.on_request(path)
+        if path == "/version":
+            return 200, {"weight_version": self.version}, 0
+        if k in self.fail:
+            return self.fail[k], {"error": {"message": "scripted failure"}}, 0
+        if path == "/weights/commit":
+            self.version = 5
+            return 200, {"status": "applied", "weight_version": 5}, 0
+        return 200, {"status": "staged", "weight_version": self.version, "received": 1}, 0
+
+    def weight_requests(self):
+        return [(p, h) for (_, p), h in zip(self.srv.requests, self.srv.headers) if p.startswith("/weights")]
+
+
+def test_weights_stream_one_bucket_at_a_time_from_a_generator_then_a_commit_carries_the_count(monkeypatch):
+    import gc
+    import weakref
+
+    import torch
+
+    monkeypatch.setenv("TRACE_TEST_TOKEN", "t0k")
+    n = 4
+    produced = []  # how many buckets the generator had produced when each weight request arrived
+    dead_before = []  # for each bucket produced: were all earlier buckets' tensors already freed?
+    refs = []
+
+    def buckets():
+        for i in range(n):
+            gc.collect()
+            dead_before.append(all(r() is None for r in refs))
+            t = torch.full((1000,), float(i))
+            refs.append(weakref.ref(t))
+            yield [(f"w{i}", t)]
+            del t  # the generator itself keeps no reference once resumed
+
+    ws = WeightServer(on_request=lambda path: produced.append(len(refs)) if path.startswith("/weights") else None)
+    try:
+        with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
+            assert c.update_weights(buckets()) == 5
+        reqs = ws.weight_requests()
+        assert [p for p, _ in reqs] == ["/weights"] * n + ["/weights/commit"]
+        assert produced == [1, 2, 3, 4, 4]  # bucket i was sent before bucket i + 1 was asked for
+        assert dead_before == [True] * n  # and the client kept nothing of it: one bucket alive at a time
+        for i, (_, h) in enumerate(reqs[:n]):
+            assert h["X-Bucket-Index"] == str(i) and h["X-Weight-Version"] == "5" and "X-Bucket-Count" not in h
+            assert h["Authorization"] == "Bearer t0k" and len(h["X-Bucket-Sha256"]) == 64
+        h = reqs[-1][1]
+        assert h["X-Bucket-Count"] == str(n) and h["X-Weight-Version"] == "5" and "X-Bucket-Index" not in h
+    finally:
+        ws.srv.close()
+
+
+def test_a_lost_commit_answer_whose_retry_gets_409_returns_the_applied_version(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TRACE_TEST_TOKEN", "t0k")
+
+    def script(method, path, body, k):
+        if path == "/version":
+            return 200, {"weight_version": state["version"]}, 0
+        if path == "/weights/commit":
+            state["commits"] += 1
+            state["version"] = 5  # applied; the first answer arrives after the client's timeout
+            if state["commits"] == 1:
+                return 200, {"status": "applied", "weight_version": 5}, 1.0
+            return 409, {"error": {"message": "target version 5 must exceed the serving version 5"}}, 0
+        return 200, {"status": "staged"}, 0
+
+    state = {"version": 4, "commits": 0}
+    srv = ScriptedServer(script)
+    try:
+        with fast_client(srv.url, retries=2, token_env="TRACE_TEST_TOKEN", weight_timeout_s=0.3) as c:
+            assert c.update_weights([[("w", torch.zeros(2))], [("v", torch.zeros(3))]]) == 5
+        assert state["commits"] == 2
+    finally:
+        srv.close()
+
+
+def test_a_failed_bucket_stops_the_push_but_the_generator_is_drained_and_nothing_is_committed(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TRACE_TEST_TOKEN", "t0k")
+    produced = []
+
+    def buckets():  # stands in for the bridge's collective generator, which every rank must run to its end
+        for i in range(5):
+            produced.append(i)
+            yield [(f"w{i}", torch.zeros(3))]
+
+    ws = WeightServer(fail={3: 422})  # request 1 = /version, 2 = bucket 0, 3 = bucket 1
+    try:
+        with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
+            with pytest.raises(RolloutServerError, match="HTTP 422: scripted failure"):
+                c.update_weights(buckets())
+        assert produced == [0, 1, 2, 3, 4]
+        assert [p for p, _ in ws.weight_requests()] == ["/weights"] * 2
+        assert ws.version == 4
+    finally:
+        ws.srv.close()
+
+
+def test_an_empty_update_is_refused_without_a_commit(monkeypatch):
+    monkeypatch.setenv("TRACE_TEST_TOKEN", "t0k")
+    ws = WeightServer()
+    try:
+        with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
+            with pytest.raises(ValueError, match="at least one bucket"):
+                c.update_weights(iter([]))
+        assert ws.weight_requests() == []
+    finally:
+        ws.srv.close()
 
 
 def test_bad_client_config_names_the_field():

@@ -4,11 +4,8 @@ raw HTTP; transformers' Qwen3 is the reference. One server process serves the wh
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
+import gc
+import weakref
 
 import httpx
 import pytest
@@ -17,11 +14,11 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
-from dist_harness import free_port  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_hf_model import make_tiny_qwen3_dir  # noqa: E402
 
-from megatron_trace.rollout.client import ClientConfig, RolloutClient, RolloutServerError  # noqa: E402
+from megatron_trace.rollout.client import ClientConfig, RolloutClient  # noqa: E402
+from megatron_trace.rollout.launch import ManagedServer  # noqa: E402
 from megatron_trace.rollout.types import SamplingConfig  # noqa: E402
 from megatron_trace.rollout.weight_buckets import (  # noqa: E402
     CHECKSUM_HEADER, COUNT_HEADER, INDEX_HEADER, VERSION_HEADER, encode_bucket,
@@ -30,14 +27,6 @@ from megatron_trace.rollout.weight_buckets import (  # noqa: E402
 TOKEN = "test-token-5f1c"
 TOKEN_ENV = "TRACE_TEST_ROLLOUT_TOKEN"
 PROMPTS = [[9707, 11, 1879, 0, 3555], [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if this process dies, so a killed run leaves no server behind."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
 
 
 @pytest.fixture(scope="module")
@@ -54,40 +43,13 @@ def hf(models):
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    env = {**os.environ, TOKEN_ENV: TOKEN, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", models["a"], "--port", str(port),
-         "--max-model-len", "256", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV,
-         "--max-request-bytes", str(1 << 20)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent, cwd=REPO,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server not healthy after 180 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+def server(models, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv(TOKEN_ENV, TOKEN)  # ManagedServer sets it too; this undoes it after the module
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ManagedServer(models["a"], log_path=str(log), token_env=TOKEN_ENV, token=TOKEN, max_model_len=256,
+                       kv_cache_memory_bytes=64 << 20, extra_args=["--max-request-bytes", str(1 << 20)],
+                       extra_env={"OMP_NUM_THREADS": "1"}, start_timeout_s=180, die_with_parent=True) as managed:
+        yield managed.url
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +94,18 @@ def assert_serves(client, hf_model, n_new=8):
     return out
 
 
-def push(server, version, index, count, data, digest, token=TOKEN):
-    headers = {VERSION_HEADER: str(version), INDEX_HEADER: str(index), COUNT_HEADER: str(count),
-               CHECKSUM_HEADER: digest}
+def push(server, version, index, data, digest, token=TOKEN):
+    """One bucket over raw HTTP."""
+    headers = {VERSION_HEADER: str(version), INDEX_HEADER: str(index), CHECKSUM_HEADER: digest}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.post(server + "/weights", content=data, headers=headers, timeout=60)
+
+
+def commit(server, version, count):
+    """The last request of an update over raw HTTP: apply buckets 0..count-1."""
+    headers = {VERSION_HEADER: str(version), COUNT_HEADER: str(count), "Authorization": f"Bearer {TOKEN}"}
+    return httpx.post(server + "/weights/commit", headers=headers, timeout=60)
 
 
 def test_generate_then_push_weights_over_http_then_generate_the_new_model(client, models, hf):
@@ -169,8 +137,10 @@ def test_weight_route_needs_the_bearer_token(server, models, client):
     v = client.version()
     data, digest = encode_bucket(buckets_of(models["b"])[0])
     for token in (None, "wrong-token"):
-        r = push(server, v + 1, 0, 1, data, digest, token=token)
+        r = push(server, v + 1, 0, data, digest, token=token)
         assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
+    r = httpx.post(server + "/weights/commit", headers={VERSION_HEADER: str(v + 1), COUNT_HEADER: "1"}, timeout=10)
+    assert r.status_code == 401
     r = httpx.post(server + "/sleep", timeout=10)
     assert r.status_code == 401
     assert client.version() == v
@@ -179,25 +149,99 @@ def test_weight_route_needs_the_bearer_token(server, models, client):
 def test_a_corrupted_bucket_is_rejected_and_old_weights_keep_serving(server, client, models, hf):
     client.update_weights(buckets_of(models["a"]))
     v = client.version()
-    buckets = buckets_of(models["b"])
-    encoded = [encode_bucket(b) for b in buckets]
+    encoded = [encode_bucket(b) for b in buckets_of(models["b"])]
     n = len(encoded)
-    assert push(server, v + 1, 0, n, *encoded[0]).json()["status"] == "staged"
+    assert push(server, v + 1, 0, *encoded[0]).json()["status"] == "staged"
     data, digest = encoded[1]
     corrupted = data[:-1] + bytes([data[-1] ^ 0xFF])  # one flipped byte in the tensor data
-    r = push(server, v + 1, 1, n, corrupted, digest)
+    r = push(server, v + 1, 1, corrupted, digest)
     assert r.status_code == 422 and "checksum mismatch" in r.json()["error"]["message"]
-    for i in range(2, n):  # the rest arrive fine, but the update was discarded: it never completes
-        assert push(server, v + 1, i, n, *encoded[i]).json()["status"] == "staged"
+    # the update was discarded: later buckets and the commit find nothing to continue
+    r = push(server, v + 1, 2, *encoded[2])
+    assert r.status_code == 409 and "starts with bucket 0" in r.json()["error"]["message"]
+    r = commit(server, v + 1, n)
+    assert r.status_code == 409 and "staged update is none" in r.json()["error"]["message"]
     # a well-formed bucket with a tensor the model does not have is rejected as well
     bad = encode_bucket([("model.layers.7.mlp.up_proj.weight", torch.zeros(256, 128))])
-    r = push(server, v + 1, 0, n, *bad)
+    r = push(server, v + 1, 0, *bad)
     assert r.status_code == 422 and "unknown weight" in r.json()["error"]["message"]
     assert client.version() == v
     assert_serves(client, hf["a"])
     # a stale target version is refused
-    r = push(server, v, 0, n, *encoded[0])
+    r = push(server, v, 0, *encoded[0])
     assert r.status_code == 409 and "must exceed" in r.json()["error"]["message"]
+
+
+def test_an_update_is_applied_only_by_a_commit_of_exactly_its_buckets(server, client, models, hf):
+    client.update_weights(buckets_of(models["a"]))
+    v = client.version()
+    encoded = [encode_bucket(b) for b in buckets_of(models["b"])]
+    n = len(encoded)
+    for i, e in enumerate(encoded):  # every bucket arrives, the commit never does: nothing changes
+        assert push(server, v + 1, i, *e).json() == {"status": "staged", "weight_version": v, "received": i + 1}
+    assert client.version() == v
+    assert_serves(client, hf["a"])
+    r = commit(server, v + 1, n + 1)  # a count that does not match what arrived discards the update
+    assert r.status_code == 409 and f"{n} are staged" in r.json()["error"]["message"]
+    assert commit(server, v + 1, n).status_code == 409
+    # a gap (bucket 2 right after bucket 0) discards it too
+    assert push(server, v + 1, 0, *encoded[0]).status_code == 200
+    r = push(server, v + 1, 2, *encoded[2])
+    assert r.status_code == 409 and "in order" in r.json()["error"]["message"]
+    assert push(server, v + 1, 1, *encoded[1]).status_code == 409
+    # a request of the old protocol (the count on every bucket) is refused, naming the change
+    r = httpx.post(server + "/weights", content=encoded[0][0], timeout=60,
+                   headers={VERSION_HEADER: str(v + 1), INDEX_HEADER: "0", COUNT_HEADER: str(n),
+                            CHECKSUM_HEADER: encoded[0][1], "Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400 and "/weights/commit" in r.json()["error"]["message"]
+    assert client.version() == v
+    # leftovers of an abandoned push (no commit) do not block the next update: bucket 0 starts afresh
+    for i in range(n - 1):
+        assert push(server, v + 1, i, *encoded[i]).status_code == 200
+    assert push(server, v + 1, 0, *encoded[0]).json()["received"] == 1
+    for i in range(1, n):  # with a retried bucket, which replaces itself
+        assert push(server, v + 1, i, *encoded[i]).status_code == 200
+    assert push(server, v + 1, 1, *encoded[1]).json()["received"] == n
+    assert commit(server, v + 1, n).json() == {"status": "applied", "weight_version": v + 1, "count": n}
+    assert client.version() == v + 1
+    assert_serves(client, hf["b"])
+
+
+def test_the_client_streams_a_generator_one_bucket_at_a_time(server, client, models, hf):
+    client.update_weights(buckets_of(models["a"]))
+    v = client.version()
+    source = buckets_of(models["b"], size=3)
+    refs = []  # weak references to the tensors of every bucket produced so far
+    log = []  # (request path, buckets produced when it was sent, buckets produced before still alive)
+
+    def produce():
+        for bucket in source:
+            yield [(name, t.clone()) for name, t in bucket]  # fresh tensors, referenced only by the client
+
+    def tracked():
+        for b in produce():
+            refs.append([weakref.ref(t) for _, t in b])
+            yield b
+            del b
+
+    send = client._request
+
+    def recording(method, path, **kw):
+        if path.startswith("/weights"):
+            gc.collect()
+            log.append((path, len(refs), sum(any(r() is not None for r in rs) for rs in refs[:-1])))
+        return send(method, path, **kw)
+
+    client._request = recording
+    try:
+        assert client.update_weights(tracked()) == v + 1
+    finally:
+        del client._request
+    n = len(source)
+    assert [p for p, _, _ in log] == ["/weights"] * n + ["/weights/commit"]
+    assert [k for _, k, _ in log] == list(range(1, n + 1)) + [n]  # bucket i went before bucket i + 1 was made
+    assert all(alive == 0 for _, _, alive in log)  # and nothing of earlier buckets was kept alive
+    assert_serves(client, hf["b"])
 
 
 def test_bad_requests_get_clear_json_errors(server):

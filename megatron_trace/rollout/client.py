@@ -171,31 +171,43 @@ class RolloutClient:
     def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int | None = None) -> int:
         """Push a complete update (HF-named full tensors in buckets); returns the server's new weight version.
 
-        Each bucket goes as safetensors bytes with its SHA-256; the server applies the update only when every
-        bucket has arrived and verified. A retried bucket simply replaces itself. version: target version
-        (default: serving version + 1). The bucket count goes in every request, so an iterator is listed first
-        (tensors are referenced, not copied; each is serialized only when its bucket is sent).
+        Streamed: each bucket is serialized and sent (safetensors bytes with its SHA-256) as the iterable produces
+        it, and dropped before the next one is asked for, so a generator such as the weight bridge's
+        `export_hf_buckets` keeps its memory bound (one bucket alive here at a time). After the last bucket a
+        commit carrying the bucket count makes the server validate and apply the update; it applies nothing
+        unless every bucket 0..count-1 arrived and verified. A retried bucket replaces itself.
+        version: target version (default: serving version + 1).
+
+        The iterable is always consumed to its end, also when the push fails (then the error is raised after
+        draining it): the bridge's generator is collective, and the other trainer ranks are iterating it too.
         """
-        buckets = list(buckets)
-        if not buckets:
-            raise ValueError("update_weights needs at least one bucket")
-        target = self.version() + 1 if version is None else int(version)
-        auth = self._auth()
-        out: dict[str, Any] = {}
-        for i, bucket in enumerate(buckets):
-            data, digest = encode_bucket(bucket)
-            headers = {**auth, "Content-Type": "application/octet-stream", VERSION_HEADER: str(target),
-                       INDEX_HEADER: str(i), COUNT_HEADER: str(len(buckets)), CHECKSUM_HEADER: digest}
+        it = iter(buckets)
+        try:
+            target = self.version() + 1 if version is None else int(version)
+            headers = {**self._auth(), "Content-Type": "application/octet-stream", VERSION_HEADER: str(target)}
+            count = 0
+            for bucket in it:
+                data, digest = encode_bucket(bucket)
+                del bucket  # the serialized bytes are all that is needed from here on
+                self._request("POST", "/weights", body=data, timeout=self.cfg.weight_timeout_s,
+                              headers={**headers, INDEX_HEADER: str(count), CHECKSUM_HEADER: digest})
+                del data  # before the next bucket is produced
+                count += 1
+            if count == 0:
+                raise ValueError("update_weights needs at least one bucket")
             try:
-                out = self._request("POST", "/weights", body=data, headers=headers,
-                                    timeout=self.cfg.weight_timeout_s)
+                out = self._request("POST", "/weights/commit", timeout=self.cfg.weight_timeout_s,
+                                    headers={**headers, COUNT_HEADER: str(count)})
             except RolloutServerError as e:
-                # The last bucket's answer can be lost after the server applied it; its retry then hits 409.
-                if e.status == 409 and i == len(buckets) - 1 and self.version() == target:
+                # The commit's answer can be lost after the server applied it; its retry then hits 409.
+                if e.status == 409 and self.version() == target:
                     return target
                 raise
+        except Exception:
+            _drain(it)
+            raise
         if out.get("status") != "applied":
-            raise RolloutServerError(f"server did not apply the update after the last bucket: {out}")
+            raise RolloutServerError(f"server did not apply the update on commit: {out}")
         return int(out["weight_version"])
 
     # ---------------------------------------------------------------- NCCL fast path (GPU; untested here)
@@ -217,7 +229,11 @@ class RolloutClient:
 
     def update_weights_nccl(self, sender, buckets: Iterable[list[tuple[str, torch.Tensor]]],
                             version: int | None = None) -> int:
-        """Announce the update over HTTP, broadcast the tensors over NCCL; returns the server's new version."""
+        """Announce the update over HTTP, broadcast the tensors over NCCL; returns the server's new version.
+
+        Unlike `update_weights` this lists `buckets` first (the tensors are referenced, not copied): the whole
+        announcement (every name, dtype and shape) must be validated by the server before the first tensor is
+        broadcast, since a receiver that refuses part-way would leave the sender blocked in a collective."""
         buckets = list(buckets)
         target = self.version() + 1 if version is None else int(version)
         metas = [[m.name, m.dtype, list(m.shape)] for m in sender.announce(buckets)]
@@ -235,6 +251,15 @@ class RolloutClient:
 
     def wake_up(self) -> None:
         self._request("POST", "/wake_up", headers=self._auth())
+
+
+def _drain(it: Iterator) -> None:
+    """Consume the rest of a failed update's iterable, dropping each bucket (see update_weights)."""
+    try:
+        for _ in it:
+            pass
+    except Exception:  # the producer's own failure; the push's error is the one raised
+        logger.exception("while draining the buckets of a failed weight update")
 
 
 def _slices(data: bytes, size: int = 4 << 20) -> Iterator[bytes]:

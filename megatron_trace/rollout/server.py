@@ -7,9 +7,13 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   `i * n + j` is response j of prompt i, as in OpenAI's API. vLLM extensions accepted: `top_k`,
   `stop_token_ids`.
 - `POST /weights` (bearer token): one bucket of a weight update, safetensors bytes, headers from
-  `weight_buckets` (target version, bucket index/count, SHA-256). Buckets are staged; when the last one arrives
-  the whole update is validated and applied in one engine reload. All-or-nothing: a bad bucket (checksum,
-  decoding, unknown name, wrong shape) discards the staged update and leaves the old weights serving.
+  `weight_buckets` (target version, bucket index, SHA-256). Buckets are sent in order, as the trainer produces
+  them: bucket 0 starts the update (discarding anything staged before), bucket k is accepted once 0..k-1 are
+  staged, and a retried bucket replaces itself. Each is verified (checksum, decoding, names, shapes) and staged.
+- `POST /weights/commit` (bearer token): the last request of an update, with no body: headers target version and
+  bucket count. When exactly buckets 0..count-1 are staged, the whole update is validated and applied in one
+  engine reload. All-or-nothing: a bad bucket, a gap, a count that does not match, or a commit that never comes
+  leaves the old weights serving (a bad bucket or a bad commit also discards the staged update).
 - `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
   trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
 - `POST /sleep`, `POST /wake_up` (bearer token): free / re-allocate GPU memory (colocated use).
@@ -63,8 +67,8 @@ class ServerLimits:
 @dataclass
 class _StagedUpdate:
     version: int
-    count: int
-    buckets: dict[int, list] = field(default_factory=dict)
+    buckets: list[list] = field(default_factory=list)  # bucket k at index k
+    names: dict[str, int] = field(default_factory=dict)  # tensor name -> index of the bucket holding it
 
 
 class ApiError(Exception):
@@ -74,50 +78,84 @@ class ApiError(Exception):
 
 
 class WeightStaging:
-    """Buckets of one in-flight update, applied to the engine together once all have arrived (thread-safe)."""
+    """The buckets of one in-flight update, streamed in order and applied to the engine together on commit
+    (thread-safe). Holds at most one update: a well-formed update stages each tensor once, so staged memory is
+    bounded by the model's size."""
 
     def __init__(self, engine):
         self.engine = engine
         self._lock = threading.Lock()
         self._staged: _StagedUpdate | None = None
 
-    def receive(self, version: int, index: int, count: int, data: bytes, checksum: str) -> dict[str, Any]:
+    def _check_version(self, version: int) -> int:
+        serving = self.engine.weight_version
+        if version <= serving:
+            raise ApiError(409, f"target version {version} must exceed the serving version {serving}", "conflict")
+        return serving
+
+    def _discard(self, status: int, message: str, kind: str = "invalid_request_error") -> ApiError:
+        self._staged = None
+        return ApiError(status, f"{message}; update discarded, old weights keep serving", kind)
+
+    def receive(self, version: int, index: int, data: bytes, checksum: str) -> dict[str, Any]:
+        """Verify and stage bucket `index` of the update to `version`."""
         with self._lock:
-            serving = self.engine.weight_version
-            if version <= serving:
-                raise ApiError(409, f"target version {version} must exceed the serving version {serving}", "conflict")
-            if count < 1 or not 0 <= index < count:
-                raise ApiError(400, f"bucket index {index} / count {count}: need 0 <= index < count")
+            serving = self._check_version(version)
+            if index < 0:
+                raise ApiError(400, f"bucket index {index}: must be >= 0")
             staged = self._staged
-            if staged is None or staged.version != version:
+            if index == 0:  # bucket 0 starts an update: drop whatever a previous (failed, abandoned) push left
                 if staged is not None:
-                    logger.warning("abandoning staged update to version %d for version %d", staged.version, version)
-                staged = self._staged = _StagedUpdate(version, count)
-            if staged.count != count:
-                self._staged = None
-                raise ApiError(400, f"bucket count {count} differs from {staged.count} of the staged update; "
-                               "update discarded, old weights keep serving")
+                    logger.warning("bucket 0 of an update to version %d: discarding the staged update to version "
+                                   "%d (%d buckets)", version, staged.version, len(staged.buckets))
+                staged = self._staged = _StagedUpdate(version)
+            elif staged is None or staged.version != version:
+                what = "none" if staged is None else f"the update to version {staged.version}"
+                raise ApiError(409, f"bucket {index} of an update to version {version}, but the staged update is "
+                               f"{what}: an update starts with bucket 0", "conflict")
+            elif index > len(staged.buckets):
+                raise self._discard(409, f"bucket {index} of the update to version {version} arrived after only "
+                                    f"{len(staged.buckets)} buckets: buckets are sent in order", "conflict")
             try:
                 tensors = decode_bucket(data, checksum)
                 for name, t in tensors:
                     self.engine.check_weight(name, t.shape, t.dtype)
+                    holder = staged.names.get(name, index)
+                    if holder != index:
+                        raise BucketError(f"weight {name!r} is already staged in bucket {holder}")
             except (BucketError, ValueError) as e:
-                self._staged = None
-                raise ApiError(422, f"bucket {index} of update to version {version} rejected ({e}); update "
-                               "discarded, old weights keep serving", "weight_update_error") from e
-            staged.buckets[index] = tensors
-            if len(staged.buckets) < count:
-                return {"status": "staged", "weight_version": serving, "received": len(staged.buckets),
-                        "count": count}
+                raise self._discard(422, f"bucket {index} of the update to version {version} rejected ({e})",
+                                    "weight_update_error") from e
+            if index < len(staged.buckets):  # a retry replaces itself
+                for name, _ in staged.buckets[index]:
+                    del staged.names[name]
+                staged.buckets[index] = tensors
+            else:
+                staged.buckets.append(tensors)
+            staged.names.update((name, index) for name, _ in tensors)
+            return {"status": "staged", "weight_version": serving, "received": len(staged.buckets)}
+
+    def commit(self, version: int, count: int) -> dict[str, Any]:
+        """Apply the staged update to `version` if it holds exactly `count` buckets; all-or-nothing."""
+        with self._lock:
+            self._check_version(version)
+            staged = self._staged
+            if staged is None or staged.version != version:
+                what = "none" if staged is None else f"the update to version {staged.version}"
+                raise ApiError(409, f"commit of an update to version {version}, but the staged update is {what}",
+                               "conflict")
+            if count != len(staged.buckets):
+                raise self._discard(409, f"commit of {count} buckets, but {len(staged.buckets)} are staged for "
+                                    f"version {version}", "conflict")
             self._staged = None
-            buckets = [staged.buckets[i] for i in range(count)]
+            buckets = staged.buckets
             try:
                 self.engine.validate_weights((n, t.shape, t.dtype) for b in buckets for n, t in b)
             except ValueError as e:
                 raise ApiError(422, f"update to version {version} rejected ({e}); old weights keep serving",
                                "weight_update_error") from e
             new = self.engine.update_weights(buckets, version=version)
-            return {"status": "applied", "weight_version": new, "received": count, "count": count}
+            return {"status": "applied", "weight_version": new, "count": count}
 
 
 def _sampling_from_request(body: dict[str, Any], limits: ServerLimits) -> tuple[list[list[int]], SamplingConfig, bool]:
@@ -263,19 +301,31 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
     @app.post("/weights")
     async def weights(request: Request):
         authorize(request)
+        if COUNT_HEADER in request.headers:
+            raise ApiError(400, f"header {COUNT_HEADER}: goes on POST /weights/commit after the last bucket, not "
+                           "on a bucket (a client from before streamed updates?)")
         version = header_int(request, VERSION_HEADER)
         index = header_int(request, INDEX_HEADER)
-        count = header_int(request, COUNT_HEADER)
         checksum = request.headers.get(CHECKSUM_HEADER)
         if not checksum:
             raise ApiError(400, f"header {CHECKSUM_HEADER}: required (hex SHA-256 of the body)")
         t0 = time.perf_counter()
         data = await read_body(request, limits.max_bucket_bytes)
         t1 = time.perf_counter()
-        out = await run_in_threadpool(staging.receive, version, index, count, data, checksum)
-        logger.info("weights v%d bucket %d/%d: %.1f MB, read %.2fs, verify+stage%s %.2fs", version, index + 1, count,
-                    len(data) / 1e6, t1 - t0, "+apply" if out["status"] == "applied" else "",
-                    time.perf_counter() - t1)
+        out = await run_in_threadpool(staging.receive, version, index, data, checksum)
+        logger.info("weights v%d bucket %d: %.1f MB, read %.2fs, verify+stage %.2fs", version, index,
+                    len(data) / 1e6, t1 - t0, time.perf_counter() - t1)
+        return out
+
+    @app.post("/weights/commit")
+    async def weights_commit(request: Request):
+        authorize(request)
+        version = header_int(request, VERSION_HEADER)
+        count = header_int(request, COUNT_HEADER)
+        t0 = time.perf_counter()
+        out = await run_in_threadpool(staging.commit, version, count)
+        logger.info("weights v%d: %d buckets validated and applied in %.2fs", version, count,
+                    time.perf_counter() - t0)
         return out
 
     async def read_json(request: Request) -> dict[str, Any]:
