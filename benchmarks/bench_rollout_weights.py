@@ -3,9 +3,10 @@
 
 Builds a synthetic Qwen3-shaped HF model (Qwen3-0.6B widths, --layers deep, fp32, random weights), starts the
 in-process engine on it and pushes the same HF-named tensors (in buckets of --bucket-mb) R times; then does the
-same through `tools/serve_rollout.py` + `RolloutClient`. The baseline is `dst.copy_(src)` of the same bytes into
-preallocated tensors (the floor for any update that lands in fresh memory). Prints medians, GB/s, and each
-method's time as a multiple of memcpy's. Each method gets one untimed warm-up call.
+same through `tools/serve_rollout.py` (started by `ManagedServer`, as the trainer starts it) + `RolloutClient`.
+The baseline is `dst.copy_(src)` of the same bytes into preallocated tensors (the floor for any update that
+lands in fresh memory). Prints medians, GB/s, and each method's time as a multiple of memcpy's. Each method
+gets one untimed warm-up call.
 
     .venv/bin/python benchmarks/bench_rollout_weights.py --layers 16 --repeats 3   # ~7 GB peak RAM
 """
@@ -16,24 +17,13 @@ import argparse
 import gc
 import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN_ENV = "BENCH_ROLLOUT_TOKEN"
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if this process dies, so a killed run leaves no server behind."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
 
 
 def synthetic_qwen3(path: str, layers: int, seed: int) -> dict[str, torch.Tensor]:
@@ -139,49 +129,21 @@ def main() -> None:
 
 
 def http_times(model_dir, buckets, repeats, work) -> list[float]:
-    import httpx
-
     from megatron_trace.rollout.client import ClientConfig, RolloutClient
+    from megatron_trace.rollout.launch import ManagedServer
 
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    from dist_harness import free_port
-
-    token = os.urandom(16).hex()
-    port = free_port()
-    log = open(os.path.join(work, "server.log"), "w+")
-    env = {**os.environ, TOKEN_ENV: token, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", model_dir, "--port", str(port),
-         "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV],
-        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(work, "server.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not healthy after 300 s")
-            time.sleep(1)
-        os.environ[TOKEN_ENV] = token
-        with RolloutClient(ClientConfig(base_url=url, token_env=TOKEN_ENV, timeout_s=600, retries=0)) as client:
-            return timed(lambda: client.update_weights(buckets), repeats)
+        with ManagedServer(model_dir, log_path=log_path, token_env=TOKEN_ENV, token=os.urandom(16).hex(),
+                           max_model_len=128, kv_cache_memory_bytes=64 << 20, extra_env={"OMP_NUM_THREADS": "1"},
+                           die_with_parent=True) as server:
+            cfg = ClientConfig(base_url=server.url, token_env=TOKEN_ENV, timeout_s=600, retries=0)
+            with RolloutClient(cfg) as client:
+                return timed(lambda: client.update_weights(buckets), repeats)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.seek(0)
-        print("server-side timings:\n" + "".join(line for line in log if "bucket" in line))
-        log.close()
+        if os.path.exists(log_path):
+            with open(log_path) as log:
+                print("server-side timings:\n" + "".join(line for line in log if "rollout.server" in line))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ import gc
 import json
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from dist_harness import free_port, run_distributed  # noqa: E402
+from dist_harness import run_distributed  # noqa: E402
 
 TOKEN_ENV = "BENCH_WEIGHT_BRIDGE_TOKEN"
 
@@ -70,49 +68,13 @@ def write_initial_folder(path: str, cfg: dict) -> None:
         shutil.copy(os.path.join(qwen3_tokenizer_dir(), name), path)
 
 
-def die_with_parent() -> None:
-    """In the server child before exec: SIGTERM when this process dies, so a killed run leaves no server."""
-    import ctypes
+def start_server(model_dir: str, work: str, token: str):
+    """`tools/serve_rollout.py` on the initial folder, as the trainer starts it (dies with this process)."""
+    from megatron_trace.rollout.launch import ManagedServer
 
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
-
-
-def start_server(model_dir: str, work: str):
-    import httpx
-
-    token = os.urandom(16).hex()
-    port = free_port()
-    log = open(os.path.join(work, "server.log"), "w+")
-    env = {**os.environ, TOKEN_ENV: token, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tools", "serve_rollout.py"), "--model", model_dir, "--port", str(port),
-         "--max-model-len", "128", "--kv-cache-memory-bytes", str(64 << 20), "--token-env", TOKEN_ENV],
-        stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"server exited:\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, log, url, token
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc, log)
-            raise RuntimeError("server not healthy after 300 s")
-        time.sleep(1)
-
-
-def stop_server(proc, log) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+    return ManagedServer(model_dir, log_path=os.path.join(work, "server.log"), token_env=TOKEN_ENV, token=token,
+                         max_model_len=128, kv_cache_memory_bytes=64 << 20, extra_env={"OMP_NUM_THREADS": "1"},
+                         die_with_parent=True)
 
 
 def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repeats: int, url: str | None,
@@ -206,15 +168,16 @@ def main() -> None:
         write_initial_folder(initial, cfg)
         url = token = None
         if not args.skip_http:
-            server = start_server(initial, work)
-            url, token = server[2], server[3]
+            token = os.urandom(16).hex()
+            server = start_server(initial, work, token)
+            url = server.url
         export_dir = os.path.join(work, "exported")
         t0 = time.perf_counter()
         trainer = run_distributed(trainer_ranks, 2, cfg, bucket_bytes, args.repeats, url, token, export_dir,
                                   timeout=3600)[0]
         launch_s = time.perf_counter() - t0
         if server is not None:
-            stop_server(server[0], server[1])
+            server.close()
             server = None
         gc.collect()
 
@@ -247,7 +210,7 @@ def main() -> None:
               f"{composed / base:>9.1f}")
     finally:
         if server is not None:
-            stop_server(server[0], server[1])
+            server.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
