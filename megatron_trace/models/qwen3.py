@@ -22,7 +22,8 @@ import torch.nn.functional as F
 __all__ = ["SHIPPED_CONFIGS", "load_hf_config", "padded_vocab_size", "qwen3_transformer_config",
            "build_qwen3_model", "qwen3_param_count"]
 
-SHIPPED_CONFIGS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "tiny", "tiny-tied")
+SHIPPED_CONFIGS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "tiny", "tiny-tied",
+                   "tiny-bpe4k")
 
 # HF config.json keys a Qwen3 model cannot be built without.
 _REQUIRED_INT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
