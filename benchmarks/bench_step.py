@@ -47,7 +47,9 @@ def _bench(rank, world_size, tp, repeats):
     from megatron_trace.routes import Route
     from megatron_trace.train.trainer import Trainer
 
+    # Qwen3's real 151,936-row vocabulary (the demo's 4k one would hide the output layer's share of the cost)
     cfg = load_config("examples/configs/tiny_cpu.yaml", [f"parallel.tp={tp}", "checkpoint.resume=none",
+                                                         "model.hf_config=tiny", "model.tokenizer=null",
                                                          "logging.output_dir=/tmp/bench_step", "logging.tensorboard=false"])
     trainer = Trainer(cfg, start_rollout=False)
     trace = _samples()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tiny TRACE run on CPU (what `make demo` runs), ~15 minutes on a 2-core machine (10 of them the warm-start):
+# The tiny TRACE run on CPU (what `make demo` runs), ~4 minutes on a 2-core machine (40 s of them the warm-start):
 #   1. supervised warm-start of a random tiny Qwen3 on the shipped worked arithmetic solutions (student and
 #      privileged-prompt formats), so that sampling finds some correct answers;
 #   2. TRACE from that checkpoint: rollouts on real vLLM (CPU build) in a generation server beside rank 0,

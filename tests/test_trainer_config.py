@@ -42,6 +42,8 @@ def test_the_shipped_example_configs_load_and_validate():
     (["data.path=/nonexistent/problems.jsonl"], 2, "data.path"),
     (["model.hf_config=/nonexistent/model"], 2, "model.hf_config"),
     (["model.load=/nonexistent/ckpt"], 2, "model.load"),
+    (["model.tokenizer=/nonexistent/tokenizer"], 2, "model.tokenizer"),
+    (["model.tokenizer=null"], 2, "model.tokenizer"),  # the real Qwen3 tokenizer: 151,669 ids > 4,096 rows
     (["loss.mode=ppo"], 2, "loss.mode"),
     (["annotate.spans.coverage_cap=1.5"], 2, "annotate.spans.coverage_cap"),
     (["rollout.engine=inprocess"], 2, "rollout.engine"),
@@ -80,3 +82,30 @@ def test_the_launcher_exits_2_with_the_field_before_any_work(tmp_path):
     assert out.returncode == 2
     assert "bogus_section" in out.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
+
+
+def test_the_progress_bar_shows_steps_and_the_running_phase_and_keeps_step_lines_whole(capsys):
+    import io
+
+    from megatron_trace.train.metrics import RunProgress, Timer
+
+    term = io.StringIO()
+    progress = RunProgress(10, initial=3, desc="trace", file=term, force=True)
+    timer = Timer(on_phase=progress.phase)
+    with timer("rollout"):
+        pass
+    assert "3/10" in term.getvalue() and "rollout" in term.getvalue()
+    progress.write("step    3 | reward 0.500")
+    progress.step_done()
+    progress.close()
+    assert "4/10" in term.getvalue()
+    assert capsys.readouterr().out == "step    3 | reward 0.500\n"
+    assert set(timer.pop()) == {"time/rollout"}
+    # not a terminal (logs, CI): no bar at all, plain lines
+    quiet = io.StringIO()
+    progress = RunProgress(10, file=quiet)
+    progress.phase("train")
+    progress.write("step    0")
+    progress.step_done()
+    progress.close()
+    assert quiet.getvalue() == "" and capsys.readouterr().out == "step    0\n"

@@ -1,4 +1,5 @@
-"""Per-step metrics: a compact stdout line, JSONL, TensorBoard, and wandb when configured (driver rank only).
+"""Per-step metrics: a compact stdout line, JSONL, TensorBoard, and wandb when configured (driver rank only); the
+run's progress bar on the driver's terminal.
 
 Metrics are flat dicts of floats whose meaning the logger does not know; `reduce_metric_sums` turns the
 (sum, count) pairs the loss returns into means.
@@ -12,7 +13,7 @@ import os
 import sys
 import time
 
-__all__ = ["MetricsLogger", "reduce_metric_sums", "Timer"]
+__all__ = ["MetricsLogger", "reduce_metric_sums", "RunProgress", "Timer"]
 
 # The stdout line: (key, label, format).
 _LINE = [("reward_mean", "reward", "{:.3f}"), ("lambda", "lambda", "{:.3f}"), ("kl_fkl", "fkl", "{:.4f}"),
@@ -22,16 +23,20 @@ _LINE = [("reward_mean", "reward", "{:.3f}"), ("lambda", "lambda", "{:.3f}"), ("
 
 
 class Timer:
-    """Accumulates wall-clock seconds per phase: `with timer("rollout"): ...`."""
+    """Accumulates wall-clock seconds per phase: `with timer("rollout"): ...`. `on_phase(name)` is called as each
+    phase starts (the progress bar shows it)."""
 
-    def __init__(self):
+    def __init__(self, on_phase=None):
         self.times: dict[str, float] = {}
+        self.on_phase = on_phase
 
     def __call__(self, name: str):
         timer = self
 
         class _Phase:
             def __enter__(self):
+                if timer.on_phase is not None:
+                    timer.on_phase(name)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -42,6 +47,43 @@ class Timer:
     def pop(self) -> dict[str, float]:
         out, self.times = {f"time/{k}": v for k, v in self.times.items()}, {}
         return out
+
+
+class RunProgress:
+    """A tqdm bar of the run (steps done of `total`, rate, ETA) with the phase running now (rollout, reward,
+    annotate, teacher, train, sync) on the driver's terminal. Drawn only when `file` is a terminal (or `force`), so
+    logs and CI output keep one plain line per step; `write` prints a line above the bar without breaking it."""
+
+    def __init__(self, total: int, *, initial: int = 0, desc: str = "train", enabled: bool = True, file=None,
+                 force: bool = False):
+        from tqdm import tqdm
+
+        self._file = file if file is not None else sys.stderr
+        active = enabled and (force or (hasattr(self._file, "isatty") and self._file.isatty()))
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=self._file, dynamic_ncols=True,
+                        disable=not active, mininterval=0.2) if active else None
+
+    def phase(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name)
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str("")
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self._tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def reduce_metric_sums(sums: dict[str, float], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
@@ -58,8 +100,9 @@ class MetricsLogger:
     `output_dir/tensorboard`, wandb when `wandb_project` is set, and a compact line to stdout."""
 
     def __init__(self, output_dir: str, *, tensorboard: bool = True, wandb_project: str | None = None,
-                 run_config: dict | None = None, print_every: int = 1, resume: bool = False):
+                 run_config: dict | None = None, print_every: int = 1, resume: bool = False, write_line=None):
         os.makedirs(output_dir, exist_ok=True)
+        self._write_line = write_line or (lambda line: print(line, file=sys.stdout, flush=True))
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._file = open(self.path, "a" if resume else "w")
         self.print_every = max(1, print_every)
@@ -105,7 +148,7 @@ class MetricsLogger:
             for key, label, fmt in _LINE:
                 if key in record and record[key] is not None:
                     parts.append(f"{label} {fmt.format(record[key])}")
-            print(" | ".join(parts), file=sys.stdout, flush=True)
+            self._write_line(" | ".join(parts))
 
     def close(self) -> None:
         self._file.close()

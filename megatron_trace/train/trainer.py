@@ -13,7 +13,6 @@ checkpoints and logging).
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
@@ -28,7 +27,7 @@ from megatron_trace.routes import Route
 from megatron_trace.train.batching import (
     RolloutBatch, Sample, build_microbatches, padded_length, split_for_data_parallel,
 )
-from megatron_trace.train.metrics import MetricsLogger, Timer
+from megatron_trace.train.metrics import MetricsLogger, RunProgress, Timer
 from megatron_trace.train.step import build_model_and_optimizer, forward_backward, optimizer_step, zero_grad
 
 __all__ = ["Trainer", "SUM_KEYS"]
@@ -100,7 +99,7 @@ class Trainer:
         from megatron_trace.data.dataset import load_problems
         from megatron_trace.data.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(self._tokenizer_dir())
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer_source())
         pad = self.tokenizer.pad_token_id
         # Padding positions are never scored, but they are embedded: keep the id inside the model's vocabulary.
         self.pad_id = int(pad) if pad is not None and pad < self.vocab_size else 0
@@ -123,17 +122,20 @@ class Trainer:
                     self.teacher.snapshot_step = state.get("teacher_snapshot_step")
 
         self.logger = None
+        self.progress = RunProgress(cfg.train.steps, initial=self.step, desc=cfg.train.mode,
+                                    enabled=self.is_driver and cfg.logging.progress)
         if self.is_driver:
             self.logger = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
                                         wandb_project=cfg.logging.wandb_project, run_config=to_dict(cfg),
-                                        print_every=cfg.logging.print_every, resume=resume_from is not None)
+                                        print_every=cfg.logging.print_every, resume=resume_from is not None,
+                                        write_line=self.progress.write)
             if resume_from is not None:
                 self.logger.truncate_after(self.step - 1)
             print(f"[megatron-trace] {cfg.train.mode} run: world {self.layout.world_size} = tp {p.tp} x pp {p.pp} "
                   f"x cp {p.cp} x dp {self.layout.dp}; {len(self.problems)} problems; "
                   f"{'resuming from ' + resume_from if resume_from else 'fresh start'} at step {self.step}",
                   flush=True)
-        self.timer = Timer()
+        self.timer = Timer(on_phase=self.progress.phase)
         self.engine = None
         self.experience = None
         if cfg.train.mode == "trace" and start_rollout:
@@ -142,14 +144,6 @@ class Trainer:
                 self.sync_weights()
 
     # ------------------------------------------------------------------------------------------------ set-up
-
-    def _tokenizer_dir(self) -> str | None:
-        if self.cfg.model.tokenizer:
-            return self.cfg.model.tokenizer
-        load = self.cfg.model.load
-        if load and os.path.isfile(os.path.join(load, "tokenizer.json")):
-            return load
-        return None  # the shipped Qwen3 tokenizer
 
     def _setup_rollout(self) -> None:
         """Driver: the generation engine (started from the current weights), reward workers, annotator."""
@@ -215,6 +209,7 @@ class Trainer:
                 metrics["tokens_per_s"] = metrics["tokens"] / metrics["time/step"]
             if self.logger is not None:
                 self.logger.log(self.step, metrics)
+            self.progress.step_done()
             self.step += 1
             every = cfg.checkpoint.save_every
             if (every and self.step % every == 0) or self.step == cfg.train.steps:
@@ -468,6 +463,7 @@ class Trainer:
     def close(self) -> None:
         from megatron_trace.distributed import destroy_distributed
 
+        self.progress.close()
         if self.logger is not None:
             self.logger.close()
             self.logger = None
