@@ -140,10 +140,13 @@ def test_4xx_is_not_retried(server):
 
 
 def test_concurrency_is_limited(server):
+    seen = []
     with client(server, "concurrent", max_concurrency=2) as c:
+        c.on_progress = lambda done, total: seen.append((done, total))
         out = c.complete_batch([chat()] * 6)
     assert all(o.text == REPLY for o in out)
     assert server.max_in_flight == 2
+    assert seen == [(k, 6) for k in range(1, 7)]  # progress: one report per finished request
 
 
 def test_api_key_is_read_from_the_named_env_var(server, monkeypatch):

@@ -163,9 +163,12 @@ def test_concurrency_limit_bounds_requests_in_flight_and_results_keep_prompt_ord
     prompts = [[i, i + 1] for i in range(6)]
     try:
         c = RolloutClient(ClientConfig(base_url=srv.url, concurrency=2, prompts_per_request=1, timeout_s=10))
+        seen = []
+        c.on_progress = lambda done, total: seen.append((done, total))
         out = c.generate(prompts, SamplingConfig(n=2, max_tokens=3))
         c.close()
         assert srv.max_in_flight == 2 and len(srv.requests) == 6
+        assert seen == [(k, 6) for k in range(1, 7)]  # one report per finished request, counted in prompts
         assert [[g.token_ids for g in gens] for gens in out] == [[p[::-1] + [0], p[::-1] + [1]] for p in prompts]
         assert all(g.weight_version == 3 and len(g.logprobs) == 3 for gens in out for g in gens)
     finally:

@@ -95,6 +95,8 @@ def test_the_progress_bar_shows_steps_and_the_running_phase_and_keeps_step_lines
     with timer("rollout"):
         pass
     assert "3/10" in term.getvalue() and "rollout" in term.getvalue()
+    progress.counter("annotate")(5, 64)
+    assert "annotate 5/64" in term.getvalue()
     progress.write("step    3 | reward 0.500")
     progress.step_done()
     progress.close()

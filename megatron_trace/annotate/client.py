@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -67,6 +67,7 @@ class OpenAIAnnotator:
         if not cfg.model:
             raise ConfigError("model: the annotator's model name is required")
         self.cfg = cfg
+        self.on_progress = None  # see complete_batch
         headers = {"Content-Type": "application/json"}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
@@ -92,8 +93,15 @@ class OpenAIAnnotator:
             raise AnnotatorUnreachable(f"annotator at {url} answered HTTP {r.status_code}")
 
     def complete_batch(self, messages: Sequence[list[dict[str, str]]]) -> list[Completion]:
-        """One Completion per chat, in order; at most `max_concurrency` requests in flight."""
-        return list(self._pool.map(self.complete, messages))
+        """One Completion per chat, in order; at most `max_concurrency` requests in flight. `on_progress(done, n)`,
+        when set, is called as each finishes (progress bars)."""
+        futures = {self._pool.submit(self.complete, m): i for i, m in enumerate(messages)}
+        out: list = [None] * len(messages)
+        for done, fut in enumerate(as_completed(futures), 1):
+            out[futures[fut]] = fut.result()
+            if self.on_progress is not None:
+                self.on_progress(done, len(messages))
+        return out
 
     def complete(self, messages: list[dict[str, str]]) -> Completion:
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -76,6 +76,8 @@ class RolloutClient:
         import httpx
 
         self.cfg = cfg or ClientConfig(**overrides)
+        # on_progress(prompts done, prompts) after each completions request of a `generate` call (progress bars)
+        self.on_progress = None
         self._token = os.environ.get(self.cfg.token_env) or None
         self._http = httpx.Client(
             base_url=self.cfg.base_url.rstrip("/"),
@@ -145,8 +147,15 @@ class RolloutClient:
         chunks = [prompts[i : i + step] for i in range(0, len(prompts), step)]
         if not chunks:
             return []
+        parts: list = [None] * len(chunks)
         with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(chunks))) as pool:
-            parts = list(pool.map(lambda c: self._complete(c, sampling), chunks))
+            futures = {pool.submit(self._complete, c, sampling): i for i, c in enumerate(chunks)}
+            done = 0
+            for fut in as_completed(futures):
+                parts[futures[fut]] = fut.result()
+                done += len(chunks[futures[fut]])
+                if self.on_progress is not None:
+                    self.on_progress(done, len(prompts))
         return [gens for part in parts for gens in part]
 
     def _complete(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:

@@ -115,6 +115,14 @@ class ManagedServer:
     def generate(self, prompt_token_ids, sampling):
         return self.client.generate(prompt_token_ids, sampling)
 
+    @property
+    def on_progress(self):
+        return self.client.on_progress
+
+    @on_progress.setter
+    def on_progress(self, fn) -> None:  # forwarded to the client (progress of a generate call)
+        self.client.on_progress = fn
+
     def update_weights(self, buckets) -> int:
         return self.client.update_weights(buckets)
 

@@ -11,10 +11,11 @@ import hashlib
 
 import torch
 
-# HTTP headers of one bucket upload (POST /weights).
+# HTTP headers of a weight update: each bucket upload (POST /weights) carries the version, index and checksum;
+# the closing POST /weights/commit carries the version and the bucket count.
 VERSION_HEADER = "X-Weight-Version"  # target weight version of the whole update (int, > serving version)
 INDEX_HEADER = "X-Bucket-Index"  # 0-based index of this bucket
-COUNT_HEADER = "X-Bucket-Count"  # number of buckets in the update
+COUNT_HEADER = "X-Bucket-Count"  # number of buckets in the update (commit only)
 CHECKSUM_HEADER = "X-Bucket-Sha256"  # hex SHA-256 of the body
 
 

@@ -68,6 +68,10 @@ class RunProgress:
         if self.bar is not None:
             self.bar.set_postfix_str(name)
 
+    def counter(self, phase: str):
+        """A `fn(done, total)` that shows "phase done/total" as the running phase."""
+        return lambda done, total: self.phase(f"{phase} {done}/{total}")
+
     def step_done(self) -> None:
         if self.bar is not None:
             self.bar.update(1)

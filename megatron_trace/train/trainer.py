@@ -166,6 +166,9 @@ class Trainer:
             annotator = build_annotator(cfg.annotate, engine=engine, tokenizer=self.tokenizer) \
                 if cfg.distills else None
             self.experience = ExperienceMaker(cfg, self.tokenizer, engine, scorer, annotator)
+            for phase, part in (("rollout", engine), ("annotate", annotator)):
+                if hasattr(part, "on_progress"):  # HTTP clients report each finished request
+                    part.on_progress = self.progress.counter(phase)
 
     def _export_rollout_model(self, out_dir: str) -> None:
         """Collective: write the current policy as an HF folder (config, safetensors, tokenizer) for the
