@@ -17,8 +17,10 @@ OUTPUT_DIR=${OUTPUT_DIR:-runs/tiny_cpu}
 NPROC=${NPROC:-2}
 SFT_STEPS=${SFT_STEPS:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-run() { "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" \
-          -m megatron_trace.train "$@"; }
+# --standalone: torchrun picks a free local port (MASTER_PORT pins one instead)
+rdzv=(--standalone)
+[[ -n "${MASTER_PORT:-}" ]] && rdzv=(--master-port "$MASTER_PORT")
+run() { "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" "${rdzv[@]}" -m megatron_trace.train "$@"; }
 
 echo "== 1/3 supervised warm-start (tiny Qwen3, TP=$NPROC) -> $OUTPUT_DIR/sft"
 run --config examples/configs/tiny_cpu_sft.yaml "parallel.tp=$NPROC" "logging.output_dir=$OUTPUT_DIR/sft" \

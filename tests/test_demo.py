@@ -18,7 +18,8 @@ REQUIRED = ("step", "reward_mean", "entropy", "lambda", "kl_fkl", "kl_rkl", "res
 
 def test_the_tiny_cpu_trace_run_raises_the_reward(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OUTPUT_DIR": str(out), "MASTER_PORT": "29611", "PY": sys.executable}
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # torchrun --standalone picks a free port
+    env.update(OUTPUT_DIR=str(out), PY=sys.executable)
     proc = subprocess.run(["bash", "examples/run_trace_tiny_cpu.sh"], env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
