@@ -189,31 +189,49 @@ class RolloutClient:
 
         The iterable is always consumed to its end, also when the push fails (then the error is raised after
         draining it): the bridge's generator is collective, and the other trainer ranks are iterating it too.
+        Built on the per-bucket steps `begin_weights`, `send_bucket`, `commit_weights` (which `EnginePool` uses to
+        push each bucket to several servers).
         """
         it = iter(buckets)
         try:
-            target = self.version() + 1 if version is None else int(version)
-            headers = {**self._auth(), "Content-Type": "application/octet-stream", VERSION_HEADER: str(target)}
+            target = self.begin_weights(version)
             count = 0
             for bucket in it:
                 data, digest = encode_bucket(bucket)
                 del bucket  # the serialized bytes are all that is needed from here on
-                self._request("POST", "/weights", body=data, timeout=self.cfg.weight_timeout_s,
-                              headers={**headers, INDEX_HEADER: str(count), CHECKSUM_HEADER: digest})
+                self.send_bucket(target, count, data, digest)
                 del data  # before the next bucket is produced
                 count += 1
             if count == 0:
                 raise ValueError("update_weights needs at least one bucket")
-            try:
-                out = self._request("POST", "/weights/commit", timeout=self.cfg.weight_timeout_s,
-                                    headers={**headers, COUNT_HEADER: str(count)})
-            except RolloutServerError as e:
-                # The commit's answer can be lost after the server applied it; its retry then hits 409.
-                if e.status == 409 and self.version() == target:
-                    return target
-                raise
+            return self.commit_weights(target, count)
         except Exception:
             _drain(it)
+            raise
+
+    def begin_weights(self, version: int | None = None) -> int:
+        """First step of a streamed update: the target version (`version`, default the serving version + 1).
+        Fails here, naming the variable, when no bearer token is set."""
+        self._auth()
+        return self.version() + 1 if version is None else int(version)
+
+    def send_bucket(self, version: int, index: int, data: bytes, digest: str) -> None:
+        """Stage bucket `index` (0, 1, ... in order) of the update to `version` on the server; `data, digest` is
+        `weight_buckets.encode_bucket(bucket)`. Bucket 0 starts the update; resending an index replaces it."""
+        headers = {**self._auth(), "Content-Type": "application/octet-stream", VERSION_HEADER: str(version),
+                   INDEX_HEADER: str(index), CHECKSUM_HEADER: digest}
+        self._request("POST", "/weights", body=data, timeout=self.cfg.weight_timeout_s, headers=headers)
+
+    def commit_weights(self, version: int, count: int) -> int:
+        """Last step: the server applies the update to `version` if it staged exactly buckets 0..count-1 (else it
+        discards it and keeps serving the old weights); returns the new serving version."""
+        headers = {**self._auth(), VERSION_HEADER: str(version), COUNT_HEADER: str(count)}
+        try:
+            out = self._request("POST", "/weights/commit", timeout=self.cfg.weight_timeout_s, headers=headers)
+        except RolloutServerError as e:
+            # The commit's answer can be lost after the server applied it; its retry then hits 409.
+            if e.status == 409 and self.version() == version:
+                return int(version)
             raise
         if out.get("status") != "applied":
             raise RolloutServerError(f"server did not apply the update on commit: {out}")
