@@ -67,12 +67,19 @@ class RolloutConfig:
     top_k: int = -1  # -1 = off
     max_response_tokens: int = 64
     enable_thinking: bool = False  # Qwen3 thinking mode in the chat template
-    # "server": a vLLM generation server (tools/serve_rollout.py) on 127.0.0.1 started beside global rank 0, or
-    # the one at `server_url`; weights are pushed to it after every step. "inprocess": vllm.LLM inside the
+    # "server": vLLM generation server(s) (tools/serve_rollout.py) on 127.0.0.1 started beside global rank 0, or
+    # the ones at `server_url(s)`; weights are pushed to them after every step. "inprocess": vllm.LLM inside the
     # trainer; only for single-process runs (vLLM takes over torch.distributed's default group).
     engine: Literal["server", "inprocess"] = "server"
     server_url: Optional[str] = None  # an already running generation server; None = start one
-    server_token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN"  # env var with the server's bearer token
+    # Several already running generation servers, used in data parallel (each generate call's prompts are split
+    # over them, every weight update goes to all); a one-element list is the same as `server_url`.
+    server_urls: list[str] = field(default_factory=list)
+    server_token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN"  # env var with the server's bearer token (all servers)
+    num_servers: int = 1  # without server_url(s): generation servers started beside rank 0, in data parallel
+    # With num_servers: one CUDA_VISIBLE_DEVICES value per started server (e.g. ["6", "7"] or ["4,5", "6,7"]);
+    # empty = every server sees the trainer's devices. Ignored on CPU.
+    server_gpus: list[str] = field(default_factory=list)
     server_start_timeout_s: float = 300.0
     kv_cache_memory_bytes: int = 64 * 1024 * 1024  # vLLM KV cache on CPU
     gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU when colocated
@@ -87,6 +94,30 @@ class RolloutConfig:
             raise ConfigError(f"max_response_tokens: must be >= 1, got {self.max_response_tokens}")
         if self.weight_bucket_mb <= 0:
             raise ConfigError(f"weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
+        if self.server_url and self.server_urls:
+            raise ConfigError("server_urls: set either server_url (one server) or server_urls, not both")
+        for i, url in enumerate(self.external_urls):
+            if not url.startswith(("http://", "https://")):
+                name = f"server_urls[{i}]" if self.server_urls else "server_url"
+                raise ConfigError(f"{name}: {url!r} is not an http://host:port or https://... address")
+        if len(set(self.external_urls)) != len(self.external_urls):
+            raise ConfigError(f"server_urls: a server is listed twice in {self.server_urls}")
+        if self.num_servers < 1:
+            raise ConfigError(f"num_servers: must be >= 1, got {self.num_servers}")
+        for name in ("num_servers", "server_gpus"):
+            if self.external_urls and getattr(self, name) not in (1, []):
+                raise ConfigError(f"{name}: only for servers started by the trainer; with server_url(s) the "
+                                  "servers listed there are used")
+        if self.num_servers > 1 and self.engine == "inprocess":
+            raise ConfigError("num_servers: engine inprocess is a single engine; use engine: server")
+        if self.server_gpus and len(self.server_gpus) != self.num_servers:
+            raise ConfigError(f"server_gpus: {len(self.server_gpus)} entries for num_servers={self.num_servers} "
+                              "(one CUDA_VISIBLE_DEVICES value per started server)")
+
+    @property
+    def external_urls(self) -> list[str]:
+        """The already running generation servers to use (server_urls, or [server_url]); [] = start our own."""
+        return list(self.server_urls) if self.server_urls else ([self.server_url] if self.server_url else [])
 
 
 @dataclass
