@@ -1,13 +1,15 @@
 """Bring up the trainer's generation engine: a vLLM generation server beside the driver rank (or one already
-running), or an in-process engine for single-process runs.
+running), several of them in data parallel (an `EnginePool`), or an in-process engine for single-process runs.
 
-The server is started as a child process of global rank 0 with torchrun's variables removed from its
+A server is started as a child process of global rank 0 with torchrun's variables removed from its
 environment (vLLM would otherwise join the trainer's process group), bound to 127.0.0.1 on a free port, with a
-fresh bearer token, and stopped with the trainer. Its log goes to `<output_dir>/rollout_server.log`.
+fresh bearer token (shared by all of a run's servers), and stopped with the trainer. Its log goes to
+`<output_dir>/rollout_server.log`, or `rollout_server.<i>.log` for server i of `rollout.num_servers` > 1.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -20,6 +22,8 @@ from typing import Callable, Mapping, Sequence
 import httpx
 
 __all__ = ["start_engine", "ManagedServer"]
+
+logger = logging.getLogger(__name__)
 
 # torchrun's (and torch elastic's) variables: a child with these would think it is a trainer rank.
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
@@ -35,9 +39,19 @@ def _die_with_parent() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once while they are picked, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class ManagedServer:
@@ -45,9 +59,11 @@ class ManagedServer:
 
     The trainer passes its rollout settings; tests and benchmarks also use: token (this bearer token instead of
     the one in $token_env or a fresh one), extra_args (more `serve_rollout.py` flags, e.g. size limits),
-    extra_env (variables for the child only, e.g. OMP_NUM_THREADS), die_with_parent (the child gets SIGTERM when
-    the process that started it dies, so a killed test or benchmark leaves no server behind; Linux). Arguments
-    left at None are left to the server's own defaults. Also a context manager (close() on exit).
+    extra_env (variables for the child only, e.g. OMP_NUM_THREADS or CUDA_VISIBLE_DEVICES), die_with_parent (the
+    child gets SIGTERM when the process that started it dies, so a killed test or benchmark leaves no server
+    behind; Linux), port (default: a free one), wait (False: return once the process is started; call
+    `wait_ready()` before use, so that several servers start side by side). Arguments left at None are left to
+    the server's own defaults. Also a context manager (close() on exit).
     """
 
     def __init__(self, model_dir: str, *, log_path: str, token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN",
@@ -55,7 +71,7 @@ class ManagedServer:
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float | None = None,
                  seed: int | None = None, start_timeout_s: float = 300.0, token: str | None = None,
                  extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
-                 die_with_parent: bool = False):
+                 die_with_parent: bool = False, port: int | None = None, wait: bool = True):
         from megatron_trace.rollout.client import RolloutClient
 
         token = token or os.environ.get(token_env) or secrets.token_hex(16)
@@ -63,7 +79,7 @@ class ManagedServer:
         os.environ[token_env] = token
         env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
         env.update(extra_env or {})
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, os.path.join(_REPO_ROOT, "tools", "serve_rollout.py"), "--model", model_dir,
                "--host", "127.0.0.1", "--port", str(self.port), "--token-env", token_env]
@@ -79,8 +95,11 @@ class ManagedServer:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None)
+        self._started = time.monotonic()
         self.client = RolloutClient(base_url=self.url, token_env=token_env)
-        self._wait_ready(start_timeout_s)
+        self.start_timeout_s = start_timeout_s
+        if wait:
+            self.wait_ready()
 
     def __enter__(self) -> "ManagedServer":
         return self
@@ -88,8 +107,11 @@ class ManagedServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the server answers /health (default limit: start_timeout_s after the process started); on
+        failure the server is stopped and the error quotes the end of its log."""
+        timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
+        deadline = self._started + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.close()
@@ -143,17 +165,30 @@ def start_engine(cfg, export_fn: Callable[[str], None], *, driver: bool = True):
     """The run's generation engine on the driver (None on other ranks); collective when the current weights
     must first be exported as an HF folder (`export_fn(dir)`, called on every rank).
 
-    An external server (`rollout.server_url`) is used as is: the trainer pushes its weights before the first step.
+    External servers (`rollout.server_url`, or `rollout.server_urls`) are used as they are: the trainer pushes
+    its weights before the first step. Otherwise `rollout.num_servers` servers are started beside the driver.
+    One server is returned as its client (or ManagedServer), several as an `EnginePool` over them.
     """
     r = cfg.rollout
-    if r.server_url:
+    urls = r.external_urls
+    if urls:
         if not driver:
             return None
         from megatron_trace.rollout.client import RolloutClient
 
-        client = RolloutClient(base_url=r.server_url, token_env=r.server_token_env)
-        client.health()  # fails now, naming the URL, if unreachable
-        return client
+        clients = [RolloutClient(base_url=u, token_env=r.server_token_env) for u in urls]
+        if len(clients) == 1:
+            clients[0].health()  # fails now, naming the URL, if unreachable
+            return clients[0]
+        from megatron_trace.rollout.pool import EnginePool
+
+        pool = EnginePool(clients)
+        try:
+            pool.health()  # fails now, naming every unreachable URL
+        except Exception:
+            pool.close()
+            raise
+        return pool
     model_dir = os.path.join(cfg.logging.output_dir, "rollout_model")
     export_fn(model_dir)
     if not driver:
@@ -165,8 +200,37 @@ def start_engine(cfg, export_fn: Callable[[str], None], *, driver: bool = True):
         return VLLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, max_model_len=r.max_model_len,
                                        gpu_memory_utilization=r.gpu_memory_utilization,
                                        kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=cfg.train.seed))
-    return ManagedServer(model_dir, log_path=os.path.join(cfg.logging.output_dir, "rollout_server.log"),
-                         token_env=r.server_token_env, dtype=dtype, max_model_len=r.max_model_len,
-                         kv_cache_memory_bytes=r.kv_cache_memory_bytes,
-                         gpu_memory_utilization=r.gpu_memory_utilization, seed=cfg.train.seed,
-                         start_timeout_s=r.server_start_timeout_s)
+    n = r.num_servers
+    kwargs = dict(token_env=r.server_token_env, dtype=dtype, max_model_len=r.max_model_len,
+                  kv_cache_memory_bytes=r.kv_cache_memory_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
+                  seed=cfg.train.seed, start_timeout_s=r.server_start_timeout_s)
+    if n == 1 and not r.server_gpus:
+        return ManagedServer(model_dir, log_path=os.path.join(cfg.logging.output_dir, "rollout_server.log"),
+                             **kwargs)
+    import torch
+
+    gpus = r.server_gpus if r.server_gpus and torch.cuda.is_available() else None  # CPU: nothing to place
+    if gpus is None and n > 1 and torch.cuda.is_available():
+        logger.warning("rollout.num_servers=%d without rollout.server_gpus: every server sees the same devices "
+                       "and vLLM puts them all on the first one", n)
+    # One token for all (each ManagedServer would otherwise pick its own); distinct ports picked at once.
+    token = os.environ.get(r.server_token_env) or secrets.token_hex(16)
+    ports = _free_ports(n)
+    servers: list[ManagedServer] = []
+    try:
+        for i in range(n):  # start them all, then wait: the servers load side by side
+            log = "rollout_server.log" if n == 1 else f"rollout_server.{i}.log"
+            servers.append(ManagedServer(model_dir, log_path=os.path.join(cfg.logging.output_dir, log), token=token,
+                                         port=ports[i], wait=False, **kwargs,
+                                         extra_env={"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else None))
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    if n == 1:
+        return servers[0]
+    from megatron_trace.rollout.pool import EnginePool
+
+    return EnginePool(servers)
