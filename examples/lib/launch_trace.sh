@@ -8,6 +8,10 @@
 #   OUTPUT_DIR       run directory (metrics.jsonl, TensorBoard, checkpoints)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, GPUS_PER_NODE   (read from Slurm when under srun/sbatch)
 #   ROLLOUT_URL      an already running generation server (tools/serve_rollout.py); default: one beside rank 0
+#   ROLLOUT_URLS     several running generation servers, comma-separated (e.g. one per rollout node:
+#                    http://node5:8100,http://node6:8100), used in data parallel: each step's prompts are split
+#                    over them and every weight update goes to all; all must accept the same bearer token
+#                    ($MEGATRON_TRACE_ROLLOUT_TOKEN). Set ROLLOUT_URL or ROLLOUT_URLS, not both.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PY=${PY:-python}
@@ -39,6 +43,10 @@ overrides=("parallel.tp=$TP" "parallel.pp=$PP" "model.hf_config=$HF_DIR" "model.
            "model.load=$MEGATRON_DIR" "data.path=$DATA")
 [[ -n "${OUTPUT_DIR:-}" ]] && overrides+=("logging.output_dir=$OUTPUT_DIR")
 [[ -n "${ROLLOUT_URL:-}" ]] && overrides+=("rollout.server_url=$ROLLOUT_URL")
+if [[ -n "${ROLLOUT_URLS:-}" ]]; then  # a YAML list: rollout.server_urls=[url1,url2,...]
+  IFS=, read -r -a urls <<< "${ROLLOUT_URLS// /}"
+  overrides+=("rollout.server_urls=[$(IFS=,; echo "${urls[*]}")]")
+fi
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron's TP/SP comm-compute overlap needs ordered kernels
 exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
