@@ -47,6 +47,9 @@ def test_the_shipped_example_configs_load_and_validate():
     (["loss.mode=ppo"], 2, "loss.mode"),
     (["annotate.spans.coverage_cap=1.5"], 2, "annotate.spans.coverage_cap"),
     (["rollout.engine=inprocess"], 2, "rollout.engine"),
+    (["rollout.num_servers=0"], 2, "rollout.num_servers"),
+    (["rollout.server_url=http://127.0.0.1:8100", "rollout.server_urls=[http://127.0.0.1:8101]"], 2,
+     "rollout.server_urls"),  # one or the other
     (["parallel.tp=2"], 3, "parallel"),  # world size not divisible
 ])
 def test_bad_config_names_the_field(overrides, world, field):
