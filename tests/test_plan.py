@@ -76,7 +76,8 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def _measure_update(rank, world_size, hf_config, mbs, prompts, group, prompt_len, response_len, kl, out_dir):
+def _measure_update(rank, world_size, hf_config, mbs, prompts, group, prompt_len, response_len, kl, out_dir,
+                    tokenizer):
     """Peak resident memory added by building the Trainer and running two updates (bytes), on this rank."""
     import gc
 
@@ -91,7 +92,7 @@ def _measure_update(rank, world_size, hf_config, mbs, prompts, group, prompt_len
     cfg = load_config(os.path.join(ROOT, "examples", "configs", "tiny_cpu.yaml"), [
         f"parallel.tp={world_size}", f"logging.output_dir={out_dir}/{rank}", "logging.tensorboard=false",
         f"model.hf_config={hf_config}", f"optim.micro_batch_size={mbs}", f"rollout.prompts_per_step={prompts}",
-        f"rollout.group_size={group}"])
+        f"rollout.group_size={group}", f"model.tokenizer={tokenizer}"])
     gc.collect()
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -133,15 +134,18 @@ def test_memory_model_is_within_25_percent_of_measured_tiny_cpu_peaks(tmp_path):
     micro = tmp_path / "micro.json"
     cfg = json.load(open(os.path.join(ROOT, "megatron_trace", "models", "configs", "tiny.json")))
     micro.write_text(json.dumps(dict(cfg, vocab_size=1024)))
+    from megatron_trace.data.tokenizer import truncate_qwen3_tokenizer
+
+    tok = truncate_qwen3_tokenizer(str(tmp_path / "tok"), 1024 - 26)  # fits both models: same fixed cost in each
     shape = dict(mbs=4, prompts=2, group=4, prompt_len=40, response_len=48)
     args = lambda s: (s["mbs"], s["prompts"], s["group"], s["prompt_len"], s["response_len"])  # noqa: E731
-    measured_micro = run_distributed(_measure_update, 1, str(micro), *args(shape), 0, str(tmp_path / "m"))[0]
+    measured_micro = run_distributed(_measure_update, 1, str(micro), *args(shape), 0, str(tmp_path / "m"), tok)[0]
     runtime = measured_micro - _trainer_estimate(str(micro), 1, *args(shape), 0)
     assert 0 < runtime < 1.0 * GIB
 
     cases = [(1, dict(shape, mbs=8), 1), (2, shape, 0)]  # (tp, batch, teacher + forward KL on key spans)
     for tp, s, kl in cases:
-        peaks = run_distributed(_measure_update, tp, "tiny", *args(s), kl, str(tmp_path / f"t{tp}"))
+        peaks = run_distributed(_measure_update, tp, "tiny", *args(s), kl, str(tmp_path / f"t{tp}"), tok)
         estimate = runtime + _trainer_estimate("tiny", tp, *args(s), kl)
         for peak in peaks:
             assert abs(estimate - peak) / peak < 0.25, (tp, s, kl, estimate / 2**20, peak / 2**20)

@@ -32,6 +32,9 @@ def _make_hf_dir(path: str) -> str:
     with torch.no_grad():  # larger logits than the default init, so the KL terms are far from zero
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
+    from megatron_trace.data.tokenizer import truncate_qwen3_tokenizer
+
+    truncate_qwen3_tokenizer(path, VOCAB - 26)  # a tokenizer that fits the 1000-row vocabulary (+ 26 specials)
     return path
 
 

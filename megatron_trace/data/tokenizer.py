@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from functools import lru_cache
 
@@ -84,7 +83,8 @@ def _merge_product(merge) -> str:
 
 def truncate_qwen3_tokenizer(out_dir: str, keep: int, *, src_dir: str | None = None) -> str:
     """Write a Qwen3 tokenizer cut to its first `keep` BPE entries (256 bytes + keep-256 merges) plus the special
-    tokens at ids keep.. to `out_dir` (tokenizer.json, tokenizer_config.json); atomic. Returns out_dir."""
+    tokens at ids keep.. (len = keep + 26) to `out_dir` (tokenizer.json, tokenizer_config.json, each written to a
+    temporary file and renamed). Returns out_dir."""
     src_dir = src_dir or qwen3_tokenizer_dir()
     if not 256 < keep <= _QWEN3_FIRST_SPECIAL:
         raise ValueError(f"keep must be in (256, {_QWEN3_FIRST_SPECIAL}], got {keep}")
@@ -107,21 +107,17 @@ def truncate_qwen3_tokenizer(out_dir: str, keep: int, *, src_dir: str | None = N
     tok_cfg["added_tokens_decoder"] = {str(int(i) + shift): v for i, v in tok_cfg["added_tokens_decoder"].items()}
     tok_cfg.pop("auto_map", None)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
-        with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(tok, f, ensure_ascii=False, indent=1)
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(tok_cfg, f, ensure_ascii=False, indent=2)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    os.makedirs(out_dir, exist_ok=True)  # may be a model folder: other files are left alone
+    for name, obj, indent in (("tokenizer.json", tok, 1), ("tokenizer_config.json", tok_cfg, 2)):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(obj, f, ensure_ascii=False, indent=indent)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, os.path.join(out_dir, name))
+        except BaseException:
+            os.unlink(tmp)
+            raise
     return out_dir
 
 

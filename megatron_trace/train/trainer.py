@@ -140,7 +140,7 @@ class Trainer:
         self.experience = None
         if cfg.train.mode == "trace" and start_rollout:
             self._setup_rollout()
-            if cfg.rollout.server_url:  # an external server starts from other weights: push ours
+            if cfg.rollout.external_urls:  # external servers start from other weights: push ours
                 self.sync_weights()
 
     # ------------------------------------------------------------------------------------------------ set-up
