@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
 from safetensors.torch import load_file  # noqa: E402
-from tiny_hf_model import make_tiny_qwen3_dir  # noqa: E402
+from tiny_hf_model import hf_greedy, hf_logprobs, make_tiny_qwen3_dir  # noqa: E402
 
 from megatron_trace.rollout.engine import EngineConfig, VLLMEngine, WeightUpdateError  # noqa: E402
 from megatron_trace.rollout.types import SamplingConfig  # noqa: E402
@@ -53,23 +53,6 @@ def weights(model_dir, bucket_size=5):
 
 def use(engine, models, key):
     engine.update_weights(weights(models[key]))
-
-
-def hf_greedy(model, prompt, n_new):
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0,
-        )
-    return out[0, len(prompt):].tolist()
-
-
-def hf_logprobs(model, prompt, response):
-    """Teacher-forced log p(response_t | prefix) from a full-vocab float64 log_softmax."""
-    ids = torch.tensor([prompt + response])
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].double()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 def test_greedy_output_equals_transformers_greedy(engine, models, hf):

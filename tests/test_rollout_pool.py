@@ -19,6 +19,7 @@ import weakref
 import pytest
 import torch
 from test_rollout_client import ScriptedServer
+from tiny_hf_model import hf_greedy, hf_logprobs
 
 from megatron_trace.config import ConfigError, load_config
 from megatron_trace.rollout import launch
@@ -394,19 +395,6 @@ def _hf(model_dir):
     return Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def _hf_greedy(model, prompt, n_new):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def _hf_logprobs(model, prompt, response):
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].double()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-
-
 @pytest.mark.slow
 def test_two_real_servers_sample_exactly_what_one_server_samples(real_pool):
     pool, out_dir = real_pool
@@ -444,8 +432,8 @@ def test_a_pushed_update_reaches_both_real_servers(real_pool, models):
     greedy = SamplingConfig(temperature=0.0, max_tokens=6)
     for engine in pool.engines:  # each server on its own now serves model b
         for prompt, gens in zip(PROMPTS[:2], engine.client.generate(PROMPTS[:2], greedy)):
-            assert gens[0].token_ids == _hf_greedy(hf_b, prompt, 6) and gens[0].weight_version == version
+            assert gens[0].token_ids == hf_greedy(hf_b, prompt, 6) and gens[0].weight_version == version
             torch.testing.assert_close(torch.tensor(gens[0].logprobs, dtype=torch.float64),
-                                       _hf_logprobs(hf_b, prompt, gens[0].token_ids), atol=1e-4, rtol=0)
+                                       hf_logprobs(hf_b, prompt, gens[0].token_ids), atol=1e-4, rtol=0)
     out = pool.generate(PROMPTS, greedy)  # and so does the pool, on both shares
-    assert [gens[0].token_ids for gens in out] == [_hf_greedy(hf_b, p, 6) for p in PROMPTS]
+    assert [gens[0].token_ids for gens in out] == [hf_greedy(hf_b, p, 6) for p in PROMPTS]

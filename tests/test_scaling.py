@@ -27,7 +27,7 @@ nproc_per_node: 1
 overrides: [train.steps=2, rollout.engine=inprocess, rollout.prompts_per_step=2, rollout.group_size=2,
             rollout.max_response_tokens=16, optim.micro_batch_size=4, logging.tensorboard=false]
 models:
-  tiny: {{model.hf_config: tiny, parallel.tp: 1}}
+  tiny: {{model.hf_config: tiny-bpe4k, parallel.tp: 1}}
 routes: {routes}
 seeds: {seeds}
 {extra}""")

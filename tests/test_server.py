@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
 from safetensors.torch import load_file  # noqa: E402
-from tiny_hf_model import make_tiny_qwen3_dir  # noqa: E402
+from tiny_hf_model import hf_greedy, hf_logprobs, make_tiny_qwen3_dir  # noqa: E402
 
 from megatron_trace.rollout.client import ClientConfig, RolloutClient  # noqa: E402
 from megatron_trace.rollout.launch import ManagedServer  # noqa: E402
@@ -69,19 +69,6 @@ def monkeypatch_module():
 def buckets_of(model_dir, size=4):
     items = sorted(load_file(f"{model_dir}/model.safetensors").items())
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def hf_greedy(model, prompt, n_new):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def hf_logprobs(model, prompt, response):
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].double()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
 
 
 def assert_serves(client, hf_model, n_new=8):

@@ -20,7 +20,8 @@ VOLATILE = ("time/", "tokens_per_s")
 def _cfg(out_dir: str, steps: int, mode: str, extra=()):
     from megatron_trace.config import load_config
 
-    common = [f"train.steps={steps}", "train.seed=11", "model.hf_config=tiny", f"data.path={DATA}",
+    common = [f"train.steps={steps}", "train.seed=11", "model.hf_config=tiny-bpe4k",
+              "model.tokenizer=qwen3-bpe4k", f"data.path={DATA}",
               "checkpoint.save_every=1", "checkpoint.keep_last=2", "checkpoint.resume=auto",
               f"logging.output_dir={out_dir}", "logging.tensorboard=false", "optim.micro_batch_size=4"]
     if mode == "sft":

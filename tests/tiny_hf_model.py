@@ -89,3 +89,25 @@ def make_tiny_qwen3_dir(
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------- transformers references for generation tests
+
+
+def hf_greedy(model, prompt: list[int], n_new: int) -> list[int]:
+    """Exactly `n_new` greedy tokens from a transformers model after `prompt`."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logprobs(model, prompt: list[int], response: list[int]):
+    """Teacher-forced log p(response_t | prefix) from a full-vocab float64 log_softmax: [len(response)], nats."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
