@@ -23,10 +23,11 @@ def chart(rows: list[dict], key: str, *, width: int = 40, extra: tuple[str, ...]
     if not known:
         raise SystemExit(f"no {key!r} in the metrics")
     top = max(max(known), 1e-12)
-    lines = [f"{'step':>5}  {key:<12} " + "".join(f"{e:>12}" for e in extra)]
+    w = max(12, *(len(e) + 1 for e in extra))  # a column per extra metric, wide enough for its name
+    lines = [f"{'step':>5}  {key:<12} " + "".join(f"{e:>{w}}" for e in extra)]
     for r, v in zip(rows, values):
         bar = "#" * int(round(width * (v or 0.0) / top))
-        tail = "".join(f"{r.get(e, float('nan')):>12.4f}" for e in extra)
+        tail = "".join(f"{r.get(e, float('nan')):>{w}.4f}" for e in extra)
         lines.append(f"{r['step']:>5}  {(v if v is not None else float('nan')):<12.4f} {tail}  {bar}")
     return "\n".join(lines)
 

@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+# Warnings that say nothing to a user, one copy per rank each, drowning the per-step lines: megatron-core 0.16's own
+# default cuda_graph_scope ("full") trips its own deprecation; and on a CPU-only machine (the GPU image has Apex
+# and Transformer Engine, and the launchers set CUDA_DEVICE_MAX_CONNECTIONS) the fallbacks and the CUDA advice.
+_NOISE = r"full scope is deprecated"
+_CPU_NOISE = (r"(Apex is not installed|Transformer Engine and Apex are not installed|When using async grad allreduce "
+              r"it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
 
+    import torch
+
+    warnings.filterwarnings("ignore", message=_NOISE, category=UserWarning)
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=_CPU_NOISE, category=UserWarning)
     from megatron_trace.config import ConfigError, load_config
 
     try:
