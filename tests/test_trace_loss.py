@@ -229,3 +229,14 @@ def test_all_token_opd_mode_accepts_all_token_routes():
     # at lambda = w0 the GRPO part vanishes: KL = 0.5 * ((0.1 + 0.2 + 0.3) / 3 + (0.4 + 0.5) / 2) / 2
     assert math.isclose(float(loss.detach()), 0.5 * (0.2 + 0.45) / 2, abs_tol=1e-12)
     assert m["frac_fkl"] == 1.0
+
+
+def test_all_token_opd_after_the_anneal_is_grpo_on_every_token():
+    # lambda_k = 0: the trainer routes nothing (no annotate, no teacher); the loss must equal plain GRPO's
+    stats, batch = hand_batch()
+    batch["routes"] = torch.zeros_like(batch["routes"])
+    batch["kl_rows"] = torch.zeros(0, dtype=torch.long)
+    stats = TokenStats(stats.logprob, stats.entropy, torch.zeros(0, dtype=torch.float64))
+    loss, _ = trace_loss(stats, **batch, kl_weight=0.0, cfg=TraceLossConfig(mode="all_token_opd"))
+    ref, _ = trace_loss(stats, **batch, kl_weight=0.0, cfg=TraceLossConfig(mode="grpo"))
+    assert float(ref.detach()) != 0.0 and float(loss.detach()) == float(ref.detach())

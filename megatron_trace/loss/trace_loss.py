@@ -156,7 +156,8 @@ def trace_loss(stats: TokenStats, *, old_logprob: torch.Tensor, advantages: torc
         if expected_rows.shape != kl_rows.shape or not torch.equal(expected_rows, kl_rows.to(expected_rows)):
             raise ValueError(f"kl_rows must be exactly the FKL/RKL positions in order: {expected_rows.numel()} span "
                              f"tokens, {kl_rows.numel()} kl_rows")
-        if cfg.mode == "all_token_opd" and bool((in_response & ~span).any()):
+        # once annealed (lambda_k = 0) the baseline is GRPO on every token and the trainer stops routing spans
+        if cfg.mode == "all_token_opd" and kl_weight > 0 and bool((in_response & ~span).any()):
             raise ValueError("mode all_token_opd: every response token must be routed FKL/RKL "
                              "(use all_token_routes)")
 
