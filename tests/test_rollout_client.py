@@ -211,31 +211,33 @@ class WeightServer:
         return [(p, h) for (_, p), h in zip(self.srv.requests, self.srv.headers) if p.startswith("/weights")]
 
 
-def test_weights_stream_one_bucket_at_a_time_from_a_generator_then_a_commit_carries_the_count(monkeypatch):
+def tracked_buckets(n: int, refs: list, dead_before: list):
+    """n one-tensor buckets; `refs` gets a weakref to each bucket's tensor, and `dead_before[i]` records whether
+    every earlier bucket's tensor was already freed when bucket i was drawn (the one-bucket-alive check)."""
     import gc
     import weakref
 
     import torch
 
+    for i in range(n):
+        gc.collect()
+        dead_before.append(all(r() is None for r in refs))
+        t = torch.full((1000,), float(i))
+        refs.append(weakref.ref(t))
+        yield [(f"w{i}", t)]
+        del t  # the generator itself keeps no reference once resumed
+
+
+def test_weights_stream_one_bucket_at_a_time_from_a_generator_then_a_commit_carries_the_count(monkeypatch):
     monkeypatch.setenv("TRACE_TEST_TOKEN", "t0k")
     n = 4
     produced = []  # how many buckets the generator had produced when each weight request arrived
-    dead_before = []  # for each bucket produced: were all earlier buckets' tensors already freed?
-    refs = []
-
-    def buckets():
-        for i in range(n):
-            gc.collect()
-            dead_before.append(all(r() is None for r in refs))
-            t = torch.full((1000,), float(i))
-            refs.append(weakref.ref(t))
-            yield [(f"w{i}", t)]
-            del t  # the generator itself keeps no reference once resumed
+    dead_before, refs = [], []
 
     ws = WeightServer(on_request=lambda path: produced.append(len(refs)) if path.startswith("/weights") else None)
     try:
         with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
-            assert c.update_weights(buckets()) == 5
+            assert c.update_weights(tracked_buckets(n, refs, dead_before)) == 5
         reqs = ws.weight_requests()
         assert [p for p, _ in reqs] == ["/weights"] * n + ["/weights/commit"]
         assert produced == [1, 2, 3, 4, 4]  # bucket i was sent before bucket i + 1 was asked for

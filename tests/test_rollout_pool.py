@@ -9,16 +9,14 @@ check that the pool samples exactly what one server samples, and that a pushed u
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
 import socket
-import weakref
 
 import pytest
 import torch
-from test_rollout_client import ScriptedServer
+from test_rollout_client import ScriptedServer, tracked_buckets
 from tiny_hf_model import hf_greedy, hf_logprobs
 
 from megatron_trace.config import ConfigError, load_config
@@ -181,22 +179,13 @@ def test_each_bucket_reaches_every_server_before_the_next_is_drawn_one_bucket_al
     dead_before = []  # for each bucket produced: were all earlier buckets' tensors already freed?
     arrivals = []  # (server index, path, bucket index, buckets produced so far)
 
-    def buckets():
-        for i in range(n):
-            gc.collect()
-            dead_before.append(all(r() is None for r in refs))
-            t = torch.full((1000,), float(i))
-            refs.append(weakref.ref(t))
-            yield [(f"w{i}", t)]
-            del t
-
     def on_weights(server, path, headers):
         arrivals.append((servers.index(server), path, headers.get(INDEX_HEADER), len(refs)))
 
     servers = [PoolWeightServer(version=v, on_weights=on_weights) for v in (4, 6, 5)]
     try:
         with pool_of(*(s.url for s in servers)) as pool:
-            assert pool.update_weights(buckets()) == 7  # the highest serving version + 1, for all of them
+            assert pool.update_weights(tracked_buckets(n, refs, dead_before)) == 7  # the highest serving version + 1, for all of them
             assert pool.versions() == [7, 7, 7] and pool.version() == 7
         for i in range(n):  # bucket i arrived at all three servers while exactly i + 1 buckets had been produced
             got = sorted((s, produced) for s, path, idx, produced in arrivals if path == "/weights" and idx == str(i))
