@@ -15,7 +15,7 @@ import random
 import statistics
 import time
 
-from megatron_trace.annotate.spans import _offsets_by_prefix_decode, token_char_offsets
+from megatron_trace.annotate.spans import offsets_by_prefix_decode, token_char_offsets
 from megatron_trace.data.tokenizer import load_tokenizer
 
 SENTENCES = [
@@ -48,9 +48,9 @@ def main() -> None:
         ids = tok.encode(text)[:length]
         ours = token_char_offsets(tok, ids)
         naive_repeats = max(1, args.repeats if length <= 1024 else 3)
-        assert ours == _offsets_by_prefix_decode(tok, ids), "the two methods disagree"
+        assert ours == offsets_by_prefix_decode(tok, ids), "the two methods disagree"
         t_ours = median_time(lambda: token_char_offsets(tok, ids), args.repeats)
-        t_naive = median_time(lambda: _offsets_by_prefix_decode(tok, ids), naive_repeats)
+        t_naive = median_time(lambda: offsets_by_prefix_decode(tok, ids), naive_repeats)
         print(f"{length:>7} {t_ours * 1e3:>14.2f} {t_naive * 1e3:>17.1f} {t_naive / t_ours:>8.0f}x")
 
 

@@ -84,8 +84,8 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
 
     from megatron_trace.distributed import destroy_distributed, initialize_distributed
     from megatron_trace.models import build_qwen3_model
-    from megatron_trace.rollout.hf_export import save_hf_folder
-    from megatron_trace.rollout.weight_bridge import export_hf_buckets
+    from megatron_trace.sync.hf_export import save_hf_folder
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
 
     initialize_distributed(tp=2, pp=1, seed=0)
     try:

@@ -2,9 +2,9 @@
 
     python -m megatron_trace.train --config examples/configs/tiny_cpu.yaml train.steps=20 parallel.tp=2
 
-Each field is documented once, here (or in the component's own config class that this tree embeds:
-`DataConfig`, `AnnotatorClientConfig`). `validate_run_config` performs the checks that need the outside world
-(model config, data file, annotator reachability) before any work starts.
+Each field is documented once, here or in the config class that a component defines beside itself and this tree
+embeds (`DataConfig`, `RolloutConfig`, `RewardConfig`, `AnnotateConfig`, `LossConfig`). `validate_run_config` performs the checks
+that need the outside world (model config, data file, annotator reachability) before any work starts.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import Literal, Optional
 from megatron_trace.annotate.config import AnnotateConfig
 from megatron_trace.config_base import ConfigError, load_yaml_config, to_dict
 from megatron_trace.data.dataset import DataConfig
+from megatron_trace.loss.trace_loss import LossConfig
 from megatron_trace.rewards import RewardConfig
+from megatron_trace.rollout.config import RolloutConfig
 
-__all__ = ["TraceConfig", "load_config", "validate_run_config", "to_dict", "ConfigError"]
+__all__ = ["TraceConfig", "load_config", "load_run_tokenizer", "validate_run_config", "to_dict", "ConfigError"]
 
 
 @dataclass
@@ -56,93 +58,6 @@ class ParallelConfig:
         for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class RolloutConfig:
-    prompts_per_step: int = 8  # problems per training step (global batch of prompts)
-    group_size: int = 4  # responses sampled per problem (the GRPO group, G)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1 = off
-    max_response_tokens: int = 64
-    enable_thinking: bool = False  # Qwen3 thinking mode in the chat template
-    # "server": vLLM generation server(s) (tools/serve_rollout.py) on 127.0.0.1 started beside global rank 0, or
-    # the ones at `server_url(s)`; weights are pushed to them after every step. "inprocess": vllm.LLM inside the
-    # trainer; only for single-process runs (vLLM takes over torch.distributed's default group).
-    engine: Literal["server", "inprocess"] = "server"
-    server_url: Optional[str] = None  # an already running generation server; None = start one
-    # Several already running generation servers, used in data parallel (each generate call's prompts are split
-    # over them, every weight update goes to all); a one-element list is the same as `server_url`.
-    server_urls: list[str] = field(default_factory=list)
-    server_token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN"  # env var with the server's bearer token (all servers)
-    num_servers: int = 1  # without server_url(s): generation servers started beside rank 0, in data parallel
-    # With num_servers: one CUDA_VISIBLE_DEVICES value per started server (e.g. ["6", "7"] or ["4,5", "6,7"]);
-    # empty = every server sees the trainer's devices. Ignored on CPU.
-    server_gpus: list[str] = field(default_factory=list)
-    server_start_timeout_s: float = 300.0
-    kv_cache_memory_bytes: int = 64 * 1024 * 1024  # vLLM KV cache on CPU
-    gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU when colocated
-    max_model_len: int = 1024
-    weight_bucket_mb: float = 64.0  # weight sync bucket size: the bridge's peak extra memory
-    recompute_old_logprobs: bool = True  # trainer recomputes log p_old (else the sampler's log-probs are used)
-
-    def __post_init__(self) -> None:
-        if self.prompts_per_step < 1 or self.group_size < 1:
-            raise ConfigError("prompts_per_step and group_size must be >= 1")
-        if self.max_response_tokens < 1:
-            raise ConfigError(f"max_response_tokens: must be >= 1, got {self.max_response_tokens}")
-        if self.weight_bucket_mb <= 0:
-            raise ConfigError(f"weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
-        if self.server_url and self.server_urls:
-            raise ConfigError("server_urls: set either server_url (one server) or server_urls, not both")
-        for i, url in enumerate(self.external_urls):
-            if not url.startswith(("http://", "https://")):
-                name = f"server_urls[{i}]" if self.server_urls else "server_url"
-                raise ConfigError(f"{name}: {url!r} is not an http://host:port or https://... address")
-        if len(set(self.external_urls)) != len(self.external_urls):
-            raise ConfigError(f"server_urls: a server is listed twice in {self.server_urls}")
-        if self.num_servers < 1:
-            raise ConfigError(f"num_servers: must be >= 1, got {self.num_servers}")
-        for name in ("num_servers", "server_gpus"):
-            if self.external_urls and getattr(self, name) not in (1, []):
-                raise ConfigError(f"{name}: only for servers started by the trainer; with server_url(s) the "
-                                  "servers listed there are used")
-        if self.num_servers > 1 and self.engine == "inprocess":
-            raise ConfigError("num_servers: engine inprocess is a single engine; use engine: server")
-        if self.server_gpus and len(self.server_gpus) != self.num_servers:
-            raise ConfigError(f"server_gpus: {len(self.server_gpus)} entries for num_servers={self.num_servers} "
-                              "(one CUDA_VISIBLE_DEVICES value per started server)")
-
-    @property
-    def external_urls(self) -> list[str]:
-        """The already running generation servers to use (server_urls, or [server_url]); [] = start our own."""
-        return list(self.server_urls) if self.server_urls else ([self.server_url] if self.server_url else [])
-
-
-@dataclass
-class LossConfig:
-    # Which tokens are distilled is set under annotate.spans (coverage_cap; fkl: key spans of correct responses
-    # take forward KL; rkl: error spans of incorrect responses take reverse KL).
-    # trace: routed (annotator spans); all_token_opd: every token distilled (baseline); random_spans: random
-    # spans of the annotator's coverage (baseline); grpo: no distillation at all.
-    mode: Literal["trace", "all_token_opd", "random_spans", "grpo"] = "trace"
-    w0: float = 0.5  # initial KL weight lambda_0; span tokens keep GRPO weight (1 - lambda_k / w0)
-    warmup_steps: int = 10  # lambda_k = w0 for these steps
-    decay_steps: int = 30  # then linearly to exactly 0 over these
-    kl_clip: Optional[float] = 0.05  # per-vocab-entry clip c of the KL terms; None = exact KL
-    eps_low: float = 0.2  # PPO/GRPO clip range below 1
-    eps_high: float = 0.28  # and above 1 (DAPO clip-higher)
-    normalize_std: bool = True  # divide group-centred rewards by the group std
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no GRPO signal)
-    overlong_buffer: Optional[int] = None  # DAPO soft overlong penalty over the last N tokens; None = off
-    overlong_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.w0 < 0:
-            raise ConfigError(f"w0: must be >= 0, got {self.w0}")
-        if self.warmup_steps < 0 or self.decay_steps < 0:
-            raise ConfigError("warmup_steps and decay_steps must be >= 0")
 
 
 @dataclass
@@ -266,8 +181,20 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TraceCo
     return load_yaml_config(TraceConfig, path, overrides)
 
 
-def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotator: bool = True) -> dict:
+def load_run_tokenizer(cfg: TraceConfig):
+    """The run's tokenizer (`model.tokenizer`, else `model.load`'s, else Qwen3's); ConfigError naming the field."""
+    from megatron_trace.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.model.tokenizer_source())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.tokenizer: {e}") from e
+
+
+def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotator: bool = True,
+                        tokenizer=None) -> dict:
     """Checks that need the outside world, before any work starts. Returns the model's HF config dict.
+    tokenizer: the run's tokenizer if the caller has loaded it (else it is loaded here, by load_run_tokenizer).
 
     Raises ConfigError naming the field: model config not found, TP/PP not dividing heads/layers or the world
     size, missing data file, annotator unreachable.
@@ -291,11 +218,12 @@ def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotato
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
     if cfg.model.load is not None and not os.path.exists(cfg.model.load):
         raise ConfigError(f"model.load: {cfg.model.load} does not exist")
-    from megatron_trace.data.tokenizer import check_tokenizer_fits, load_tokenizer
+    from megatron_trace.data.tokenizer import check_tokenizer_fits
 
+    tokenizer = tokenizer if tokenizer is not None else load_run_tokenizer(cfg)
     try:  # a tokenizer wider than the output layer would index past it on the first prompt
-        check_tokenizer_fits(load_tokenizer(cfg.model.tokenizer_source()), hf_config["vocab_size"])
-    except (OSError, ValueError) as e:
+        check_tokenizer_fits(tokenizer, hf_config["vocab_size"])
+    except ValueError as e:
         raise ConfigError(f"model.tokenizer: {e}") from e
     if not cfg.data.path:
         raise ConfigError("data.path: no dataset given")
@@ -311,7 +239,8 @@ def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotato
         from megatron_trace.annotate.client import AnnotatorUnreachable, OpenAIAnnotator
 
         try:
-            OpenAIAnnotator(cfg.annotate.client).check_reachable()
+            with OpenAIAnnotator(cfg.annotate.client) as annotator:
+                annotator.check_reachable()
         except AnnotatorUnreachable as e:
             raise ConfigError(f"annotate.client.base_url: {e}") from e
     return hf_config

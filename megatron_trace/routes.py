@@ -1,4 +1,4 @@
-"""Token routes: which loss each response token receives (DESIGN.md step 4).
+"""Token routes: which loss each response token receives (docs/design.md, "The step", 4).
 
 PG  - the clipped GRPO surrogate (every token not in a span);
 FKL - forward KL(teacher || student) on key spans of correct responses;

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import os
 import queue as _q
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from megatron_trace.distributed.setup import free_ports
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def _worker(rank: int, world_size: int, port: int, init_gloo: bool, fn, args, kwargs, queue) -> None:
@@ -55,7 +52,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, init_gloo: b
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` processes; return results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    port = free_ports(1)[0]
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, init_gloo, fn, args, kwargs, queue), daemon=False)
              for r in range(world_size)]
     for p in procs:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_fixtures import make_hf_dir
+from tiny_hf_model import CHECKPOINT_MODEL, make_tiny_qwen3_dir
 from megatron_trace.checkpoint.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_trace.checkpoint.hf_io import HFTensorSource
 
@@ -41,11 +41,11 @@ def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     return {
         # sharded input with an index json, vocab not a multiple of 128
-        "untied-sharded": make_hf_dir(str(root / "untied"), seed=3, tied=False, vocab_size=300,
-                                      max_shard_size="150KB"),
+        "untied-sharded": make_tiny_qwen3_dir(str(root / "untied"), seed=3, tied=False, vocab_size=300,
+                                              max_shard_size="150KB", **CHECKPOINT_MODEL),
         # single file, bf16, with tokenizer files that must travel through the conversion
-        "tied-bf16": make_hf_dir(str(root / "tied"), seed=4, tied=True, vocab_size=200, dtype="bfloat16",
-                                 with_tokenizer=True),
+        "tied-bf16": make_tiny_qwen3_dir(str(root / "tied"), seed=4, tied=True, vocab_size=200, dtype="bfloat16",
+                                         **{**CHECKPOINT_MODEL, "tokenizer": "files"}),
     }
 
 

@@ -14,7 +14,6 @@ from megatron_trace.config_base import ConfigError, from_dict
 from megatron_trace.data.arith import assets_dir, make_splits
 from megatron_trace.data.dataset import DataConfig, DatasetError, Problem, load_problems
 from megatron_trace.data.prompts import build_prompt_ids, privileged_messages, student_messages
-from megatron_trace.data.tokenizer import load_tokenizer
 from megatron_trace.rewards.math import math_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,11 +87,6 @@ def test_grpo_only_data_may_lack_solutions_when_allowed(tmp_path):
     cfg.require_solution = True
     with pytest.raises(DatasetError, match="no field 'solution'"):
         load_problems(cfg)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 def test_student_prompt_uses_the_qwen3_chat_template_with_thinking_on_and_off(tok):

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from dist_harness import free_port, run_distributed
+from dist_harness import run_distributed
+
+from megatron_trace.distributed.setup import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +74,7 @@ def _draw_in_tp_stream() -> float:
 
 @pytest.fixture(scope="module")
 def results():
-    return run_distributed(_layouts, 2, free_port(), timeout=300)
+    return run_distributed(_layouts, 2, free_ports(1)[0], timeout=300)
 
 
 def test_tp2_puts_both_ranks_in_one_tensor_parallel_group(results):

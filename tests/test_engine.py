@@ -33,13 +33,6 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(models):
-    from transformers import Qwen3ForCausalLM
-
-    return {k: Qwen3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for k, d in models.items()}
-
-
-@pytest.fixture(scope="module")
 def engine(models):
     eng = VLLMEngine(EngineConfig(models["a"], max_model_len=256))
     yield eng

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from checkpoint_fixtures import hf_logits, make_hf_dir
+from tiny_hf_model import CHECKPOINT_MODEL, hf_logits, make_tiny_qwen3_dir
 from dist_harness import run_distributed
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
@@ -109,7 +109,7 @@ def parity_cases(tmp_path_factory):
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(7))
     cases = {}
     for name, spec in MODELS.items():
-        hf_dir = make_hf_dir(str(root / f"hf-{name}"), **spec)
+        hf_dir = make_tiny_qwen3_dir(str(root / f"hf-{name}"), **spec, **CHECKPOINT_MODEL)
         dirs = {tp: str(root / f"megatron-{name}-tp{tp}") for tp in (1, 2)}
         for tp, out in dirs.items():
             convert_hf_to_megatron(hf_dir, out, tp=tp, pp=2)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 from test_rollout_client import ScriptedServer, tracked_buckets
-from tiny_hf_model import hf_greedy, hf_logprobs
+from tiny_hf_model import hf_greedy, hf_logprobs, load_hf_model
 
 from megatron_trace.config import ConfigError, load_config
+from megatron_trace.distributed.setup import free_ports
 from megatron_trace.rollout import launch
 from megatron_trace.rollout.client import ClientConfig, RolloutClient, RolloutServerError
 from megatron_trace.rollout.pool import EnginePool, EnginePoolError, split_balanced
@@ -31,9 +31,7 @@ TOKEN_ENV = "TRACE_TEST_POOL_TOKEN"
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]  # closed again on return: nothing listens there
 
 
 def completion_server(tag: int):
@@ -342,13 +340,6 @@ PROMPTS = [[9707, 11, 1879, 0, 3555], [151644, 872, 198, 3838, 374, 220, 17, 10,
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     pytest.importorskip("vllm")
     from tiny_hf_model import make_tiny_qwen3_dir
@@ -376,12 +367,6 @@ def real_pool(models, tmp_path_factory, monkeypatch_module):
         yield pool, out
     finally:
         pool.close()
-
-
-def _hf(model_dir):
-    from transformers import Qwen3ForCausalLM
-
-    return Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.mark.slow
@@ -417,7 +402,7 @@ def test_a_pushed_update_reaches_both_real_servers(real_pool, models):
     items = sorted(load_file(f"{models['b']}/model.safetensors").items())
     version = pool.update_weights(items[i : i + 3] for i in range(0, len(items), 3))
     assert version == before + 1 and pool.versions() == [version, version]
-    hf_b = _hf(models["b"])
+    hf_b = load_hf_model(models["b"])
     greedy = SamplingConfig(temperature=0.0, max_tokens=6)
     for engine in pool.engines:  # each server on its own now serves model b
         for prompt, gens in zip(PROMPTS[:2], engine.client.generate(PROMPTS[:2], greedy)):

@@ -36,13 +36,6 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(models):
-    from transformers import Qwen3ForCausalLM
-
-    return {k: Qwen3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for k, d in models.items()}
-
-
-@pytest.fixture(scope="module")
 def server(models, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv(TOKEN_ENV, TOKEN)  # ManagedServer sets it too; this undoes it after the module
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -57,13 +50,6 @@ def client(server, monkeypatch_module):
     monkeypatch_module.setenv(TOKEN_ENV, TOKEN)
     with RolloutClient(ClientConfig(base_url=server, token_env=TOKEN_ENV, timeout_s=60, retries=1)) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def buckets_of(model_dir, size=4):

@@ -29,11 +29,6 @@ FRAGMENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
 def random_response(rng: random.Random) -> str:
     parts = []
     for _ in range(rng.randint(3, 14)):

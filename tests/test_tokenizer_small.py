@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from megatron_trace.annotate.spans import _offsets_by_prefix_decode, _token_bytes, decode_with_offsets
+from megatron_trace.annotate.spans import offsets_by_prefix_decode, token_bytes, decode_with_offsets
 from megatron_trace.data.prompts import build_prompt_ids, privileged_messages, student_messages
 from megatron_trace.data.tokenizer import (
     SHIPPED_TOKENIZERS,
@@ -84,10 +84,10 @@ def test_special_tokens_sit_after_the_kept_entries_and_the_chat_template_is_unch
 def test_sampled_token_offsets_use_the_byte_level_path(small):
     ids = small.encode("We multiply: 12 * 11 = 132.\nThe answer is \\boxed{132}.", add_special_tokens=False)
     ids += [small.eos_token_id]
-    assert _token_bytes(small, ids) is not None
+    assert token_bytes(small, ids) is not None
     text, offsets = decode_with_offsets(small, ids)
     assert text == small.decode(ids)
-    assert offsets == _offsets_by_prefix_decode(small, ids)
+    assert offsets == offsets_by_prefix_decode(small, ids)
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_naming_the_field(full):

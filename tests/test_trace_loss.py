@@ -1,4 +1,5 @@
-"""The TRACE objective, its schedule, metrics and baselines, against examples worked by hand from DESIGN.md step 6.
+"""The TRACE objective, its schedule, metrics and baselines, against examples worked by hand from docs/design.md
+("The loss").
 
 The hand example (two responses and a prompt token), w0 = 0.5, kl_weight = 0.25 -> span GRPO weight 0.5:
   token         t0    t1    t2    t3    t4    t5
@@ -21,10 +22,16 @@ import pytest
 import torch
 
 from megatron_trace.config_base import ConfigError, from_dict
-from megatron_trace.loss.trace_loss import (ExposureTracker, KLSchedule, TraceLossConfig, all_token_routes,
-                                            random_span_routes, trace_loss)
+from megatron_trace.loss.reductions import reduce_metrics
+from megatron_trace.loss.trace_loss import (ExposureTracker, LossConfig, TraceLoss, all_token_routes,
+                                            random_span_routes)
 from megatron_trace.loss.vocab_parallel import TokenStats, token_stats
 from megatron_trace.routes import Route
+
+
+def step_metrics(m):
+    """One micro-batch's metrics reduced as the trainer reduces a step's (one micro-batch, one rank): floats."""
+    return reduce_metrics([m], TraceLoss.reductions)
 
 
 def hand_batch():
@@ -42,7 +49,7 @@ def hand_batch():
 
 def test_trace_loss_matches_the_hand_example():
     stats, batch = hand_batch()
-    loss, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig())
+    loss, m = TraceLoss(LossConfig())(stats, **batch, kl_weight=0.25)
     assert math.isclose(float(loss.detach()), -0.0935, abs_tol=1e-12)
     assert math.isclose(m["pg_loss"], -0.156, abs_tol=1e-12) and math.isclose(m["kl_loss"], 0.0625, abs_tol=1e-12)
     g_lp, g_kl = torch.autograd.grad(loss, [stats.logprob, stats.kl])
@@ -54,11 +61,13 @@ def test_trace_loss_matches_the_hand_example():
 
 def test_metrics_are_sums_counts_and_means_per_route():
     stats, batch = hand_batch()
-    _, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig())
+    _, raw = TraceLoss(LossConfig())(stats, **batch, kl_weight=0.25)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in raw.values())
+    m = step_metrics(raw)
     expected = dict(tokens=5, pg_tokens=2, fkl_tokens=2, rkl_tokens=1, span_tokens=3, clipped_tokens=1,
-                    kl_fkl_sum=0.6, kl_rkl_sum=0.6, kl_fkl_mean=0.3, kl_rkl_mean=0.6,
+                    kl_fkl_sum=0.6, kl_rkl_sum=0.6, kl_fkl=0.3, kl_rkl=0.6,
                     entropy_pg_sum=5.0, entropy_fkl_sum=5.0, entropy_rkl_sum=5.0,
-                    entropy_pg_mean=2.5, entropy_fkl_mean=2.5, entropy_rkl_mean=5.0,
+                    entropy_pg=2.5, entropy_fkl=2.5, entropy_rkl=5.0,
                     frac_pg=0.4, frac_fkl=0.4, frac_rkl=0.2, clip_frac=0.2, kl_weight=0.25)
     for key, value in expected.items():
         assert math.isclose(m[key], value, abs_tol=1e-12), (key, m[key], value)
@@ -67,7 +76,7 @@ def test_metrics_are_sums_counts_and_means_per_route():
 
 def test_global_counts_normalise_pg_by_tokens_and_kl_by_responses():
     stats, batch = hand_batch()
-    loss, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig(), num_tokens=10, num_responses=4)
+    loss, m = TraceLoss(LossConfig())(stats, **batch, kl_weight=0.25, num_tokens=10, num_responses=4)
     assert math.isclose(m["pg_loss"], -0.078, abs_tol=1e-12)
     assert math.isclose(m["kl_loss"], 0.03125, abs_tol=1e-12)
     assert math.isclose(float(loss.detach()), -0.04675, abs_tol=1e-12)
@@ -75,10 +84,10 @@ def test_global_counts_normalise_pg_by_tokens_and_kl_by_responses():
 
 def test_span_tokens_get_full_grpo_weight_once_kl_weight_is_zero_and_none_at_w0():
     stats, batch = hand_batch()
-    loss0, m0 = trace_loss(stats, **batch, kl_weight=0.0, cfg=TraceLossConfig())
+    loss0, m0 = TraceLoss(LossConfig())(stats, **batch, kl_weight=0.0)
     # all tokens weight 1: (-1.28 - 1 - 1 + 1 + 1) / 5
     assert math.isclose(float(loss0.detach()), -0.256, abs_tol=1e-12) and m0["kl_loss"] == 0.0
-    loss_w0, m_w0 = trace_loss(stats, **batch, kl_weight=0.5, cfg=TraceLossConfig())
+    loss_w0, m_w0 = TraceLoss(LossConfig())(stats, **batch, kl_weight=0.5)
     # span tokens weight 0: (-1.28 + 1) / 5; KL 0.5 * 0.5 / 2
     assert math.isclose(m_w0["pg_loss"], -0.056, abs_tol=1e-12)
     assert math.isclose(m_w0["kl_loss"], 0.125, abs_tol=1e-12)
@@ -86,7 +95,8 @@ def test_span_tokens_get_full_grpo_weight_once_kl_weight_is_zero_and_none_at_w0(
 
 def test_grpo_mode_ignores_spans_and_kl():
     stats, batch = hand_batch()
-    loss, m = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig(mode="grpo"))
+    loss, raw = TraceLoss(LossConfig(mode="grpo"))(stats, **batch, kl_weight=0.25)
+    m = step_metrics(raw)
     assert math.isclose(float(loss.detach()), -0.256, abs_tol=1e-12)
     assert m["kl_loss"] == 0.0 and m["span_tokens"] == 0.0 and m["kl_fkl_sum"] == 0.0 and m["frac_pg"] == 1.0
 
@@ -95,7 +105,7 @@ def test_masked_positions_cannot_leak_nan_into_the_loss():
     stats, batch = hand_batch()
     batch["old_logprob"] = batch["old_logprob"].clone()
     batch["old_logprob"][5] = float("nan")
-    loss, _ = trace_loss(stats, **batch, kl_weight=0.25, cfg=TraceLossConfig())
+    loss, _ = TraceLoss(LossConfig())(stats, **batch, kl_weight=0.25)
     assert math.isclose(float(loss.detach()), -0.0935, abs_tol=1e-12)
 
 
@@ -109,15 +119,15 @@ def test_masked_positions_cannot_leak_nan_into_the_loss():
     (dict(response_lengths=torch.tensor([3, 0])), "response_lengths must be positive"),
     (dict(kl_weight=0.6), "kl_weight=0.6 must be in \\[0, w0=0.5\\]"),
     (dict(kl_weight=-0.1), "kl_weight=-0.1 must be in"),
-    (dict(cfg=TraceLossConfig(mode="all_token_opd")), "every response token must be routed FKL/RKL"),
+    (dict(cfg=LossConfig(mode="all_token_opd")), "every response token must be routed FKL/RKL"),
     (dict(num_tokens=0), "must be positive"),
 ])
 def test_bad_input_raises_a_clear_error(change, message):
     stats, batch = hand_batch()
-    kwargs = dict(batch, kl_weight=0.25, cfg=TraceLossConfig())
+    kwargs = dict(batch, kl_weight=0.25, cfg=LossConfig())
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
-        trace_loss(stats, **kwargs)
+        TraceLoss(kwargs.pop("cfg"))(stats, **kwargs)
 
 
 def test_trace_loss_gradient_through_token_stats_matches_float64_full_vocab_reference():
@@ -131,9 +141,9 @@ def test_trace_loss_gradient_through_token_stats_matches_float64_full_vocab_refe
     reverse = batch["routes"][rows] == int(Route.RKL)
     teacher = torch.randn(len(rows), V, generator=g, dtype=torch.float64) * 3
     batch["old_logprob"] = torch.log_softmax(z.detach(), -1).gather(1, target[:, None]).squeeze(1) + 0.1
-    cfg = TraceLossConfig(kl_clip=0.05)
+    cfg = LossConfig(kl_clip=0.05)
     stats = token_stats(z, target, teacher_logits=teacher, kl_rows=rows, kl_reverse=reverse, kl_clip=0.05)
-    loss, _ = trace_loss(stats, **batch, kl_weight=0.3, cfg=cfg)
+    loss, _ = TraceLoss(cfg)(stats, **batch, kl_weight=0.3)
     (got,) = torch.autograd.grad(loss, z)
 
     zr = z.detach().clone().requires_grad_()
@@ -155,7 +165,7 @@ def test_trace_loss_gradient_through_token_stats_matches_float64_full_vocab_refe
 # ---------------------------------------------------------------------------------------------------- schedule
 
 def test_kl_weight_is_constant_during_warmup_then_linear_to_exactly_zero():
-    s = KLSchedule()  # 0.5, 10, 30
+    s = LossConfig()  # 0.5, 10, 30
     assert [s.kl_weight(k) for k in (0, 5, 9, 10)] == [0.5, 0.5, 0.5, 0.5]
     assert math.isclose(s.kl_weight(25), 0.25) and math.isclose(s.kl_weight(39), 0.5 / 30)
     assert s.kl_weight(40) == 0.0 and s.kl_weight(41) == 0.0 and s.kl_weight(10_000) == 0.0
@@ -165,25 +175,25 @@ def test_kl_weight_is_constant_during_warmup_then_linear_to_exactly_zero():
 
 
 def test_kl_schedule_without_decay_drops_to_zero_after_warmup():
-    s = KLSchedule(w0=0.3, warmup_steps=2, decay_steps=0)
+    s = LossConfig(w0=0.3, warmup_steps=2, decay_steps=0)
     assert [s.kl_weight(k) for k in range(4)] == [0.3, 0.3, 0.0, 0.0]
     assert s.last_active_step == 1
-    assert KLSchedule(w0=0.0).last_active_step == -1
+    assert LossConfig(w0=0.0).last_active_step == -1
 
 
 def test_schedule_and_config_load_from_dicts_and_reject_bad_values():
-    assert from_dict(KLSchedule, {"w0": 1, "warmup_steps": 3}).kl_weight(3) == 1.0
-    cfg = from_dict(TraceLossConfig, {"kl_clip": None, "mode": "random_spans"})
+    assert from_dict(LossConfig, {"w0": 1, "warmup_steps": 3}).kl_weight(3) == 1.0
+    cfg = from_dict(LossConfig, {"kl_clip": None, "mode": "random_spans"})
     assert cfg.kl_clip is None and cfg.mode == "random_spans"
-    for cls, data, message in [(KLSchedule, {"warmup_steps": -1}, "warmup_steps"),
-                               (KLSchedule, {"w0": -0.5}, "w0"),
-                               (TraceLossConfig, {"eps_low": 1.0}, "eps_low"),
-                               (TraceLossConfig, {"kl_clip": 0.0}, "kl_clip"),
-                               (TraceLossConfig, {"mode": "opd"}, "mode")]:
+    for cls, data, message in [(LossConfig, {"warmup_steps": -1}, "warmup_steps"),
+                               (LossConfig, {"w0": -0.5}, "w0"),
+                               (LossConfig, {"eps_low": 1.0}, "eps_low"),
+                               (LossConfig, {"kl_clip": 0.0}, "kl_clip"),
+                               (LossConfig, {"mode": "opd"}, "mode")]:
         with pytest.raises(ConfigError, match=message):
             from_dict(cls, data)
     with pytest.raises(ValueError, match="step must be >= 0"):
-        KLSchedule().kl_weight(-1)
+        LossConfig().kl_weight(-1)
 
 
 # ---------------------------------------------------------------------------------------------------- exposure
@@ -225,7 +235,8 @@ def test_all_token_opd_mode_accepts_all_token_routes():
     batch["routes"] = all_token_routes(mask, True)
     batch["kl_rows"] = torch.tensor([0, 1, 2, 3, 4])
     stats = TokenStats(stats.logprob, stats.entropy, torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5], dtype=torch.float64))
-    loss, m = trace_loss(stats, **batch, kl_weight=0.5, cfg=TraceLossConfig(mode="all_token_opd"))
+    loss, raw = TraceLoss(LossConfig(mode="all_token_opd"))(stats, **batch, kl_weight=0.5)
+    m = step_metrics(raw)
     # at lambda = w0 the GRPO part vanishes: KL = 0.5 * ((0.1 + 0.2 + 0.3) / 3 + (0.4 + 0.5) / 2) / 2
     assert math.isclose(float(loss.detach()), 0.5 * (0.2 + 0.45) / 2, abs_tol=1e-12)
     assert m["frac_fkl"] == 1.0
@@ -237,6 +248,6 @@ def test_all_token_opd_after_the_anneal_is_grpo_on_every_token():
     batch["routes"] = torch.zeros_like(batch["routes"])
     batch["kl_rows"] = torch.zeros(0, dtype=torch.long)
     stats = TokenStats(stats.logprob, stats.entropy, torch.zeros(0, dtype=torch.float64))
-    loss, _ = trace_loss(stats, **batch, kl_weight=0.0, cfg=TraceLossConfig(mode="all_token_opd"))
-    ref, _ = trace_loss(stats, **batch, kl_weight=0.0, cfg=TraceLossConfig(mode="grpo"))
+    loss, _ = TraceLoss(LossConfig(mode="all_token_opd"))(stats, **batch, kl_weight=0.0)
+    ref, _ = TraceLoss(LossConfig(mode="grpo"))(stats, **batch, kl_weight=0.0)
     assert float(ref.detach()) != 0.0 and float(loss.detach()) == float(ref.detach())

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from megatron_trace.config import ConfigError, load_config, validate_run_config
+from megatron_trace.distributed.setup import free_ports
 
 DATA = "megatron_trace/data/assets/arith_test.jsonl"
 EXAMPLE = "examples/configs/tiny_cpu.yaml"
 
 
 def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    return free_ports(1)[0]  # closed again on return: nothing listens there
 
 
 def test_the_shipped_example_configs_load_and_validate():

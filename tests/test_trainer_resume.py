@@ -33,7 +33,7 @@ def _cfg(out_dir: str, steps: int, mode: str, extra=()):
 
 
 def _train(rank, world_size, out_dir, steps, mode, kill_in_save_at=None):
-    from megatron_trace.rollout.weight_bridge import export_hf_buckets
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
     from megatron_trace.train.trainer import Trainer
 
     trainer = Trainer(_cfg(out_dir, steps, mode))

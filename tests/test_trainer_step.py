@@ -14,28 +14,12 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
+from tiny_hf_model import make_tiny_qwen3_dir
 
 VOCAB = 1000
 KL_WEIGHT = 0.3
 W0 = 0.5
 KL_CLIP = 0.05
-
-
-def _make_hf_dir(path: str) -> str:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
-                      max_position_embeddings=512, rope_theta=1e6, rms_norm_eps=1e-6)
-    model = Qwen3ForCausalLM(cfg).float()
-    with torch.no_grad():  # larger logits than the default init, so the KL terms are far from zero
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(path)
-    from megatron_trace.data.tokenizer import truncate_qwen3_tokenizer
-
-    truncate_qwen3_tokenizer(path, VOCAB - 26)  # a tokenizer that fits the 1000-row vocabulary (+ 26 specials)
-    return path
 
 
 def _samples():
@@ -62,7 +46,7 @@ def _samples():
 
 def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass):
     from megatron_trace.config import load_config
-    from megatron_trace.rollout.weight_bridge import export_hf_buckets
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
     from megatron_trace.train.trainer import Trainer
 
     cfg = load_config(None, [f"model.hf_config={hf_dir}", f"model.load={hf_dir}", f"parallel.tp={tp}",
@@ -84,7 +68,11 @@ def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    return _make_hf_dir(str(tmp_path_factory.mktemp("trace_step") / "hf"))
+    # HF's default init with the head x20: larger logits than the default init, so the KL terms are far from zero;
+    # a tokenizer that fits the 1000-row vocabulary (974 BPE entries + 26 specials).
+    return make_tiny_qwen3_dir(str(tmp_path_factory.mktemp("trace_step") / "hf"), seed=0, tied=False,
+                               vocab_size=VOCAB, hidden=64, intermediate=128, layers=2, max_positions=512,
+                               tokenizer="truncated", init_std=None, lm_head_scale=20.0)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +88,7 @@ def tp2_pp2(hf_dir):
 
 
 def _reference_loss(hf_dir: str) -> dict:
-    """The TRACE loss of DESIGN.md point 6 in float64 on full-vocabulary logits from transformers' Qwen3.
+    """The TRACE loss of docs/design.md ("The loss") in float64 on full-vocabulary logits from transformers' Qwen3.
 
     Old log-probs are recomputed under the same weights, so rho = 1 and l_PG(t) = -A (the clip is inactive).
     """

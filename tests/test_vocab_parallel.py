@@ -284,7 +284,7 @@ def test_clipping_is_exercised_by_the_cases():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# claims from DESIGN.md, each on its own
+# claims from docs/design.md ("Vocabulary-parallel statistics"), each on its own
 # --------------------------------------------------------------------------------------------------------------
 
 def _f64(*shape, scale=2.0, seed=0):

@@ -203,7 +203,7 @@ def _megatron_logprobs(chunks, samples) -> list[list[float]] | None:
 
 
 def _export(chunks, cfg, bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    from megatron_trace.rollout.weight_bridge import export_hf_buckets
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
 
     return list(export_hf_buckets(chunks[0], cfg, bucket_bytes=bucket_bytes))
 
@@ -326,7 +326,7 @@ def _memory_run(rank: int) -> dict:
 
     from megatron_trace.distributed import destroy_distributed, initialize_distributed
     from megatron_trace.models import build_qwen3_model
-    from megatron_trace.rollout.weight_bridge import export_hf_buckets
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
 
     cfg = _hf_config(tied=False, vocab=MEM_VOCAB, layers=MEM_LAYERS)
     initialize_distributed(tp=2, pp=2, seed=5)
@@ -353,7 +353,7 @@ def _save_hf_run(rank: int, workdir: str) -> dict:
     from megatron_trace.data.tokenizer import load_tokenizer
     from megatron_trace.distributed import destroy_distributed, initialize_distributed
     from megatron_trace.models import build_qwen3_model
-    from megatron_trace.rollout.hf_export import save_hf_folder
+    from megatron_trace.sync.hf_export import save_hf_folder
 
     cfg = _hf_config(tied=True)
     initialize_distributed(tp=2, pp=2, seed=5)

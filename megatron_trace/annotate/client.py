@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import httpx
 
-from megatron_trace.annotate.pipeline import Completion
+from megatron_trace.annotate.pipeline import ChatAnnotator, Completion
 from megatron_trace.config_base import ConfigError
 
 
@@ -60,7 +60,7 @@ class _Fatal(Exception):
     """A failure that retrying cannot fix (4xx other than 408/429)."""
 
 
-class OpenAIAnnotator:
+class OpenAIAnnotator(ChatAnnotator):
     """Sends annotator chats to `{base_url}/chat/completions`; see the module docstring for the failure policy."""
 
     def __init__(self, cfg: AnnotatorClientConfig):

@@ -35,7 +35,7 @@ class AnnotateConfig:
             raise ConfigError(f"max_spans: must be >= 1, got {self.max_spans}")
 
 
-def build_annotator(cfg: AnnotateConfig, *, engine=None, tokenizer=None):
+def build_annotator(cfg: AnnotateConfig, *, engine=None, tokenizer=None) -> Annotator:
     """The annotator `cfg` describes; "self" needs the generation engine and the policy's tokenizer."""
     if cfg.annotator == "external":
         return OpenAIAnnotator(cfg.client)

@@ -2,8 +2,10 @@
 
     annotations = annotate_batch(annotator, [AnnotationRequest(problem, solution, response_text, correct), ...])
 
-`annotator` is anything with `complete_batch(list of chat messages) -> list[Completion]`: the OpenAI-compatible
-client (`annotate.client.OpenAIAnnotator`) or the policy itself (`annotate.self_annotator.SelfAnnotator`).
+`annotator` is anything with `complete_batch(list of chat messages) -> list[Completion]` (a `ChatAnnotator`): the
+OpenAI-compatible client (`annotate.client.OpenAIAnnotator`) or the policy itself
+(`annotate.self_annotator.SelfAnnotator`). The trainer calls every annotator through the `Annotator` protocol;
+`annotate.reference_match.ReferenceMatchAnnotator` implements it without a model.
 A failed call marks its item failed (no spans) and is counted; it never raises into the training step.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from megatron_trace.annotate.parse import parse_annotation
 from megatron_trace.annotate.prompt import annotator_messages
@@ -30,13 +32,42 @@ class Completion:
 
 
 class Annotator(Protocol):
-    def complete_batch(self, messages: Sequence[list[dict[str, str]]]) -> list[Completion]:
-        """One reply per chat; failures come back as Completion(None, error), never as exceptions."""
+    """Everything the trainer calls on an annotator."""
+
+    # Called as (responses done, responses) while an annotate call runs; None = no reports.
+    on_progress: Callable[[int, int], None] | None
+
+    def annotate(self, requests: Sequence[AnnotationRequest], golds: Sequence[str], *,
+                 max_spans: int) -> list[Annotation]:
+        """One Annotation per request (golds: the gold answers, for annotators that compare with them); a failed
+        item comes back marked failed, never as an exception."""
         ...
 
     def check_reachable(self) -> None:
         """Raise a clear error now if the annotator cannot be used (start-up check)."""
         ...
+
+    def close(self) -> None:
+        """Release connections and workers; idempotent."""
+        ...
+
+
+class ChatAnnotator:
+    """Base of the annotators that answer the annotator prompt as a chat model: subclasses implement
+    `complete_batch(chats) -> list[Completion]` (one reply per chat; failures as Completion(None, error)) and
+    `check_reachable`; the rest of `Annotator` is here."""
+
+    on_progress: Callable[[int, int], None] | None = None
+
+    def complete_batch(self, messages: Sequence[list[dict[str, str]]]) -> list[Completion]:
+        raise NotImplementedError
+
+    def annotate(self, requests: Sequence[AnnotationRequest], golds: Sequence[str], *,
+                 max_spans: int = 4) -> list[Annotation]:
+        return annotate_batch(self, requests, max_spans=max_spans)
+
+    def close(self) -> None:
+        """Nothing to release unless a subclass holds connections."""
 
 
 @dataclass
@@ -85,7 +116,7 @@ def _safe_label(label: str, span_text: str) -> str:
     return label
 
 
-def annotate_batch(annotator: Annotator, requests: Sequence[AnnotationRequest], *, max_spans: int = 4) -> list[Annotation]:
+def annotate_batch(annotator: ChatAnnotator, requests: Sequence[AnnotationRequest], *, max_spans: int = 4) -> list[Annotation]:
     """Annotate each request: segment, prompt, one annotator call per response, parse, map to char spans.
 
     An empty response is not sent (it has nothing to mark) and comes back with no spans and an error saying so.

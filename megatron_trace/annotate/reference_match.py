@@ -44,15 +44,23 @@ class ReferenceMatchAnnotator:
     def __init__(self, *, max_spans: int = 4):
         self.max_spans = max_spans
 
+    on_progress = None  # annotating is local and instant: nothing to report
+
     def check_reachable(self) -> None:
         """Nothing to reach."""
 
-    def annotate(self, requests: Sequence[AnnotationRequest], golds: Sequence[str]) -> list[Annotation]:
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def annotate(self, requests: Sequence[AnnotationRequest], golds: Sequence[str], *,
+                 max_spans: int | None = None) -> list[Annotation]:
+        """max_spans: at most this many spans per response (default: the constructor's)."""
         if len(golds) != len(requests):
             raise ValueError(f"{len(requests)} requests but {len(golds)} gold answers")
-        return [self._one(r, g) for r, g in zip(requests, golds)]
+        limit = self.max_spans if max_spans is None else max_spans
+        return [self._one(r, g, limit) for r, g in zip(requests, golds)]
 
-    def _one(self, req: AnnotationRequest, gold: str) -> Annotation:
+    def _one(self, req: AnnotationRequest, gold: str, max_spans: int) -> Annotation:
         segments = split_segments(req.response_text)
         if not segments:
             return Annotation(errors=["empty response: nothing to annotate"])
@@ -70,7 +78,7 @@ class ReferenceMatchAnnotator:
             for s in segments:
                 if set(numbers_in(s.text)) - known:
                     picked.append((s.index, "a value that does not follow from the problem"))
-        picked = picked[: self.max_spans]
+        picked = picked[:max_spans]
         by_index = {s.index: s for s in segments}
         out = Annotation()
         for index, label in picked:

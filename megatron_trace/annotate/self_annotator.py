@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from megatron_trace.annotate.pipeline import Completion
+from megatron_trace.annotate.pipeline import ChatAnnotator, Completion
 from megatron_trace.data.prompts import build_prompt_ids
 from megatron_trace.rollout.types import GenerationEngine, SamplingConfig
 
 
-class SelfAnnotator:
+class SelfAnnotator(ChatAnnotator):
     """Annotator backed by a `GenerationEngine` (in-process vLLM or the generation server's client).
 
     enable_thinking: let a Qwen3 policy think before answering (the parser reads what follows `</think>`);

@@ -1,4 +1,4 @@
-"""Spans -> token masks -> token routes (DESIGN.md steps 3-4).
+"""Spans -> token masks -> token routes (docs/design.md, "The step", 3-4).
 
 Responses arrive as the sampled token ids. `token_char_offsets` gives each sampled token's character range in
 `tokenizer.decode(token_ids)` without re-tokenising the text (re-encoding can produce different ids, and the
@@ -36,7 +36,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _token_bytes(tokenizer, token_ids: Sequence[int]) -> list[bytes] | None:
+def token_bytes(tokenizer, token_ids: Sequence[int]) -> list[bytes] | None:
     """The raw bytes each token contributes to the decoded text, or None if the tokenizer is not byte-level BPE.
 
     Added tokens (`<think>`, `<|im_end|>`) decode to their literal content; the rest are byte-level symbols.
@@ -92,7 +92,7 @@ def _continues(pending: bytes, nxt: bytes) -> bool:
     return True
 
 
-def _offsets_by_prefix_decode(tokenizer, token_ids: Sequence[int]) -> list[CharSpan]:
+def offsets_by_prefix_decode(tokenizer, token_ids: Sequence[int]) -> list[CharSpan]:
     """Generic fallback for non-byte-level tokenizers: decode growing prefixes (O(L^2), correct for any decode)."""
     offsets = []
     prev = 0
@@ -115,12 +115,12 @@ def decode_with_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[
     text = tokenizer.decode(token_ids)
     if not token_ids:
         return text, []
-    pieces = _token_bytes(tokenizer, token_ids)
+    pieces = token_bytes(tokenizer, token_ids)
     if pieces is not None:
         ours, offsets = _offsets_from_bytes(pieces)
         if ours == text:
             return text, offsets
-    return text, _offsets_by_prefix_decode(tokenizer, token_ids)
+    return text, offsets_by_prefix_decode(tokenizer, token_ids)
 
 
 def token_char_offsets(tokenizer, token_ids: Sequence[int]) -> list[CharSpan]:

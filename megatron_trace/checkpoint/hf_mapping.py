@@ -497,12 +497,6 @@ def _abbrev(items: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
 def load_hf_state_into_model(model, hf: str | Mapping[str, torch.Tensor], hf_config: Mapping) -> None:
     """Copy HF Qwen3 weights into THIS rank's `GPTModel` stage and TP shard, in place.
 
@@ -515,8 +509,9 @@ def load_hf_state_into_model(model, hf: str | Mapping[str, torch.Tensor], hf_con
     from megatron.core import parallel_state
 
     from megatron_trace.checkpoint.hf_io import HFTensorSource
+    from megatron_trace.models.qwen3 import unwrap_model
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     dims = Qwen3Dims.from_hf_config(hf_config)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

@@ -82,10 +82,17 @@ def _check_sizes(world_size: int, tp: int, pp: int, cp: int) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (all bound at once while they are picked, so none is handed out
+    twice). Closed again on return: nothing listens there until the caller binds them."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _init_process_group(backend: str | None, timeout_s: float) -> None:
@@ -93,7 +100,7 @@ def _init_process_group(backend: str | None, timeout_s: float) -> None:
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
     if not present:  # a plain `python script.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_ports(1)[0]))
     elif len(present) != len(_TORCHRUN_VARS):
         missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
         raise RuntimeError(f"torchrun environment is incomplete: {', '.join(missing)} not set "

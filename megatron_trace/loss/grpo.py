@@ -1,5 +1,5 @@
-"""GRPO pieces (DESIGN.md steps 2 and 6): group-normalised advantages, DAPO's dynamic-sampling filter and soft
-overlong penalty, and the clipped policy-gradient surrogate with asymmetric ("clip-higher") bounds.
+"""GRPO pieces (docs/design.md, "The step" 2 and "The loss"): group-normalised advantages, DAPO's dynamic-sampling
+filter and soft overlong penalty, and the clipped policy-gradient surrogate with asymmetric ("clip-higher") bounds.
 
 Rewards of one GRPO group (the n responses sampled for one prompt) are contiguous: index i belongs to group
 i // group_size. Token-level tensors are flat `[T]` over the packed responses of a micro-batch.

@@ -1,5 +1,5 @@
-"""The TRACE objective (DESIGN.md step 6): GRPO on every response token, down-weighted on span tokens, plus the
-teacher KL on span tokens, with the KL weight lambda_k annealed to 0.
+"""The TRACE objective (docs/design.md, "The loss"): GRPO on every response token, down-weighted on span tokens,
+plus the teacher KL on span tokens, with the KL weight lambda_k annealed to 0.
 
 For a response y with span tokens S_y (FKL route on key spans of correct responses, RKL route on error spans of
 incorrect ones):
@@ -12,6 +12,10 @@ l_PG is the clipped surrogate (grpo.clipped_surrogate), D_t the (clipped) forwar
 and data-parallel ranks), so the caller sums the micro-batch losses' gradients and gets the batch token-mean; both
 default to the local counts.
 
+`LossConfig` is the `loss:` section of the run config (defined here, composed by megatron_trace/config.py);
+`TraceLoss(cfg)` is the loss as a callable returning the loss and its metrics as tensors, with the metrics'
+reductions declared in `TraceLoss.reductions` (megatron_trace/loss/reductions.py).
+
 Baselines: `all_token_routes` (on-policy self-distillation on every token: no spans) and `random_span_routes`
 (spans placed at random with the annotator's coverage); the loss is the same, only the routes differ.
 """
@@ -20,40 +24,59 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from megatron_trace.config_base import ConfigError
 from megatron_trace.loss.grpo import clipped_surrogate
+from megatron_trace.loss.reductions import MAX, SUM, MeanOf, Reduction
 from megatron_trace.loss.vocab_parallel import TokenStats
 from megatron_trace.routes import Route, routes_from_spans
 
-__all__ = ["KLSchedule", "TraceLossConfig", "trace_loss", "ExposureTracker", "all_token_routes",
-           "random_span_routes"]
-
-Mode = Literal["trace", "all_token_opd", "random_spans", "grpo"]
+__all__ = ["LossConfig", "TraceLoss", "ExposureTracker", "all_token_routes", "random_span_routes"]
 
 
 @dataclass
-class KLSchedule:
-    """The KL weight lambda_k: w0 for the first `warmup_steps` steps, then linear to exactly 0.0 over
-    `decay_steps` steps, 0.0 afterwards (step is 0-based). Paper defaults: 0.5, 10, 30."""
+class LossConfig:
+    """The loss, its KL schedule and the GRPO advantage settings (the run config's `loss:` section)."""
 
-    w0: float = 0.5  # initial KL weight lambda_0 (also the GRPO down-weighting scale on span tokens)
-    warmup_steps: int = 10  # steps held at w0
-    decay_steps: int = 30  # steps of linear decay to 0 (0 = drop to 0 right after warm-up)
+    # Which tokens are distilled is set under annotate.spans (coverage_cap; fkl: key spans of correct responses
+    # take forward KL; rkl: error spans of incorrect responses take reverse KL).
+    # trace: routed (annotator spans); all_token_opd: every token distilled (baseline); random_spans: random
+    # spans of the annotator's coverage (baseline); grpo: no distillation at all.
+    mode: Literal["trace", "all_token_opd", "random_spans", "grpo"] = "trace"
+    w0: float = 0.5  # initial KL weight lambda_0; span tokens keep GRPO weight (1 - lambda_k / w0); 0 = no KL
+    warmup_steps: int = 10  # lambda_k = w0 for these steps
+    decay_steps: int = 30  # then linearly to exactly 0 over these (0 = drop to 0 right after warm-up)
+    kl_clip: Optional[float] = 0.05  # per-vocab-entry clip c of the KL terms (nats); None = exact KL
+    eps_low: float = 0.2  # PPO/GRPO clip range below 1: rho >= 1 - eps_low
+    eps_high: float = 0.28  # and above 1 (DAPO clip-higher): rho <= 1 + eps_high
+    normalize_std: bool = True  # divide group-centred rewards by the group std
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no GRPO signal)
+    overlong_buffer: Optional[int] = None  # DAPO soft overlong penalty over the last N tokens; None = off
+    overlong_penalty: float = 1.0
 
-    def __post_init__(self):
-        if not (isinstance(self.w0, (int, float)) and math.isfinite(self.w0) and self.w0 >= 0):
+    def __post_init__(self) -> None:
+        if isinstance(self.w0, bool) or not (isinstance(self.w0, (int, float)) and math.isfinite(self.w0)
+                                             and self.w0 >= 0):
             raise ConfigError(f"w0: must be a finite number >= 0, got {self.w0!r}")
         for name in ("warmup_steps", "decay_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}: must be an integer >= 0, got {value!r}")
+        if not 0 <= self.eps_low < 1:
+            raise ConfigError(f"eps_low: must be in [0, 1), got {self.eps_low!r}")
+        if not self.eps_high >= 0:
+            raise ConfigError(f"eps_high: must be >= 0, got {self.eps_high!r}")
+        if self.kl_clip is not None and not self.kl_clip > 0:
+            raise ConfigError(f"kl_clip: must be > 0 or null, got {self.kl_clip!r}")
+        if self.mode not in ("trace", "all_token_opd", "random_spans", "grpo"):
+            raise ConfigError(f"mode: {self.mode!r} is not one of trace, all_token_opd, random_spans, grpo")
 
     def kl_weight(self, step: int) -> float:
-        """lambda_k for 0-based training step `step`."""
+        """lambda_k for 0-based training step `step`: w0 for the first `warmup_steps` steps, then linear to
+        exactly 0.0 over `decay_steps` steps, 0.0 afterwards. Paper defaults: 0.5, 10, 30."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if step < self.warmup_steps:
@@ -71,151 +94,140 @@ class KLSchedule:
         return self.warmup_steps + self.decay_steps - 1 if self.decay_steps else self.warmup_steps - 1
 
 
-@dataclass
-class TraceLossConfig:
-    """Knobs of the TRACE loss."""
-
-    w0: float = 0.5  # lambda_0: span tokens' GRPO weight is (1 - lambda_k / w0); must equal the schedule's w0
-    eps_low: float = 0.2  # lower PPO clip: rho >= 1 - eps_low
-    eps_high: float = 0.28  # upper PPO clip (DAPO clip-higher): rho <= 1 + eps_high
-    kl_clip: float | None = 0.05  # per-vocab-entry clip c of the KL terms (nats); None = exact KL
-    # trace: annotator spans; all_token_opd: every response token is a span (baseline); random_spans: random spans
-    # of the annotator's coverage (baseline); grpo: plain GRPO, spans and KL ignored.
-    mode: Mode = "trace"
-
-    def __post_init__(self):
-        if not (math.isfinite(self.w0) and self.w0 > 0):
-            raise ConfigError(f"w0: must be > 0, got {self.w0!r}")
-        if not 0 <= self.eps_low < 1:
-            raise ConfigError(f"eps_low: must be in [0, 1), got {self.eps_low!r}")
-        if not self.eps_high >= 0:
-            raise ConfigError(f"eps_high: must be >= 0, got {self.eps_high!r}")
-        if self.kl_clip is not None and not self.kl_clip > 0:
-            raise ConfigError(f"kl_clip: must be > 0 or null, got {self.kl_clip!r}")
-        if self.mode not in ("trace", "all_token_opd", "random_spans", "grpo"):
-            raise ConfigError(f"mode: {self.mode!r} is not one of trace, all_token_opd, random_spans, grpo")
-
-
 def _check_1d(name: str, t: torch.Tensor, n: int) -> None:
     if not isinstance(t, torch.Tensor) or t.shape != (n,):
         raise ValueError(f"{name} must be [{n}], got {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
 
 
-def trace_loss(stats: TokenStats, *, old_logprob: torch.Tensor, advantages: torch.Tensor, routes: torch.Tensor,
-               response_index: torch.Tensor, response_lengths: torch.Tensor, loss_mask: torch.Tensor,
-               kl_rows: torch.Tensor, kl_weight: float, cfg: TraceLossConfig, num_tokens: float | None = None,
-               num_responses: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The TRACE loss of one micro-batch and its metrics.
+class TraceLoss:
+    """The TRACE loss of one micro-batch, built from its config: `loss, metrics = TraceLoss(cfg)(stats, ...)`.
 
-    stats: token_stats of the student rows: logprob [T], entropy [T], kl [K] (kl[k] is D of row kl_rows[k]).
-    old_logprob [T]: sampler log-probs; advantages [T]: each token's response advantage; routes [T] int Route ids;
-    response_index [T] int in [0, R): the response of each token; response_lengths [R]: |y| (response tokens);
-    loss_mask [T]: 1 on response tokens; kl_rows [K]: exactly the positions with route FKL/RKL, ascending;
-    kl_weight: lambda_k in [0, cfg.w0]; num_tokens / num_responses: global-batch counts (default: local).
-
-    Returns (loss scalar, metrics). Metrics are floats: additive sums and counts (`*_sum`, `*_tokens`,
-    `clipped_tokens`, `pg_loss`, `kl_loss`, `loss` -- already divided by the global counts, so they add up across
-    micro-batches) plus local convenience means (`*_mean`, `frac_*`, `clip_frac`) and `kl_weight`.
+    Metrics are 0-d detached tensors: additive sums and counts (the sums already divided by the global counts
+    where the loss is), reduced as `TraceLoss.reductions` declares (megatron_trace.loss.reductions).
     """
-    logprob, entropy, kl = stats.logprob, stats.entropy, stats.kl
-    if logprob.dim() != 1:
-        raise ValueError(f"stats.logprob must be [T], got shape {tuple(logprob.shape)}")
-    T = logprob.shape[0]
-    for name, t in (("stats.entropy", entropy), ("old_logprob", old_logprob), ("advantages", advantages),
-                    ("routes", routes), ("response_index", response_index), ("loss_mask", loss_mask)):
-        _check_1d(name, t, T)
-    if response_lengths.dim() != 1:
-        raise ValueError(f"response_lengths must be [R], got shape {tuple(response_lengths.shape)}")
-    R = response_lengths.shape[0]
-    if kl.dim() != 1:
-        raise ValueError(f"stats.kl must be [K], got shape {tuple(kl.shape)}")
-    K = kl.shape[0]
-    _check_1d("kl_rows", kl_rows, K)
-    if not 0.0 <= kl_weight <= cfg.w0:
-        raise ValueError(f"kl_weight={kl_weight} must be in [0, w0={cfg.w0}] (span tokens' GRPO weight would be "
-                         f"negative)")
-    mask = loss_mask.to(logprob.dtype)
-    in_response = loss_mask > 0
-    if T and bool(((response_index < 0) | (response_index >= R)).any()):
-        raise ValueError(f"response_index must be in [0, R={R})")
-    if R and bool((response_lengths <= 0).any()):
-        raise ValueError("response_lengths must be positive")
-    if bool(((routes < int(Route.PG)) | (routes > int(Route.RKL))).any()):
-        raise ValueError(f"routes must hold Route ids {[int(r) for r in Route]}")
 
-    if cfg.mode == "grpo":
-        span = torch.zeros_like(in_response)
-        is_fkl = is_rkl = span
-    else:
-        is_fkl = routes == int(Route.FKL)
-        is_rkl = routes == int(Route.RKL)
-        span = is_fkl | is_rkl
-        if bool((span & ~in_response).any()):
-            raise ValueError("span routes (FKL/RKL) on tokens outside the loss mask")
-        expected_rows = span.nonzero().squeeze(-1)
-        if expected_rows.shape != kl_rows.shape or not torch.equal(expected_rows, kl_rows.to(expected_rows)):
-            raise ValueError(f"kl_rows must be exactly the FKL/RKL positions in order: {expected_rows.numel()} span "
-                             f"tokens, {kl_rows.numel()} kl_rows")
-        # once annealed (lambda_k = 0) the baseline is GRPO on every token and the trainer stops routing spans
-        if cfg.mode == "all_token_opd" and kl_weight > 0 and bool((in_response & ~span).any()):
-            raise ValueError("mode all_token_opd: every response token must be routed FKL/RKL "
-                             "(use all_token_routes)")
+    reductions: dict[str, Reduction] = {
+        **{k: SUM for k in ("tokens", "pg_tokens", "fkl_tokens", "rkl_tokens", "span_tokens", "clipped_tokens",
+                            "loss", "pg_loss", "kl_loss", "kl_fkl_sum", "kl_rkl_sum", "entropy_sum",
+                            "entropy_pg_sum", "entropy_fkl_sum", "entropy_rkl_sum", "logprob_mismatch_sum")},
+        "kl_weight": MAX,
+        "entropy": MeanOf("entropy_sum", "tokens"), "entropy_pg": MeanOf("entropy_pg_sum", "pg_tokens"),
+        "entropy_fkl": MeanOf("entropy_fkl_sum", "fkl_tokens"), "entropy_rkl": MeanOf("entropy_rkl_sum", "rkl_tokens"),
+        "kl_fkl": MeanOf("kl_fkl_sum", "fkl_tokens"), "kl_rkl": MeanOf("kl_rkl_sum", "rkl_tokens"),
+        "frac_pg": MeanOf("pg_tokens", "tokens"), "frac_fkl": MeanOf("fkl_tokens", "tokens"),
+        "frac_rkl": MeanOf("rkl_tokens", "tokens"), "clip_frac": MeanOf("clipped_tokens", "tokens"),
+        "logprob_mismatch": MeanOf("logprob_mismatch_sum", "tokens"),
+    }
 
-    n_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
-    n_responses = float(R) if num_responses is None else float(num_responses)
-    if n_tokens <= 0 or n_responses <= 0:
-        raise ValueError(f"num_tokens and num_responses must be positive, got {n_tokens}, {n_responses}")
+    def __init__(self, cfg: LossConfig):
+        self.cfg = cfg
 
-    # GRPO on every response token, span tokens down-weighted by (1 - lambda_k / w0).
-    per_token, clipped = clipped_surrogate(logprob, old_logprob, advantages, eps_low=cfg.eps_low,
-                                           eps_high=cfg.eps_high)
-    span_scale = 1.0 - kl_weight / cfg.w0
-    weight = torch.where(span, torch.full_like(mask, span_scale), torch.ones_like(mask)) * mask
-    # where(), not a product, so garbage (even NaN) on masked-out positions cannot leak into the loss.
-    pg_loss = torch.where(weight != 0, per_token * weight, torch.zeros_like(per_token)).sum() / n_tokens
+    def __call__(self, stats: TokenStats, *, old_logprob: torch.Tensor, advantages: torch.Tensor,
+                 routes: torch.Tensor, response_index: torch.Tensor, response_lengths: torch.Tensor,
+                 loss_mask: torch.Tensor, kl_rows: torch.Tensor, kl_weight: float, num_tokens: float | None = None,
+                 num_responses: float | None = None, sampler_logprob: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss scalar and its metrics.
 
-    # KL on span tokens: lambda_k * sum_y (1/|y|) sum_{t in S_y} D_t / num_responses.
-    use_kl = cfg.mode != "grpo" and K > 0
-    if use_kl:
-        inv_len = 1.0 / response_lengths.to(kl.dtype)[response_index[kl_rows]]
-        kl_loss = kl_weight * (kl * inv_len).sum() / n_responses
-    else:
-        kl_loss = pg_loss.new_zeros(())
-    loss = pg_loss + kl_loss
+        stats: token_stats of the student rows: logprob [T], entropy [T], kl [K] (kl[k] is D of row kl_rows[k]).
+        old_logprob [T]: log p_old (the sampler's, or recomputed); advantages [T]: each token's response
+        advantage; routes [T] int Route ids; response_index [T] int in [0, R): the response of each token;
+        response_lengths [R]: |y| (response tokens); loss_mask [T]: 1 on response tokens; kl_rows [K]: exactly
+        the positions with route FKL/RKL, ascending; kl_weight: lambda_k in [0, w0]; num_tokens / num_responses:
+        global-batch counts (default: local); sampler_logprob [T]: the sampler's log-probs, for the
+        `logprob_mismatch` metric (default: old_logprob).
+        """
+        cfg = self.cfg
+        logprob, entropy, kl = stats.logprob, stats.entropy, stats.kl
+        if logprob.dim() != 1:
+            raise ValueError(f"stats.logprob must be [T], got shape {tuple(logprob.shape)}")
+        T = logprob.shape[0]
+        sampler_logprob = old_logprob if sampler_logprob is None else sampler_logprob
+        for name, t in (("stats.entropy", entropy), ("old_logprob", old_logprob), ("advantages", advantages),
+                        ("routes", routes), ("response_index", response_index), ("loss_mask", loss_mask),
+                        ("sampler_logprob", sampler_logprob)):
+            _check_1d(name, t, T)
+        if response_lengths.dim() != 1:
+            raise ValueError(f"response_lengths must be [R], got shape {tuple(response_lengths.shape)}")
+        R = response_lengths.shape[0]
+        if kl.dim() != 1:
+            raise ValueError(f"stats.kl must be [K], got shape {tuple(kl.shape)}")
+        K = kl.shape[0]
+        _check_1d("kl_rows", kl_rows, K)
+        if not 0.0 <= kl_weight <= cfg.w0:
+            raise ValueError(f"kl_weight={kl_weight} must be in [0, w0={cfg.w0}] (span tokens' GRPO weight would "
+                             f"be negative)")
+        mask = loss_mask.to(logprob.dtype)
+        in_response = loss_mask > 0
+        if T and bool(((response_index < 0) | (response_index >= R)).any()):
+            raise ValueError(f"response_index must be in [0, R={R})")
+        if R and bool((response_lengths <= 0).any()):
+            raise ValueError("response_lengths must be positive")
+        if bool(((routes < int(Route.PG)) | (routes > int(Route.RKL))).any()):
+            raise ValueError(f"routes must hold Route ids {[int(r) for r in Route]}")
 
-    with torch.no_grad():
-        kl_d = kl.detach()
-        ent = entropy.detach()
-        fkl_rows = is_fkl[kl_rows] if use_kl else None
-        pg_tokens = in_response & ~span
-        counts = {"tokens": float(in_response.sum()), "pg_tokens": float(pg_tokens.sum()),
-                  "fkl_tokens": float(is_fkl.sum()), "rkl_tokens": float(is_rkl.sum())}
-        metrics = dict(counts)
-        metrics.update(
-            loss=float(loss.detach()), pg_loss=float(pg_loss.detach()), kl_loss=float(kl_loss.detach()),
-            kl_weight=float(kl_weight),
-            kl_fkl_sum=float(kl_d[fkl_rows].sum()) if use_kl else 0.0,
-            kl_rkl_sum=float(kl_d[~fkl_rows].sum()) if use_kl else 0.0,
-            entropy_pg_sum=float(ent[pg_tokens].sum()), entropy_fkl_sum=float(ent[is_fkl].sum()),
-            entropy_rkl_sum=float(ent[is_rkl].sum()),
-            clipped_tokens=float((clipped & in_response).sum()),
-            span_tokens=counts["fkl_tokens"] + counts["rkl_tokens"],
-        )
+        if cfg.mode == "grpo":
+            span = torch.zeros_like(in_response)
+            is_fkl = is_rkl = span
+        else:
+            is_fkl = routes == int(Route.FKL)
+            is_rkl = routes == int(Route.RKL)
+            span = is_fkl | is_rkl
+            if bool((span & ~in_response).any()):
+                raise ValueError("span routes (FKL/RKL) on tokens outside the loss mask")
+            expected_rows = span.nonzero().squeeze(-1)
+            if expected_rows.shape != kl_rows.shape or not torch.equal(expected_rows, kl_rows.to(expected_rows)):
+                raise ValueError(f"kl_rows must be exactly the FKL/RKL positions in order: {expected_rows.numel()} "
+                                 f"span tokens, {kl_rows.numel()} kl_rows")
+            # once annealed (lambda_k = 0) the baseline is GRPO on every token and the trainer stops routing spans
+            if cfg.mode == "all_token_opd" and kl_weight > 0 and bool((in_response & ~span).any()):
+                raise ValueError("mode all_token_opd: every response token must be routed FKL/RKL "
+                                 "(use all_token_routes)")
 
-        def mean(total, count):
-            return total / count if count else 0.0
+        n_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
+        n_responses = float(R) if num_responses is None else float(num_responses)
+        if n_tokens <= 0 or n_responses <= 0:
+            raise ValueError(f"num_tokens and num_responses must be positive, got {n_tokens}, {n_responses}")
 
-        tokens = counts["tokens"]
-        metrics.update(
-            kl_fkl_mean=mean(metrics["kl_fkl_sum"], counts["fkl_tokens"]),
-            kl_rkl_mean=mean(metrics["kl_rkl_sum"], counts["rkl_tokens"]),
-            entropy_pg_mean=mean(metrics["entropy_pg_sum"], counts["pg_tokens"]),
-            entropy_fkl_mean=mean(metrics["entropy_fkl_sum"], counts["fkl_tokens"]),
-            entropy_rkl_mean=mean(metrics["entropy_rkl_sum"], counts["rkl_tokens"]),
-            frac_pg=mean(counts["pg_tokens"], tokens), frac_fkl=mean(counts["fkl_tokens"], tokens),
-            frac_rkl=mean(counts["rkl_tokens"], tokens), clip_frac=mean(metrics["clipped_tokens"], tokens),
-        )
-    return loss, metrics
+        # GRPO on every response token, span tokens down-weighted by (1 - lambda_k / w0); with w0 = 0 there is no
+        # KL channel (lambda_k is always 0) and every token keeps weight 1.
+        per_token, clipped = clipped_surrogate(logprob, old_logprob, advantages, eps_low=cfg.eps_low,
+                                               eps_high=cfg.eps_high)
+        span_scale = 1.0 - kl_weight / cfg.w0 if kl_weight > 0 else 1.0
+        weight = torch.where(span, torch.full_like(mask, span_scale), torch.ones_like(mask)) * mask
+        # where(), not a product, so garbage (even NaN) on masked-out positions cannot leak into the loss.
+        pg_loss = torch.where(weight != 0, per_token * weight, torch.zeros_like(per_token)).sum() / n_tokens
+
+        # KL on span tokens: lambda_k * sum_y (1/|y|) sum_{t in S_y} D_t / num_responses.
+        use_kl = cfg.mode != "grpo" and K > 0
+        if use_kl:
+            inv_len = 1.0 / response_lengths.to(kl.dtype)[response_index[kl_rows]]
+            kl_loss = kl_weight * (kl * inv_len).sum() / n_responses
+        else:
+            kl_loss = pg_loss.new_zeros(())
+        loss = pg_loss + kl_loss
+
+        with torch.no_grad():
+            kl_d = kl.detach()
+            ent = entropy.detach()
+            zero = ent.new_zeros(())
+            fkl_rows = is_fkl[kl_rows] if use_kl else None
+            pg_tokens = in_response & ~span
+            tokens = in_response.sum().to(ent.dtype)
+            n_fkl, n_rkl = is_fkl.sum().to(ent.dtype), is_rkl.sum().to(ent.dtype)
+            metrics = {
+                "tokens": tokens, "pg_tokens": pg_tokens.sum().to(ent.dtype), "fkl_tokens": n_fkl,
+                "rkl_tokens": n_rkl, "span_tokens": n_fkl + n_rkl,
+                "clipped_tokens": (clipped & in_response).sum().to(ent.dtype),
+                "loss": loss.detach(), "pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(),
+                "kl_weight": ent.new_tensor(float(kl_weight)),
+                "kl_fkl_sum": kl_d[fkl_rows].sum() if use_kl else zero,
+                "kl_rkl_sum": kl_d[~fkl_rows].sum() if use_kl else zero,
+                "entropy_sum": ent.sum(), "entropy_pg_sum": ent[pg_tokens].sum(),
+                "entropy_fkl_sum": ent[is_fkl].sum(), "entropy_rkl_sum": ent[is_rkl].sum(),
+                "logprob_mismatch_sum": (logprob.detach() - sampler_logprob).abs().sum(),
+            }
+        return loss, metrics
 
 
 class ExposureTracker:

@@ -1,7 +1,7 @@
 """Per-token statistics of vocabulary-parallel logits: log-prob of the target, entropy, and (clipped) KL to a teacher.
 
 Under tensor parallelism every rank holds the logits of a contiguous slice of the vocabulary, `[rows, V/tp]`. This
-module computes, without ever gathering the vocabulary (DESIGN.md "Vocabulary-parallel math"):
+module computes, without ever gathering the vocabulary (docs/design.md, "Vocabulary-parallel statistics"):
 
     logprob[t] = log p_t(y_t)                                              [T]  nats
     entropy[t] = -sum_v p_t(v) log p_t(v)                                   [T]  nats

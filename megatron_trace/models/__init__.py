@@ -7,7 +7,8 @@ from megatron_trace.models.qwen3 import (
     padded_vocab_size,
     qwen3_param_count,
     qwen3_transformer_config,
+    unwrap_model,
 )
 
 __all__ = ["SHIPPED_CONFIGS", "build_qwen3_model", "load_hf_config", "padded_vocab_size", "qwen3_param_count",
-           "qwen3_transformer_config"]
+           "qwen3_transformer_config", "unwrap_model"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHIPPED_CONFIGS", "load_hf_config", "padded_vocab_size", "qwen3_transformer_config",
+__all__ = ["SHIPPED_CONFIGS", "unwrap_model", "load_hf_config", "padded_vocab_size", "qwen3_transformer_config",
            "build_qwen3_model", "qwen3_param_count"]
 
 SHIPPED_CONFIGS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "tiny", "tiny-tied",
@@ -235,6 +235,13 @@ def build_qwen3_model(hf_config: dict, *, config=None, pre_process: bool | None 
         rotary_percent=1.0,
         rotary_base=_rope_theta(cfg),
     )
+
+
+def unwrap_model(model):
+    """The GPTModel inside its training wrappers (DDP, Float16Module), or `model` itself if unwrapped."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
 
 
 def qwen3_param_count(hf_config: dict, *, padded_vocab: int | None = None) -> dict[str, int]:

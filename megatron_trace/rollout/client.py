@@ -206,7 +206,7 @@ class RolloutClient:
                 raise ValueError("update_weights needs at least one bucket")
             return self.commit_weights(target, count)
         except Exception:
-            _drain(it)
+            drain(it)
             raise
 
     def begin_weights(self, version: int | None = None) -> int:
@@ -280,7 +280,7 @@ class RolloutClient:
         self._request("POST", "/wake_up", headers=self._auth())
 
 
-def _drain(it: Iterator) -> None:
+def drain(it: Iterator) -> None:
     """Consume the rest of a failed update's iterable, dropping each bucket (see update_weights)."""
     try:
         for _ in it:

@@ -23,55 +23,12 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from megatron_trace.rollout.types import Generation, SamplingConfig
+from megatron_trace.rollout.config import CPU_KV_CACHE_BYTES, EngineConfig
+from megatron_trace.rollout.types import (
+    Generation, ProgressFn, SamplingConfig, WeightBucket, WeightUpdateError, target_weight_version,
+)
 
 logger = logging.getLogger(__name__)
-
-WeightBucket = list[tuple[str, torch.Tensor]]
-
-# vLLM's CPU build sizes its KV cache from this when set; a small default keeps test processes lean.
-_CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class EngineConfig:
-    """Settings of one vLLM engine.
-
-    model_dir: HF folder (config.json, safetensors, tokenizer). dtype: "float32" on CPU (exact log-probs),
-    "bfloat16" on GPU. kv_cache_memory_bytes: KV cache size in bytes (None: vLLM sizes it from
-    gpu_memory_utilization on GPU; on CPU None means 64 MiB). enable_sleep_mode: needed for sleep()/wake_up()
-    (GPU only).
-    """
-
-    model_dir: str
-    dtype: str = "float32"
-    max_model_len: int = 1024
-    gpu_memory_utilization: float = 0.3
-    kv_cache_memory_bytes: int | None = None
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
-    seed: int = 0
-    enable_prefix_caching: bool = True
-    enable_sleep_mode: bool = False
-
-    def __post_init__(self) -> None:
-        if not os.path.isfile(os.path.join(self.model_dir, "config.json")):
-            raise ValueError(f"model_dir={self.model_dir!r}: no config.json there (expected an HF model folder)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
-        if self.max_model_len <= 0:
-            raise ValueError(f"max_model_len={self.max_model_len} must be positive")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be positive or None")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
-
-
-class WeightUpdateError(ValueError):
-    """A weight update was refused (unknown name, wrong shape, missing tensors, bad bucket)."""
-
 
 def checkpoint_tensor_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape of every tensor in `model_dir`'s safetensors files (read from headers only)."""
@@ -181,7 +138,8 @@ def _sampling_params(sampling: SamplingConfig):
 
 
 class VLLMEngine:
-    """A `vllm.LLM` in this process, with the weight-update, cache and version bookkeeping RL needs.
+    """A `vllm.LLM` in this process, with the weight-update, cache and version bookkeeping RL needs (a
+    `GenerationEngine`).
 
     Thread-safe: generate / update_weights / sleep / wake_up are serialized by one lock, so an update never
     interleaves with a generate (a response is sampled from exactly one weight version).
@@ -189,6 +147,7 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
+        self.on_progress: ProgressFn | None = None  # one report when a generate call is done
         # The engine core must live in this process: weight tensors then reach the workers by reference
         # (through a process boundary vLLM cannot pickle them). vLLM reads its env vars lazily, at use.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -200,7 +159,7 @@ class VLLMEngine:
         self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied)
         kv_bytes = cfg.kv_cache_memory_bytes
         if kv_bytes is None and not torch.cuda.is_available():
-            kv_bytes = _CPU_KV_CACHE_BYTES
+            kv_bytes = CPU_KV_CACHE_BYTES
         kwargs = dict(
             model=cfg.model_dir,
             dtype=cfg.dtype,
@@ -261,6 +220,8 @@ class VLLMEngine:
                     lps = [float(step[tok].logprob) for tok, step in zip(ids, comp.logprobs)]
                 gens.append(Generation(ids, lps, comp.finish_reason or "length", weight_version=version))
             results.append(gens)
+        if self.on_progress is not None:
+            self.on_progress(len(prompts), len(prompts))
         return results
 
     def _check_serving(self) -> None:
@@ -300,9 +261,7 @@ class VLLMEngine:
         streamed iterator is validated tensor by tensor; a failure after loading began leaves the engine refusing
         to generate until a complete update succeeds.
         """
-        new_version = self._version + 1 if version is None else int(version)
-        if new_version <= self._version:
-            raise WeightUpdateError(f"target version {new_version} must exceed the serving version {self._version}")
+        new_version = target_weight_version(self._version, version)
         if isinstance(buckets, (list, tuple)):
             self.validate_weights((n, t.shape, t.dtype) for b in buckets for n, t in b)
         with self._lock:
@@ -353,15 +312,13 @@ class VLLMEngine:
     def validate_announcement(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None) -> int:
         """Check an NCCL update's announcement (names, dtype names, shapes) and target version; returns the version.
         The sender must not start broadcasting before this passed: a refused update has no receiver."""
-        from megatron_trace.rollout.nccl_weights import _DTYPES
+        from megatron_trace.rollout.nccl_weights import DTYPES
 
-        new_version = self._version + 1 if version is None else int(version)
-        if new_version <= self._version:
-            raise WeightUpdateError(f"target version {new_version} must exceed the serving version {self._version}")
+        new_version = target_weight_version(self._version, version)
         for name, dtype, _ in metas:
-            if dtype not in _DTYPES:
-                raise WeightUpdateError(f"weight {name!r}: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-        self.validate_weights((n, tuple(s), _DTYPES[d]) for n, d, s in metas)
+            if dtype not in DTYPES:
+                raise WeightUpdateError(f"weight {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        self.validate_weights((n, tuple(s), DTYPES[d]) for n, d, s in metas)
         return new_version
 
     def update_weights_from_nccl(

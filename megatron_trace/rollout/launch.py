@@ -13,13 +13,14 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Callable, Mapping, Sequence
 
 import httpx
+
+from megatron_trace.distributed.setup import free_ports
 
 __all__ = ["start_engine", "ManagedServer"]
 
@@ -36,22 +37,6 @@ def _die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all bound at once while they are picked, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class ManagedServer:
@@ -79,7 +64,7 @@ class ManagedServer:
         os.environ[token_env] = token
         env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
         env.update(extra_env or {})
-        self.port = port or _free_port()
+        self.port = port or free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, os.path.join(_REPO_ROOT, "tools", "serve_rollout.py"), "--model", model_dir,
                "--host", "127.0.0.1", "--port", str(self.port), "--token-env", token_env]
@@ -145,8 +130,14 @@ class ManagedServer:
     def on_progress(self, fn) -> None:  # forwarded to the client (progress of a generate call)
         self.client.on_progress = fn
 
-    def update_weights(self, buckets) -> int:
-        return self.client.update_weights(buckets)
+    def update_weights(self, buckets, version: int | None = None) -> int:
+        return self.client.update_weights(buckets, version)
+
+    def sleep(self, level: int = 1) -> None:
+        self.client.sleep(level)
+
+    def wake_up(self) -> None:
+        self.client.wake_up()
 
     def close(self) -> None:
         """Stop the server (SIGTERM to its process group, SIGKILL after 30 s); idempotent."""
@@ -215,7 +206,7 @@ def start_engine(cfg, export_fn: Callable[[str], None], *, driver: bool = True):
                        "and vLLM puts them all on the first one", n)
     # One token for all (each ManagedServer would otherwise pick its own); distinct ports picked at once.
     token = os.environ.get(r.server_token_env) or secrets.token_hex(16)
-    ports = _free_ports(n)
+    ports = free_ports(n)
     servers: list[ManagedServer] = []
     try:
         for i in range(n):  # start them all, then wait: the servers load side by side

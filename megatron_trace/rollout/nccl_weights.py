@@ -18,12 +18,12 @@ from typing import Iterable, Iterator
 
 import torch
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """What one broadcast carries: HF name, dtype name (a key of _DTYPES), shape."""
+    """What one broadcast carries: HF name, dtype name (a key of DTYPES), shape."""
 
     name: str
     dtype: str
@@ -32,8 +32,8 @@ class TensorMeta:
     @staticmethod
     def of(name: str, t: torch.Tensor) -> "TensorMeta":
         dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
-            raise ValueError(f"weight {name!r}: dtype {t.dtype} cannot be sent (expected one of {sorted(_DTYPES)})")
+        if dtype not in DTYPES:
+            raise ValueError(f"weight {name!r}: dtype {t.dtype} cannot be sent (expected one of {sorted(DTYPES)})")
         return TensorMeta(name, dtype, tuple(t.shape))
 
 
@@ -70,7 +70,7 @@ class WeightReceiverExtension:
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
             for name, dtype, shape in metas:
-                buf = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
+                buf = torch.empty(shape, dtype=DTYPES[dtype], device=self.device)
                 group.broadcast(buf, src=0, stream=torch.cuda.current_stream())
                 yield name, buf
 

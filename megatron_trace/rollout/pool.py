@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from megatron_trace.rollout.client import RolloutClient, RolloutServerError, _drain
+from megatron_trace.rollout.client import RolloutClient, RolloutServerError, drain
 from megatron_trace.rollout.types import Generation, SamplingConfig
 from megatron_trace.rollout.weight_buckets import encode_bucket
 
@@ -153,10 +153,9 @@ class EnginePool:
 
         def run(i: int) -> list[list[Generation]]:
             engine, (a, b) = self.engines[i], shares[i]
-            if hasattr(engine, "on_progress"):  # RolloutClient / ManagedServer: a report per finished request
-                engine.on_progress = lambda n_done, _share, i=i: report(i, n_done)
+            engine.on_progress = lambda n_done, _share, i=i: report(i, n_done)  # a report per finished request
             out = engine.generate(prompts[a:b], sampling)
-            report(i, b - a)  # engines without progress reports count when their share is done
+            report(i, b - a)
             return out
 
         results, errors = self._on_all(run, list(shares))
@@ -222,8 +221,22 @@ class EnginePool:
                     failed, applied)
             return target
         except Exception:
-            _drain(it)
+            drain(it)
             raise
+
+    def sleep(self, level: int = 1) -> None:
+        """Put every engine to sleep (see GenerationEngine.sleep); raises naming the engines that failed."""
+        self._on_every("sleep", lambda i: self.clients[i].sleep(level))
+
+    def wake_up(self) -> None:
+        """Wake every engine up; raises naming the engines that failed."""
+        self._on_every("wake_up", lambda i: self.clients[i].wake_up())
+
+    def _on_every(self, what: str, fn: Callable[[int], Any]) -> None:
+        _, errors = self._on_all(fn)
+        if errors:
+            failed = self._describe(errors)
+            raise EnginePoolError(f"{what} failed on " + "; ".join(f"{u}: {m}" for u, m in failed.items()), failed)
 
     def close(self) -> None:
         """Close every engine (stops managed servers); idempotent. Errors are logged, not raised, so one engine

@@ -40,7 +40,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from megatron_trace.rollout.types import SamplingConfig
+from megatron_trace.rollout.config import EngineConfig
+from megatron_trace.rollout.types import SamplingConfig, WeightUpdateError, target_weight_version
 from megatron_trace.rollout.weight_buckets import (
     CHECKSUM_HEADER,
     COUNT_HEADER,
@@ -89,8 +90,10 @@ class WeightStaging:
 
     def _check_version(self, version: int) -> int:
         serving = self.engine.weight_version
-        if version <= serving:
-            raise ApiError(409, f"target version {version} must exceed the serving version {serving}", "conflict")
+        try:
+            target_weight_version(serving, version)
+        except WeightUpdateError as e:
+            raise ApiError(409, str(e), "conflict") from None
         return serving
 
     def _discard(self, status: int, message: str, kind: str = "invalid_request_error") -> ApiError:
@@ -410,11 +413,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    e = EngineConfig  # the engine's settings and their defaults are defined once, there
+    p.add_argument("--max-model-len", type=int, default=e.max_model_len)
+    p.add_argument("--gpu-memory-utilization", type=float, default=e.gpu_memory_utilization)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=e.kv_cache_memory_bytes)
+    p.add_argument("--tensor-parallel-size", type=int, default=e.tensor_parallel_size)
+    p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enable-sleep-mode", action="store_true")
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
@@ -427,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from megatron_trace.data.tokenizer import load_tokenizer
-    from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
+    from megatron_trace.rollout.engine import VLLMEngine
 
     token = os.environ.get(args.token_env) or None
     if token is None:

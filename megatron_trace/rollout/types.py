@@ -6,7 +6,9 @@ These are plain data (no vLLM import), so code that only consumes rollouts impor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
+
+import torch
 
 
 @dataclass
@@ -37,9 +39,52 @@ class Generation:
     weight_version: int = 0
 
 
+class WeightUpdateError(ValueError):
+    """A weight update was refused (unknown name, wrong shape, missing tensors, bad bucket, stale version)."""
+
+
+def target_weight_version(serving: int, requested: int | None) -> int:
+    """The version an update will serve: `requested`, or serving + 1 when None. Versions only grow, so a target
+    at or below the serving version is refused (WeightUpdateError)."""
+    target = serving + 1 if requested is None else int(requested)
+    if target <= serving:
+        raise WeightUpdateError(f"target version {target} must exceed the serving version {serving}")
+    return target
+
+
+# One bucket of a weight update: HF-named full tensors (the trainer's weight bridge produces them).
+WeightBucket = list[tuple[str, torch.Tensor]]
+# progress(prompts done, prompts) during a generate call (progress bars)
+ProgressFn = Callable[[int, int], None]
+
+
 class GenerationEngine(Protocol):
-    """Anything that can generate: the in-process vLLM engine, or the HTTP client of a generation server."""
+    """Everything the trainer calls on a generation engine. Implemented by the in-process vLLM engine
+    (`engine.VLLMEngine`), the HTTP client of a generation server (`client.RolloutClient`, and
+    `launch.ManagedServer`, which owns a server process and its client) and a data-parallel pool of servers
+    (`pool.EnginePool`)."""
+
+    # Called as (prompts done, prompts) while a generate call runs (after each finished request where the engine
+    # is remote, once at the end in process); None = no reports.
+    on_progress: ProgressFn | None
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Returns, for each prompt, `sampling.n` generations."""
+        ...
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int | None = None) -> int:
+        """Load a complete update (every weight of the model, in buckets); returns the version now serving
+        (`target_weight_version`). A refused or failed update raises."""
+        ...
+
+    def sleep(self, level: int = 1) -> None:
+        """Free accelerator memory for training (1: weights offloaded to host memory, 2: discarded)."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo `sleep` (after level 2, push weights before generating)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (processes, memory, connections); idempotent."""
         ...

@@ -22,6 +22,7 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron_trace.models.qwen3 import unwrap_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "load_model_weights"]
 
@@ -57,20 +58,14 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
 def _sharded_state(model_chunks: list, optimizer, teacher_chunks: list | None, *, with_optimizer: bool,
                    loading: bool) -> dict:
-    model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
+    model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer and optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
     if teacher_chunks is not None:
-        state["teacher"] = _unwrap(teacher_chunks[0]).sharded_state_dict(prefix="teacher.")
+        state["teacher"] = unwrap_model(teacher_chunks[0]).sharded_state_dict(prefix="teacher.")
     return state
 
 
@@ -118,11 +113,11 @@ def _conversion_metadata(model_chunks: list, hf_config: dict | None) -> dict | N
         return None
     from megatron_trace.checkpoint.convert import CONVERSION_FORMAT, CONVERSION_VERSION
 
-    config = _unwrap(model_chunks[0]).config
+    gpt = unwrap_model(model_chunks[0])
     return {"format": CONVERSION_FORMAT, "version": CONVERSION_VERSION, "hf_config": dict(hf_config),
-            "tensor_model_parallel_size": config.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
-            "vocab_size": int(hf_config["vocab_size"]), "padded_vocab_size": int(_unwrap(model_chunks[0]).vocab_size)}
+            "tensor_model_parallel_size": gpt.config.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": gpt.config.pipeline_model_parallel_size,
+            "vocab_size": int(hf_config["vocab_size"]), "padded_vocab_size": int(gpt.vocab_size)}
 
 
 def _write_latest(ckpt_root: str, name: str) -> None:
@@ -166,11 +161,11 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks:
     state = _sharded_state(model_chunks, optimizer, teacher, with_optimizer=with_opt, loading=True)
     loaded = dist_checkpointing.load(state, path)
     loaded.pop("content_metadata", None)
-    _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
     if teacher is not None:
-        _unwrap(teacher[0]).load_state_dict({k.removeprefix("teacher."): v for k, v in loaded["teacher"].items()})
+        unwrap_model(teacher[0]).load_state_dict({k.removeprefix("teacher."): v for k, v in loaded["teacher"].items()})
     rng_file = os.path.join(path, f"rng_rank{_rank():05d}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with another world size: keep the fresh seeds
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -192,15 +187,15 @@ def load_model_weights(path: str, model_chunks: list, hf_config: dict) -> None:
     if os.path.isfile(os.path.join(path, STATE_FILE)):
         load_checkpoint_model_only(path, model_chunks)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        load_hf_state_into_model(_unwrap(model_chunks[0]), path, hf_config)
+        load_hf_state_into_model(unwrap_model(model_chunks[0]), path, hf_config)
     else:
-        load_converted_checkpoint(_unwrap(model_chunks[0]), path)
+        load_converted_checkpoint(unwrap_model(model_chunks[0]), path)
 
 
 def load_checkpoint_model_only(path: str, model_chunks: list) -> None:
     """The policy weights of a trainer checkpoint (no optimizer, RNG or trainer state): a warm start."""
     from megatron.core import dist_checkpointing
 
-    model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
+    model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
     loaded = dist_checkpointing.load({"model": model_sd}, path)
-    _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])

@@ -12,8 +12,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_trace.annotate.pipeline import AnnotationRequest, annotate_batch, annotation_metrics
-from megatron_trace.annotate.reference_match import ReferenceMatchAnnotator
+from megatron_trace.annotate.pipeline import AnnotationRequest, Annotator, annotation_metrics
 from megatron_trace.annotate.spans import decode_with_offsets, response_routes
 from megatron_trace.data.dataset import Problem
 from megatron_trace.data.prompts import build_prompt_ids, privileged_messages, student_messages
@@ -33,13 +32,19 @@ class ExperienceMaker:
     scorer: a `rewards.batch.RewardScorer`; annotator: an annotator (None when the run never distills).
     """
 
-    def __init__(self, cfg, tokenizer, engine: GenerationEngine, scorer, annotator=None):
+    def __init__(self, cfg, tokenizer, engine: GenerationEngine, scorer, annotator: Annotator | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.engine = engine
         self.scorer = scorer
         self.annotator = annotator
         self._prompt_cache: dict[str, list[int]] = {}
+
+    def close(self) -> None:
+        """Stop the reward workers and close the annotator (the engine belongs to the caller)."""
+        if self.annotator is not None:
+            self.annotator.close()
+        self.scorer.close()
 
     def student_prompt(self, problem: Problem) -> list[int]:
         ids = self._prompt_cache.get(problem.id)
@@ -118,10 +123,8 @@ class ExperienceMaker:
             requests = [AnnotationRequest(problem=problems[flat[i][0]].problem,
                                           solution=problems[flat[i][0]].solution,
                                           response_text=decoded[i][0], correct=bool(correct[i])) for i in kept]
-            if isinstance(self.annotator, ReferenceMatchAnnotator):
-                annotations = self.annotator.annotate(requests, [golds[i] for i in kept])
-            else:
-                annotations = annotate_batch(self.annotator, requests, max_spans=cfg.annotate.max_spans)
+            annotations = self.annotator.annotate(requests, [golds[i] for i in kept],
+                                                  max_spans=cfg.annotate.max_spans)
             metrics.update(annotation_metrics(annotations))
             for i, ann in zip(kept, annotations):
                 char_spans[i] = list(ann.char_spans)

@@ -1,8 +1,8 @@
 """Per-step metrics: a compact stdout line, JSONL, TensorBoard, and wandb when configured (driver rank only); the
 run's progress bar on the driver's terminal.
 
-Metrics are flat dicts of floats whose meaning the logger does not know; `reduce_metric_sums` turns the
-(sum, count) pairs the loss returns into means.
+Metrics are flat dicts of floats whose meaning the logger does not know (a loss declares how its metrics are
+reduced: megatron_trace/loss/reductions.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-__all__ = ["MetricsLogger", "reduce_metric_sums", "RunProgress", "Timer"]
+__all__ = ["MetricsLogger", "RunProgress", "Timer"]
 
 # The stdout line: (key, label, format).
 _LINE = [("reward_mean", "reward", "{:.3f}"), ("lambda", "lambda", "{:.3f}"), ("kl_fkl", "fkl", "{:.4f}"),
@@ -88,15 +88,6 @@ class RunProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def reduce_metric_sums(sums: dict[str, float], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
-    """Means from summed metrics: pairs maps output name -> (numerator key, denominator key); 0/0 -> 0."""
-    out = {}
-    for name, (num, den) in pairs.items():
-        d = sums.get(den, 0.0)
-        out[name] = sums.get(num, 0.0) / d if d else 0.0
-    return out
 
 
 class MetricsLogger:

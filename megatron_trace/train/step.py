@@ -18,6 +18,8 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from megatron_trace.models.qwen3 import unwrap_model
+
 __all__ = ["build_model_and_optimizer", "forward_backward", "optimizer_step", "zero_grad"]
 
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict]"]
@@ -91,7 +93,7 @@ def _check_microbatches(microbatches: list[dict], seq_length: int, micro_batch_s
 
 
 def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: LossFn, *, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False,
+                     micro_batch_size: int, forward_only: bool = False, finalize_grads: bool = True,
                      model_context: Callable[[Any, dict], ContextManager] | None = None) -> list:
     """Forward (and backward unless forward_only) over `microbatches` with megatron's schedule for the current
     pipeline layout.
@@ -106,6 +108,8 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
     Gradients accumulate into the DDP grad buffers (call zero_grad first).
     model_context(model, microbatch): an optional context manager entered around each model call (the
       teacher uses it to run the output layer on span rows only).
+    finalize_grads: False leaves out megatron's gradient finalize (the DP all-reduce, tied-embedding sync), for
+      all but the last of several calls that accumulate into the same gradients.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -130,15 +134,24 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
         return logits, partial(scaled_loss, microbatch)
 
     forward_backward_func = get_forward_backward_func()
-    metrics = forward_backward_func(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
+    # The schedule runs the model config's finalize_model_grads_func after the last backward; it is switched off
+    # for this call only.
+    config = unwrap_model(model_chunks[0]).config
+    finalize = config.finalize_model_grads_func
+    if not finalize_grads:
+        config.finalize_model_grads_func = None
+    try:
+        metrics = forward_backward_func(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=model_chunks,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+    finally:
+        config.finalize_model_grads_func = finalize
     return list(metrics) if ps.is_pipeline_last_stage() else []
 
 

@@ -8,20 +8,15 @@ cost at Qwen3's 152k vocabulary) runs on those rows alone (`sparse_output_rows`)
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
 
+from megatron_trace.models.qwen3 import unwrap_model
 from megatron_trace.train.step import forward_backward
 
 __all__ = ["Teacher", "sparse_output_rows"]
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 @contextmanager
@@ -33,7 +28,7 @@ def sparse_output_rows(model, rows: torch.Tensor):
     Under sequence parallelism the hidden states are gathered along the sequence first (as megatron does for
     last-token inference), then the layer runs without its own gather.
     """
-    gpt = _unwrap(model)
+    gpt = unwrap_model(model)
     layer = getattr(gpt, "output_layer", None)
     if layer is None or not getattr(gpt, "post_process", False):
         yield
@@ -88,7 +83,7 @@ class Teacher:
             return
         if self.snapshot_step is None or step - self.snapshot_step >= self.refresh_steps:
             with torch.no_grad():
-                for dst, src in zip(self.snapshot[0].parameters(), _unwrap(self.live[0]).parameters()):
+                for dst, src in zip(self.snapshot[0].parameters(), unwrap_model(self.live[0]).parameters()):
                     dst.copy_(src)
             self.snapshot_step = step
 
@@ -107,7 +102,7 @@ class Teacher:
         sparse = self.sparse_output
 
         def context(model, mb):
-            return sparse_output_rows(model, mb["rows"]) if sparse else _null()
+            return sparse_output_rows(model, mb["rows"]) if sparse else nullcontext()
 
         def keep_rows(logits: torch.Tensor, mb: dict):
             width = logits.shape[-1]
@@ -128,8 +123,3 @@ class Teacher:
             for m, t in zip(self.model_chunks, was_training):
                 m.train(t)
         return out if ps.is_pipeline_last_stage() else [None] * len(microbatches)
-
-
-@contextmanager
-def _null():
-    yield

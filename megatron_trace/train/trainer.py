@@ -1,6 +1,6 @@
 """The TRACE trainer: one SPMD program under torchrun, every rank runs `Trainer(cfg).run()`.
 
-A step (DESIGN.md "The TRACE step"):
+A step (docs/design.md, "The step"):
     batch   = driver: rollout -> reward -> annotate -> route          (global rank 0, then broadcast)
     teacher = privileged forward on span rows                          (while lambda_k > 0)
     loss    = routed TRACE loss, forward/backward through the pipeline (Megatron schedule, TP/PP/DP)
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_trace.config import TraceConfig, to_dict, validate_run_config
-from megatron_trace.loss.trace_loss import ExposureTracker, KLSchedule, TraceLossConfig, trace_loss
+from megatron_trace.config import TraceConfig, load_run_tokenizer, to_dict, validate_run_config
+from megatron_trace.loss.reductions import SUM, MeanOf, reduce_metrics
+from megatron_trace.loss.trace_loss import ExposureTracker, TraceLoss
 from megatron_trace.loss.vocab_parallel import token_stats
 from megatron_trace.routes import Route
 from megatron_trace.train.batching import (
@@ -30,34 +31,69 @@ from megatron_trace.train.batching import (
 from megatron_trace.train.metrics import MetricsLogger, RunProgress, Timer
 from megatron_trace.train.step import build_model_and_optimizer, forward_backward, optimizer_step, zero_grad
 
-__all__ = ["Trainer", "SUM_KEYS"]
+__all__ = ["Trainer"]
 
-# Additive metrics the loss returns per micro-batch; summed over micro-batches and ranks.
-SUM_KEYS = ("tokens", "pg_tokens", "fkl_tokens", "rkl_tokens", "span_tokens", "loss", "pg_loss", "kl_loss",
-            "kl_fkl_sum", "kl_rkl_sum", "entropy_sum", "entropy_pg_sum", "entropy_fkl_sum", "entropy_rkl_sum",
-            "clipped_tokens", "logprob_mismatch_sum", "nll_sum")
+# The supervised warm-start's token-mean NLL: its metrics and their reductions.
+SFT_REDUCTIONS = {"tokens": SUM, "nll_sum": SUM, "entropy_sum": SUM, "loss": SUM,
+                  "nll": MeanOf("nll_sum", "tokens"), "entropy": MeanOf("entropy_sum", "tokens")}
 
 
 class Trainer:
     """Builds every component from `cfg` (collective: call on every rank). `start_rollout=False` leaves out the
-    generation engine, reward workers and annotator (tests and benchmarks drive `update` with a given batch)."""
+    generation engine, reward workers and annotator (tests and benchmarks drive `update` with a given batch).
+
+    Each builder registers what it started with `_closes`; `close()` releases everything in reverse order."""
 
     def __init__(self, cfg: TraceConfig, *, start_rollout: bool = True):
-        from megatron_trace.distributed import initialize_distributed
-        from megatron_trace.models.qwen3 import padded_vocab_size, qwen3_transformer_config
-
         self.cfg = cfg
-        p = cfg.parallel
-        self.layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, seed=cfg.train.seed)
+        self._closers: list = []
+        self.engine = None
+        self.experience = None
+        self.logger = None
+        self.layout = self._build_distributed()
+        self.tokenizer = load_run_tokenizer(cfg)
         # Fails (naming the field) before any model is built.
-        self.hf_config = validate_run_config(cfg, world_size=self.layout.world_size)
+        self.hf_config = validate_run_config(cfg, world_size=self.layout.world_size, tokenizer=self.tokenizer)
         self.is_driver = self.layout.rank == 0
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
+        self._build_vocabulary()
+        self.model, self.optimizer = self._build_model()
+        self.loss = TraceLoss(cfg.loss)
+        self.exposure = ExposureTracker()
+        self.teacher = self._build_teacher()
+        self.problems = self._build_data()
+        self.step, self.data_position = 0, 0
+        resume_from = self._resume()
+        self.progress, self.logger = self._build_logging(resume_from)
+        self.timer = Timer(on_phase=self.progress.phase)
+        if cfg.train.mode == "trace" and start_rollout:
+            self.engine, self.experience = self._build_rollout()
+            if cfg.rollout.external_urls:  # external servers start from other weights: push ours
+                self.sync_weights()
 
+    # ------------------------------------------------------------------------------------------------ builders
+
+    def _closes(self, close) -> None:
+        """Register `close` (no arguments) to run at `close()`, before everything registered earlier."""
+        self._closers.append(close)
+
+    def _build_distributed(self):
+        from megatron_trace.distributed import destroy_distributed, initialize_distributed
+
+        p, seed = self.cfg.parallel, self.cfg.train.seed
+        layout = initialize_distributed(tp=p.tp, pp=p.pp, cp=p.cp, seed=seed)
+        self._closes(destroy_distributed)
+        random.seed(seed)
+        np.random.seed(seed)
+        return layout
+
+    def _build_vocabulary(self) -> None:
+        """The model's vocabulary on this TP rank, and the pad id of the sequences."""
+        from megatron_trace.models.qwen3 import padded_vocab_size
+
+        tp = self.cfg.parallel.tp
         self.vocab_size = int(self.hf_config["vocab_size"])
-        self.padded_vocab = padded_vocab_size(self.vocab_size, p.tp)
-        self.shard_width = self.padded_vocab // p.tp
+        self.padded_vocab = padded_vocab_size(self.vocab_size, tp)
+        self.shard_width = self.padded_vocab // tp
         self.vocab_start = self.layout.tp_rank * self.shard_width
         # Padded vocabulary columns (Megatron pads to a multiple of 128 x tp) must take no probability mass:
         # the loss sees them at a logit of -1e9 (exp underflows to exactly 0; no inf, so no NaN in p log p).
@@ -65,115 +101,126 @@ class Trainer:
         self.vocab_padding = None
         if valid < self.shard_width:
             self.vocab_padding = torch.arange(self.shard_width) >= valid
+        pad = self.tokenizer.pad_token_id
+        # Padding positions are never scored, but they are embedded: keep the id inside the model's vocabulary.
+        self.pad_id = int(pad) if pad is not None and pad < self.vocab_size else 0
 
+    def _build_model(self):
+        """Model chunks and optimizer, from `model.load` or a seeded random init."""
+        from megatron_trace.models.qwen3 import qwen3_transformer_config
+
+        cfg, p, o = self.cfg, self.cfg.parallel, self.cfg.optim
         dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
         self.tcfg = qwen3_transformer_config(self.hf_config, tp=p.tp, pp=p.pp, cp=p.cp, params_dtype=dtype,
                                              bf16=cfg.model.bf16, recompute=cfg.model.recompute)
-        o = cfg.optim
         lr = cfg.sft.lr if cfg.train.mode == "sft" else o.lr
-        self.model, self.optimizer = build_model_and_optimizer(
+        model, optimizer = build_model_and_optimizer(
             self.hf_config, self.tcfg, lr=lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
             use_distributed_optimizer=p.use_distributed_optimizer, bf16=cfg.model.bf16)
         if cfg.model.load:
             from megatron_trace.train.checkpointing import load_model_weights
 
-            load_model_weights(cfg.model.load, self.model, self.hf_config)
-            if hasattr(self.optimizer, "reload_model_params"):
-                self.optimizer.reload_model_params()  # fp32 main copies of bf16 params
+            load_model_weights(cfg.model.load, model, self.hf_config)
+            optimizer.reload_model_params()  # main (fp32) copies of the loaded params
+        return model, optimizer
 
-        self.schedule = KLSchedule(w0=cfg.loss.w0, warmup_steps=cfg.loss.warmup_steps,
-                                   decay_steps=cfg.loss.decay_steps)
-        self.loss_cfg = TraceLossConfig(w0=cfg.loss.w0 if cfg.loss.w0 > 0 else 1.0, eps_low=cfg.loss.eps_low,
-                                        eps_high=cfg.loss.eps_high, kl_clip=cfg.loss.kl_clip, mode=cfg.loss.mode)
-        self.exposure = ExposureTracker()
-        self.teacher = None
-        if cfg.train.mode == "trace" and cfg.distills:
-            from megatron_trace.models.qwen3 import build_qwen3_model
-            from megatron_trace.train.teacher import Teacher
+    def _build_teacher(self):
+        """The privileged teacher (runs that distill only)."""
+        if not (self.cfg.train.mode == "trace" and self.cfg.distills):
+            return None
+        from megatron_trace.models.qwen3 import build_qwen3_model
+        from megatron_trace.train.teacher import Teacher
 
-            self.teacher = Teacher(self.model, refresh_steps=cfg.teacher.refresh_steps,
-                                   sparse_output=cfg.teacher.sparse_output,
-                                   build_snapshot=lambda: build_qwen3_model(self.hf_config, config=self.tcfg))
+        t = self.cfg.teacher
+        return Teacher(self.model, refresh_steps=t.refresh_steps, sparse_output=t.sparse_output,
+                       build_snapshot=lambda: build_qwen3_model(self.hf_config, config=self.tcfg))
 
+    def _build_data(self):
         from megatron_trace.data.dataset import load_problems
-        from megatron_trace.data.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer_source())
-        pad = self.tokenizer.pad_token_id
-        # Padding positions are never scored, but they are embedded: keep the id inside the model's vocabulary.
-        self.pad_id = int(pad) if pad is not None and pad < self.vocab_size else 0
-        self.problems = load_problems(cfg.data)
-        self.step = 0
-        self.data_position = 0
+        return load_problems(self.cfg.data)
 
-        resume_from = None
-        if cfg.checkpoint.resume != "none":
-            from megatron_trace.train.checkpointing import load_checkpoint, resolve_resume
+    def _resume(self) -> str | None:
+        """Load the latest (or the named) checkpoint into every component; returns its path (None: fresh)."""
+        ckpt = self.cfg.checkpoint
+        if ckpt.resume == "none":
+            return None
+        from megatron_trace.train.checkpointing import load_checkpoint, resolve_resume
 
-            resume_from = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
-            if resume_from:
-                state = load_checkpoint(resume_from, self.model, self.optimizer,
-                                        teacher_chunks=self.teacher.snapshot if self.teacher else None)
-                self.step = int(state["step"])
-                self.data_position = int(state["data_position"])
-                self.exposure.load_state_dict(state["exposure"])
-                if self.teacher is not None:
-                    self.teacher.snapshot_step = state.get("teacher_snapshot_step")
+        resume_from = resolve_resume(ckpt.resume, self.cfg.checkpoint_dir)
+        if resume_from:
+            self.load_state_dict(load_checkpoint(resume_from, self.model, self.optimizer,
+                                                 teacher_chunks=self.teacher.snapshot if self.teacher else None))
+        return resume_from
 
-        self.logger = None
-        self.progress = RunProgress(cfg.train.steps, initial=self.step, desc=cfg.train.mode,
-                                    enabled=self.is_driver and cfg.logging.progress)
-        if self.is_driver:
-            self.logger = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
-                                        wandb_project=cfg.logging.wandb_project, run_config=to_dict(cfg),
-                                        print_every=cfg.logging.print_every, resume=resume_from is not None,
-                                        write_line=self.progress.write)
-            if resume_from is not None:
-                self.logger.truncate_after(self.step - 1)
-            print(f"[megatron-trace] {cfg.train.mode} run: world {self.layout.world_size} = tp {p.tp} x pp {p.pp} "
-                  f"x cp {p.cp} x dp {self.layout.dp}; {len(self.problems)} problems; "
-                  f"{'resuming from ' + resume_from if resume_from else 'fresh start'} at step {self.step}",
-                  flush=True)
-        self.timer = Timer(on_phase=self.progress.phase)
-        self.engine = None
-        self.experience = None
-        if cfg.train.mode == "trace" and start_rollout:
-            self._setup_rollout()
-            if cfg.rollout.external_urls:  # external servers start from other weights: push ours
-                self.sync_weights()
+    def _build_logging(self, resume_from: str | None):
+        """The progress bar (every rank; drawn on the driver) and the metrics logger (driver only)."""
+        cfg, p = self.cfg, self.cfg.parallel
+        progress = RunProgress(cfg.train.steps, initial=self.step, desc=cfg.train.mode,
+                               enabled=self.is_driver and cfg.logging.progress)
+        self._closes(progress.close)
+        if not self.is_driver:
+            return progress, None
+        logger = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
+                               wandb_project=cfg.logging.wandb_project, run_config=to_dict(cfg),
+                               print_every=cfg.logging.print_every, resume=resume_from is not None,
+                               write_line=progress.write)
+        self._closes(logger.close)
+        if resume_from is not None:
+            logger.truncate_after(self.step - 1)
+        print(f"[megatron-trace] {cfg.train.mode} run: world {self.layout.world_size} = tp {p.tp} x pp {p.pp} "
+              f"x cp {p.cp} x dp {self.layout.dp}; {len(self.problems)} problems; "
+              f"{'resuming from ' + resume_from if resume_from else 'fresh start'} at step {self.step}",
+              flush=True)
+        return progress, logger
 
-    # ------------------------------------------------------------------------------------------------ set-up
-
-    def _setup_rollout(self) -> None:
-        """Driver: the generation engine (started from the current weights), reward workers, annotator."""
+    def _build_rollout(self):
+        """Driver: the generation engine (started from the current weights), reward workers and annotator, as an
+        ExperienceMaker. Other ranks take part in the weight export the engine start may need and get (None,
+        None)."""
         from megatron_trace.rollout.launch import start_engine
 
         cfg = self.cfg
-        engine = None
-        if self.is_driver:
-            engine = start_engine(cfg, self._export_rollout_model)
-        else:
-            # Non-driver ranks take part in the weight export the engine start may need.
+        if not self.is_driver:
             start_engine(cfg, self._export_rollout_model, driver=False)
-        self.engine = engine
-        if self.is_driver:
-            from megatron_trace.annotate.config import build_annotator
-            from megatron_trace.rewards.batch import RewardScorer
-            from megatron_trace.train.experience import ExperienceMaker
+            return None, None
+        engine = start_engine(cfg, self._export_rollout_model)
+        self._closes(engine.close)
+        engine.on_progress = self.progress.counter("rollout")
 
-            scorer = RewardScorer(cfg.reward.name, workers=cfg.reward.workers)
-            annotator = build_annotator(cfg.annotate, engine=engine, tokenizer=self.tokenizer) \
-                if cfg.distills else None
-            self.experience = ExperienceMaker(cfg, self.tokenizer, engine, scorer, annotator)
-            for phase, part in (("rollout", engine), ("annotate", annotator)):
-                if hasattr(part, "on_progress"):  # HTTP clients report each finished request
-                    part.on_progress = self.progress.counter(phase)
+        from megatron_trace.annotate.config import build_annotator
+        from megatron_trace.rewards.batch import RewardScorer
+        from megatron_trace.train.experience import ExperienceMaker
+
+        scorer = RewardScorer(cfg.reward.name, workers=cfg.reward.workers)
+        annotator = build_annotator(cfg.annotate, engine=engine, tokenizer=self.tokenizer) if cfg.distills else None
+        experience = ExperienceMaker(cfg, self.tokenizer, engine, scorer, annotator)
+        self._closes(experience.close)
+        if annotator is not None:
+            annotator.on_progress = self.progress.counter("annotate")
+        return engine, experience
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """The trainer's own state beside the model and optimizer: data position, exposure, teacher snapshot."""
+        return {"data_position": self.data_position, "exposure": self.exposure.state_dict(),
+                "kl_weight_next": self.kl_weight(self.step),
+                "teacher_snapshot_step": self.teacher.snapshot_step if self.teacher else None,
+                "mode": self.cfg.train.mode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.data_position = int(state["data_position"])
+        self.exposure.load_state_dict(state["exposure"])
+        if self.teacher is not None:
+            self.teacher.snapshot_step = state.get("teacher_snapshot_step")
 
     def _export_rollout_model(self, out_dir: str) -> None:
         """Collective: write the current policy as an HF folder (config, safetensors, tokenizer) for the
         generation engine to start from."""
-        from megatron_trace.rollout.hf_export import save_hf_folder
+        from megatron_trace.sync.hf_export import save_hf_folder
 
         save_hf_folder(self.model[0], self.hf_config, out_dir, tokenizer=self.tokenizer,
                        bucket_bytes=int(self.cfg.rollout.weight_bucket_mb * 2**20))
@@ -221,11 +268,7 @@ class Trainer:
     def save(self) -> str:
         from megatron_trace.train.checkpointing import save_checkpoint
 
-        state = {"data_position": self.data_position, "exposure": self.exposure.state_dict(),
-                 "kl_weight_next": self.schedule.kl_weight(self.step) if self.cfg.distills else 0.0,
-                 "teacher_snapshot_step": self.teacher.snapshot_step if self.teacher else None,
-                 "mode": self.cfg.train.mode}
-        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, state,
+        return save_checkpoint(self.cfg.checkpoint_dir, self.step, self.model, self.optimizer, self.state_dict(),
                                teacher_chunks=self.teacher.snapshot if self.teacher else None,
                                save_optimizer=self.cfg.checkpoint.save_optimizer,
                                keep_last=self.cfg.checkpoint.keep_last, hf_config=self.hf_config)
@@ -236,7 +279,7 @@ class Trainer:
         return box[0]
 
     def kl_weight(self, step: int) -> float:
-        return self.schedule.kl_weight(step) if self.cfg.distills else 0.0
+        return self.cfg.loss.kl_weight(step) if self.cfg.distills else 0.0
 
     def trace_step(self) -> dict:
         cfg = self.cfg
@@ -292,7 +335,7 @@ class Trainer:
         num_tokens = float(sum(len(s.response_ids) for s in samples))
         loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, num_tokens,
                                        float(len(samples)))
-        metrics = self._forward_backward_step(mbs, loss_fn, seq_length, prepare=prepare,
+        metrics = self._forward_backward_step(mbs, loss_fn, TraceLoss.reductions, seq_length, prepare=prepare,
                                               group_size=cfg.teacher.microbatches_per_pass)
         if metrics["tokens"] > 0:
             self.exposure.update(kl_weight if with_teacher else 0.0, metrics["span_tokens"], metrics["tokens"])
@@ -311,7 +354,6 @@ class Trainer:
         tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
         recompute_old = self.cfg.rollout.recompute_old_logprobs
         kl_clip = self.cfg.loss.kl_clip
-        loss_cfg = self.loss_cfg
 
         def loss_fn(logits: torch.Tensor, mb: dict):
             rows = mb["rows"]
@@ -329,20 +371,18 @@ class Trainer:
             old = stats.logprob.detach() if recompute_old else mb["sampler_logprobs"]
             routes = mb["routes"] if use_kl else torch.full_like(mb["routes"], int(Route.PG))
             kl_rows = mb["kl_rows"] if use_kl else mb["kl_rows"][:0]
-            loss, m = trace_loss(stats, old_logprob=old, advantages=mb["advantages"], routes=routes,
-                                 response_index=mb["response_index"], response_lengths=mb["response_lengths"],
-                                 loss_mask=torch.ones_like(stats.logprob), kl_rows=kl_rows, kl_weight=kl_weight,
-                                 cfg=loss_cfg, num_tokens=num_tokens, num_responses=num_responses)
-            with torch.no_grad():
-                m["entropy_sum"] = float(stats.entropy.sum())
-                m["logprob_mismatch_sum"] = float((stats.logprob - mb["sampler_logprobs"]).abs().sum())
-            return loss, m
+            return self.loss(stats, old_logprob=old, advantages=mb["advantages"], routes=routes,
+                             response_index=mb["response_index"], response_lengths=mb["response_lengths"],
+                             loss_mask=torch.ones_like(stats.logprob), kl_rows=kl_rows, kl_weight=kl_weight,
+                             num_tokens=num_tokens, num_responses=num_responses,
+                             sampler_logprob=mb["sampler_logprobs"])
 
         return loss_fn
 
-    def _forward_backward_step(self, mbs: list[dict], loss_fn, seq_length: int, *, prepare=None,
+    def _forward_backward_step(self, mbs: list[dict], loss_fn, reductions: dict, seq_length: int, *, prepare=None,
                                group_size: int = 0) -> dict:
-        """Zero grads, forward/backward over `mbs`, optimizer step; returns the reduced metrics.
+        """Zero grads, forward/backward over `mbs`, optimizer step; returns the loss's metrics reduced as
+        `reductions` declares (megatron_trace.loss.reductions), plus grad_norm and update_skipped.
 
         With `prepare` (the teacher pass), micro-batches go in groups of `group_size` (0 = all at once): each
         group gets its teacher logits, then its student forward/backward, then drops the teacher logits, so at
@@ -352,54 +392,28 @@ class Trainer:
         zero_grad(self.model, self.optimizer)
         size = group_size if (prepare is not None and group_size > 0) else len(mbs)
         groups = [mbs[i:i + size] for i in range(0, len(mbs), size)]
-        finalize = self.tcfg.finalize_model_grads_func
         out = []
-        try:
-            for index, group in enumerate(groups):
-                if prepare is not None:
-                    prepare(group)
-                self.tcfg.finalize_model_grads_func = finalize if index == len(groups) - 1 else None
-                with self.timer("train"):
-                    out += forward_backward(self.model, group, loss_fn, seq_length=seq_length,
-                                            micro_batch_size=self.cfg.optim.micro_batch_size)
-                for mb in group:
-                    mb.pop("teacher_logits", None)
-        finally:
-            self.tcfg.finalize_model_grads_func = finalize
+        for index, group in enumerate(groups):
+            if prepare is not None:
+                prepare(group)
+            with self.timer("train"):
+                out += forward_backward(self.model, group, loss_fn, seq_length=seq_length,
+                                        micro_batch_size=self.cfg.optim.micro_batch_size,
+                                        finalize_grads=index == len(groups) - 1)
+            for mb in group:
+                mb.pop("teacher_logits", None)
         with self.timer("train"):
             ok, grad_norm, _ = optimizer_step(self.optimizer)
-        sums = self._reduce_sums(out)
-        metrics = dict(sums)
+        # The loss is computed on the last pipeline stage, identically on its TP ranks: TP rank 0 of the last
+        # stage contributes, so each micro-batch counts once.
+        metrics = reduce_metrics(out, reductions, contribute=self.layout.is_last_stage and self.layout.tp_rank == 0)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["update_skipped"] = 0.0 if ok else 1.0
-        tokens = sums["tokens"]
-        div = (lambda a, b: a / b if b else 0.0)
-        metrics.update(
-            entropy=div(sums["entropy_sum"], tokens), entropy_pg=div(sums["entropy_pg_sum"], sums["pg_tokens"]),
-            entropy_fkl=div(sums["entropy_fkl_sum"], sums["fkl_tokens"]),
-            entropy_rkl=div(sums["entropy_rkl_sum"], sums["rkl_tokens"]),
-            kl_fkl=div(sums["kl_fkl_sum"], sums["fkl_tokens"]), kl_rkl=div(sums["kl_rkl_sum"], sums["rkl_tokens"]),
-            frac_pg=div(sums["pg_tokens"], tokens), frac_fkl=div(sums["fkl_tokens"], tokens),
-            frac_rkl=div(sums["rkl_tokens"], tokens), clip_frac=div(sums["clipped_tokens"], tokens),
-            logprob_mismatch=div(sums["logprob_mismatch_sum"], tokens), nll=div(sums["nll_sum"], tokens),
-        )
         return metrics
-
-    def _reduce_sums(self, per_microbatch: list[dict]) -> dict:
-        """Sum SUM_KEYS over this rank's micro-batches, then over the world (only last-stage TP-rank-0 ranks
-        contribute, so each micro-batch counts once)."""
-        vec = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        lay = self.layout
-        if lay.is_last_stage and lay.tp_rank == 0:
-            for m in per_microbatch:
-                for i, k in enumerate(SUM_KEYS):
-                    vec[i] += float(m.get(k, 0.0))
-        dist.all_reduce(vec)
-        return {k: float(v) for k, v in zip(SUM_KEYS, vec)}
 
     def sync_weights(self) -> None:
         """Push the updated policy into the generation engine (collective; the driver talks to the engine)."""
-        from megatron_trace.rollout.weight_bridge import export_hf_buckets
+        from megatron_trace.sync.weight_bridge import export_hf_buckets
 
         buckets = export_hf_buckets(self.model[0], self.hf_config,
                                     bucket_bytes=int(self.cfg.rollout.weight_bucket_mb * 2**20), dst=0)
@@ -429,11 +443,12 @@ class Trainer:
             stats = token_stats(self._rows(logits, mb["rows"]), mb["targets"], vocab_start=self.vocab_start,
                                 group=tp_group)
             nll = -stats.logprob.sum()
-            return nll / num_tokens, {"tokens": float(stats.logprob.numel()), "nll_sum": float(nll.detach()),
-                                      "entropy_sum": float(stats.entropy.detach().sum()),
-                                      "loss": float(nll.detach()) / num_tokens}
+            with torch.no_grad():
+                metrics = {"tokens": nll.new_tensor(float(stats.logprob.numel())), "nll_sum": nll.detach(),
+                           "entropy_sum": stats.entropy.detach().sum(), "loss": nll.detach() / num_tokens}
+            return nll / num_tokens, metrics
 
-        metrics = self._forward_backward_step(mbs, loss_fn, seq_length)
+        metrics = self._forward_backward_step(mbs, loss_fn, SFT_REDUCTIONS, seq_length)
         metrics.update(self.timer.pop())
         return {k: metrics[k] for k in ("loss", "nll", "entropy", "grad_norm", "tokens", "time/train")}
 
@@ -464,18 +479,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        from megatron_trace.distributed import destroy_distributed
-
-        self.progress.close()
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
-        if self.engine is not None:
-            close = getattr(self.engine, "close", None)
-            if close:
-                close()
-            self.engine = None
-        if self.experience is not None:
-            self.experience.scorer.close()
-            self.experience = None
-        destroy_distributed()
+        """Release everything the builders started, in reverse order (engine and workers before the logger,
+        process groups last); idempotent."""
+        while self._closers:
+            self._closers.pop()()
+        self.engine = self.experience = self.logger = None

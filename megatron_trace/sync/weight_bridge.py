@@ -26,16 +26,11 @@ from megatron_trace.checkpoint.hf_mapping import (
     hf_param_shapes, iter_hf_tensors_from_megatron, layers_for_stage, megatron_param_names,
     merge_tp_shards, split_layer_name,
 )
+from megatron_trace.models.qwen3 import unwrap_model
 
 __all__ = ["export_hf_buckets", "stage_of", "local_named_params"]
 
 Bucket = list[tuple[str, torch.Tensor]]
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 def stage_of(megatron_name: str, dims: Qwen3Dims, pp: int) -> int:
@@ -61,7 +56,7 @@ def local_named_params(model, dims: Qwen3Dims, pp: int, pp_rank: int) -> dict[st
     embedding is the one exported.
     """
     out = {}
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         layer, suffix = split_layer_name(name)
         if layer is not None:
             name = f"decoder.layers.{global_layer_index(layer, dims.layers, pp, pp_rank)}.{suffix}"
@@ -160,7 +155,7 @@ def _is_view_of_param(t: torch.Tensor, params: dict[str, torch.Tensor]) -> bool:
 
 
 def params_dtype_of(model) -> torch.dtype:
-    return next(_unwrap(model).parameters()).dtype
+    return next(unwrap_model(model).parameters()).dtype
 
 
 def _hf_names(megatron_name: str, dims: Qwen3Dims) -> list[str]:

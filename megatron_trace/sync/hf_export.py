@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch.distributed as dist
 
-from megatron_trace.rollout.weight_bridge import export_hf_buckets
+from megatron_trace.sync.weight_bridge import export_hf_buckets
 
 __all__ = ["save_hf_folder"]
 

@@ -1,0 +1,116 @@
+"""Configuration of the rollout stage: the trainer's `rollout:` section (`RolloutConfig`, composed by
+megatron_trace/config.py) and the settings of one vLLM engine (`EngineConfig`, also the defaults of the
+generation server's command line). Plain data: importing this module needs neither vLLM nor torch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_trace.config_base import ConfigError
+
+__all__ = ["CPU_KV_CACHE_BYTES", "EngineConfig", "RolloutConfig"]
+
+# vLLM's CPU build sizes its KV cache from this when set; a small default keeps test processes lean.
+CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one vLLM engine.
+
+    model_dir: HF folder (config.json, safetensors, tokenizer). dtype: "float32" on CPU (exact log-probs),
+    "bfloat16" on GPU. max_model_len: prompt + response tokens at most. kv_cache_memory_bytes: KV cache size in
+    bytes (None: vLLM sizes it from gpu_memory_utilization on GPU; on CPU None means CPU_KV_CACHE_BYTES).
+    enable_sleep_mode: needed for sleep()/wake_up() (GPU only). The trainer's `rollout:` settings of the same
+    names (RolloutConfig) and the server's command line take their defaults from here.
+    """
+
+    model_dir: str
+    dtype: str = "float32"
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.5  # vLLM's share of the GPU (colocated with the trainer: leave it room)
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    enable_sleep_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not os.path.isfile(os.path.join(self.model_dir, "config.json")):
+            raise ValueError(f"model_dir={self.model_dir!r}: no config.json there (expected an HF model folder)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: expected float32, bfloat16 or float16")
+        if self.max_model_len <= 0:
+            raise ValueError(f"max_model_len={self.max_model_len} must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes={self.kv_cache_memory_bytes} must be positive or None")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8  # problems per training step (global batch of prompts)
+    group_size: int = 4  # responses sampled per problem (the GRPO group, G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    max_response_tokens: int = 64
+    enable_thinking: bool = False  # Qwen3 thinking mode in the chat template
+    # "server": vLLM generation server(s) (tools/serve_rollout.py) on 127.0.0.1 started beside global rank 0, or
+    # the ones at `server_url(s)`; weights are pushed to them after every step. "inprocess": vllm.LLM inside the
+    # trainer; only for single-process runs (vLLM takes over torch.distributed's default group).
+    engine: Literal["server", "inprocess"] = "server"
+    server_url: Optional[str] = None  # an already running generation server; None = start one
+    # Several already running generation servers, used in data parallel (each generate call's prompts are split
+    # over them, every weight update goes to all); a one-element list is the same as `server_url`.
+    server_urls: list[str] = field(default_factory=list)
+    server_token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN"  # env var with the server's bearer token (all servers)
+    num_servers: int = 1  # without server_url(s): generation servers started beside rank 0, in data parallel
+    # With num_servers: one CUDA_VISIBLE_DEVICES value per started server (e.g. ["6", "7"] or ["4,5", "6,7"]);
+    # empty = every server sees the trainer's devices. Ignored on CPU.
+    server_gpus: list[str] = field(default_factory=list)
+    server_start_timeout_s: float = 300.0
+    # Engine settings, as in EngineConfig (documented there; same defaults, but a 64 MiB KV cache on GPU too).
+    kv_cache_memory_bytes: int = CPU_KV_CACHE_BYTES
+    gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
+    max_model_len: int = EngineConfig.max_model_len
+    weight_bucket_mb: float = 64.0  # weight sync bucket size: the bridge's peak extra memory
+    recompute_old_logprobs: bool = True  # trainer recomputes log p_old (else the sampler's log-probs are used)
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1 or self.group_size < 1:
+            raise ConfigError("prompts_per_step and group_size must be >= 1")
+        if self.max_response_tokens < 1:
+            raise ConfigError(f"max_response_tokens: must be >= 1, got {self.max_response_tokens}")
+        if self.weight_bucket_mb <= 0:
+            raise ConfigError(f"weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
+        if self.server_url and self.server_urls:
+            raise ConfigError("server_urls: set either server_url (one server) or server_urls, not both")
+        for i, url in enumerate(self.external_urls):
+            if not url.startswith(("http://", "https://")):
+                name = f"server_urls[{i}]" if self.server_urls else "server_url"
+                raise ConfigError(f"{name}: {url!r} is not an http://host:port or https://... address")
+        if len(set(self.external_urls)) != len(self.external_urls):
+            raise ConfigError(f"server_urls: a server is listed twice in {self.server_urls}")
+        if self.num_servers < 1:
+            raise ConfigError(f"num_servers: must be >= 1, got {self.num_servers}")
+        for name in ("num_servers", "server_gpus"):
+            if self.external_urls and getattr(self, name) not in (1, []):
+                raise ConfigError(f"{name}: only for servers started by the trainer; with server_url(s) the "
+                                  "servers listed there are used")
+        if self.num_servers > 1 and self.engine == "inprocess":
+            raise ConfigError("num_servers: engine inprocess is a single engine; use engine: server")
+        if self.server_gpus and len(self.server_gpus) != self.num_servers:
+            raise ConfigError(f"server_gpus: {len(self.server_gpus)} entries for num_servers={self.num_servers} "
+                              "(one CUDA_VISIBLE_DEVICES value per started server)")
+
+    @property
+    def external_urls(self) -> list[str]:
+        """The already running generation servers to use (server_urls, or [server_url]); [] = start our own."""
+        return list(self.server_urls) if self.server_urls else ([self.server_url] if self.server_url else [])

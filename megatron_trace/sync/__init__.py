@@ -1,0 +1,8 @@
+"""Trainer side of weight sync: Megatron shards (any TP/PP) -> HF-named full tensors in buckets (`weight_bridge`),
+and the same stream written as an HF folder (`hf_export`) for an engine to start from. The engine side (receiving,
+checking and loading the buckets) is `megatron_trace.rollout`."""
+
+from megatron_trace.sync.hf_export import save_hf_folder
+from megatron_trace.sync.weight_bridge import export_hf_buckets, local_named_params, params_dtype_of, stage_of
+
+__all__ = ["export_hf_buckets", "local_named_params", "params_dtype_of", "save_hf_folder", "stage_of"]
