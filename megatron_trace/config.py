@@ -3,8 +3,9 @@
     python -m megatron_trace.train --config examples/configs/tiny_cpu.yaml train.steps=20 parallel.tp=2
 
 Each field is documented once, here or in the config class that a component defines beside itself and this tree
-embeds (`DataConfig`, `RolloutConfig`, `RewardConfig`, `AnnotateConfig`, `LossConfig`). `validate_run_config` performs the checks
-that need the outside world (model config, data file, annotator reachability) before any work starts.
+embeds (`DataConfig`, `RolloutConfig`, `RewardConfig`, `AnnotateConfig`, `LossConfig`). `validate_run_config`
+performs the checks that need the outside world (model config, data file, annotator reachability) before any
+work starts.
 """
 
 from __future__ import annotations
@@ -199,21 +200,15 @@ def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotato
     Raises ConfigError naming the field: model config not found, TP/PP not dividing heads/layers or the world
     size, missing data file, annotator unreachable.
     """
-    from megatron_trace.models.qwen3 import load_hf_config
+    from megatron_trace.models.qwen3 import load_hf_config, parallel_layout_problems
 
     try:
         hf_config = load_hf_config(cfg.model.hf_config)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ConfigError(f"model.hf_config: {e}") from e
     p = cfg.parallel
-    heads, groups, layers = (hf_config["num_attention_heads"], hf_config["num_key_value_heads"],
-                             hf_config["num_hidden_layers"])
-    if heads % p.tp:
-        raise ConfigError(f"parallel.tp: {p.tp} does not divide num_attention_heads={heads}")
-    if groups % p.tp:
-        raise ConfigError(f"parallel.tp: {p.tp} does not divide num_key_value_heads={groups}")
-    if layers % p.pp:
-        raise ConfigError(f"parallel.pp: {p.pp} does not divide num_hidden_layers={layers}")
+    for size, problem in parallel_layout_problems(hf_config, tp=p.tp, pp=p.pp):
+        raise ConfigError(f"parallel.{size}: {problem}")
     if world_size % (p.tp * p.pp * p.cp):
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
     if cfg.model.load is not None and not os.path.exists(cfg.model.load):

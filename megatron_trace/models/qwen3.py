@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHIPPED_CONFIGS", "unwrap_model", "load_hf_config", "padded_vocab_size", "qwen3_transformer_config",
-           "build_qwen3_model", "qwen3_param_count"]
+__all__ = ["SHIPPED_CONFIGS", "load_hf_config", "padded_vocab_size", "parallel_layout_problems",
+           "qwen3_transformer_config", "build_qwen3_model", "qwen3_param_count", "unwrap_model"]
 
 SHIPPED_CONFIGS = ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "tiny", "tiny-tied",
                    "tiny-bpe4k")
@@ -109,6 +109,19 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return -(-vocab_size // step) * step
 
 
+def parallel_layout_problems(hf_config: dict, *, tp: int, pp: int) -> list[tuple[str, str]]:
+    """What `tp` / `pp` do not divide in a Qwen3 config: (the parallel size's name, the message) pairs, e.g.
+    ("tp", "num_attention_heads=32 is not divisible by tensor-parallel size tp=3"); [] when the layout fits."""
+    out = []
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        if hf_config[field] % tp:
+            out.append(("tp", f"{field}={hf_config[field]} is not divisible by tensor-parallel size tp={tp}"))
+    if hf_config["num_hidden_layers"] % pp:
+        out.append(("pp", f"num_hidden_layers={hf_config['num_hidden_layers']} is not divisible by "
+                          f"pipeline-parallel size pp={pp}"))
+    return out
+
+
 def qwen3_transformer_config(hf_config: dict, *, tp: int = 1, pp: int = 1, cp: int = 1,
                              params_dtype: torch.dtype = torch.float32, bf16: bool = False,
                              recompute: str | None = None, **overrides: Any):
@@ -122,12 +135,8 @@ def qwen3_transformer_config(hf_config: dict, *, tp: int = 1, pp: int = 1, cp: i
 
     cfg = _validate_hf_config(dict(hf_config), "hf_config")
     heads, kv_heads, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
-    if heads % tp:
-        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor-parallel size tp={tp}")
-    if kv_heads % tp:
-        raise ValueError(f"num_key_value_heads={kv_heads} is not divisible by tensor-parallel size tp={tp}")
-    if layers % pp:
-        raise ValueError(f"num_hidden_layers={layers} is not divisible by pipeline-parallel size pp={pp}")
+    for _, problem in parallel_layout_problems(cfg, tp=tp, pp=pp):
+        raise ValueError(problem)
     if recompute not in (None, "selective", "full"):
         raise ValueError(f"recompute must be None, 'selective' or 'full', got {recompute!r}")
 
