@@ -341,9 +341,10 @@ def load_converted_checkpoint(model, megatron_dir: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_trace.models.qwen3 import unwrap_model
+
     meta = read_conversion_metadata(megatron_dir)
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
+    model = unwrap_model(model)
     if int(model.vocab_size) != meta["padded_vocab_size"]:
         raise ConversionError(
             f"model padded vocab {model.vocab_size} != checkpoint's {meta['padded_vocab_size']} (converted for "
