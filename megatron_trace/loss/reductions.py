@@ -56,14 +56,13 @@ def reduce_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], reducti
     for keys, op, neutral in ((sums, dist.ReduceOp.SUM, 0.0), (maxes, dist.ReduceOp.MAX, float("-inf"))):
         if not keys:
             continue
-        rows = [torch.stack([m[k].detach().to(torch.float64).reshape(()) for k in keys]).cpu()
+        rows = [torch.stack([m[k].detach().to(torch.float64).reshape(()) for k in keys])
                 for m in per_microbatch if m] if contribute else []
         if not rows:
             vec = torch.full((len(keys),), neutral, dtype=torch.float64)
-        elif op == dist.ReduceOp.SUM:
-            vec = torch.stack(rows).sum(0)
-        else:
-            vec = torch.stack(rows).amax(0)
+        else:  # on the loss's device; one copy to the host (the collective runs on CPU tensors, as gloo needs)
+            table = torch.stack(rows)
+            vec = (table.sum(0) if op == dist.ReduceOp.SUM else table.amax(0)).cpu()
         if dist.is_initialized():
             dist.all_reduce(vec, op=op, group=group)
         for k, v in zip(keys, vec.tolist()):
