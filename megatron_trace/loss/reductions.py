@@ -60,10 +60,12 @@ def reduce_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], reducti
                 for m in per_microbatch if m] if contribute else []
         if not rows:
             vec = torch.full((len(keys),), neutral, dtype=torch.float64)
-        else:  # on the loss's device; one copy to the host (the collective runs on CPU tensors, as gloo needs)
+        else:
             table = torch.stack(rows)
-            vec = (table.sum(0) if op == dist.ReduceOp.SUM else table.amax(0)).cpu()
+            vec = table.sum(0) if op == dist.ReduceOp.SUM else table.amax(0)
         if dist.is_initialized():
+            # NCCL reduces CUDA tensors, gloo CPU ones; then one copy to the host (`tolist`)
+            vec = vec.to("cuda" if dist.get_backend(group) == "nccl" else "cpu")
             dist.all_reduce(vec, op=op, group=group)
         for k, v in zip(keys, vec.tolist()):
             out[k] = 0.0 if v == float("-inf") else v
