@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from megatron_trace.models.qwen3 import unwrap_model
 
+from megatron_trace.distributed import collectives
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "load_model_weights"]
 
 STATE_FILE = "trainer_state.json"
@@ -36,7 +38,7 @@ def _rank() -> int:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
 
 
 def _rng_state() -> dict:
