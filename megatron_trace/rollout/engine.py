@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from megatron_trace.rollout.config import CPU_KV_CACHE_BYTES, EngineConfig
+from megatron_trace.rollout.config import EngineConfig
 from megatron_trace.rollout.types import (
     Generation, ProgressFn, SamplingConfig, WeightBucket, WeightUpdateError, target_weight_version,
 )
@@ -157,9 +157,11 @@ class VLLMEngine:
             hf_config = json.load(f)
         self.tied = bool(hf_config.get("tie_word_embeddings", False))
         self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied)
-        kv_bytes = cfg.kv_cache_memory_bytes
-        if kv_bytes is None and not torch.cuda.is_available():
-            kv_bytes = CPU_KV_CACHE_BYTES
+        from megatron_trace.rollout.platform import engine_platform_settings
+
+        plat = engine_platform_settings(dtype=cfg.dtype, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+                                        enable_sleep_mode=cfg.enable_sleep_mode)
+        kv_bytes = plat.kv_cache_memory_bytes
         kwargs = dict(
             model=cfg.model_dir,
             dtype=cfg.dtype,
