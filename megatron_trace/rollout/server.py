@@ -362,8 +362,9 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
     @app.post("/weights/nccl")
     async def nccl_update(request: Request):
         """Receive an update broadcast over the NCCL weight group: body {version, tensors: [[name, dtype,
-        shape], ...]} in send order; answers when the update is applied. With validate_only=true, only checks
-        the announcement (the client does this first, so a refused update never leaves the sender hanging)."""
+        shape], ...]} in send order; answers when the update is applied. With validate_only=true, checks the
+        announcement and the engine's state and reserves the engine for it (the client does this first: every
+        refusal happens while nothing is broadcast, so a refused update never leaves the sender hanging)."""
         authorize(request)
         body = await read_json(request)
         try:
@@ -371,11 +372,13 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             version = int(body["version"])
         except (KeyError, TypeError, ValueError) as e:
             raise ApiError(400, f"expected version and tensors [[name, dtype, shape], ...]: {e}") from e
-        if body.get("validate_only"):
+        if body.get("validate_only"):  # accept (validate + reserve the engine) before any byte moves
             try:
-                engine.validate_announcement(metas, version)
+                await run_in_threadpool(engine.prepare_nccl_update, metas, version)
             except ValueError as e:
                 raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
+            except RuntimeError as e:  # asleep
+                raise ApiError(409, f"update to version {version} refused ({e})", "conflict") from e
             return {"status": "valid", "weight_version": engine.weight_version}
         try:
             new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version)

@@ -29,7 +29,7 @@ from megatron_trace.checkpoint.hf_mapping import (
 from megatron_trace.distributed import collectives
 from megatron_trace.models.qwen3 import unwrap_model
 
-__all__ = ["export_hf_buckets", "stage_of", "local_named_params"]
+__all__ = ["export_hf_buckets", "export_announcement", "stage_of", "local_named_params"]
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -148,6 +148,18 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                 size += nbytes
     if rank == dst and bucket:
         yield bucket
+
+
+def export_announcement(hf_config: Mapping, dtype: torch.dtype):
+    """What `export_hf_buckets(..., dtype=dtype)` will yield, in its order, as `nccl_weights.TensorMeta`s (HF
+    name, dtype name, shape), computed from the config alone: the NCCL path announces an update before any
+    tensor exists. dtype: the export dtype (or the model's parameter dtype when exporting as trained)."""
+    from megatron_trace.rollout.nccl_weights import TensorMeta
+
+    dims = Qwen3Dims.from_hf_config(hf_config)
+    shapes = hf_param_shapes(dims)
+    wire = str(dtype).removeprefix("torch.")
+    return [TensorMeta(n, wire, tuple(shapes[n])) for m in megatron_param_names(dims) for n in _hf_names(m, dims)]
 
 
 def _is_view_of_param(t: torch.Tensor, params: dict[str, torch.Tensor]) -> bool:
