@@ -109,15 +109,18 @@ def _update_and_export(rank, world_size, hf_dir, workdir):
 
         def update_weights(self, buckets):
             for b in buckets:
-                self.names += [n for n, _ in b]
+                self.names += [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in b]
 
     trainer.engine = Recorder() if rank == 0 else None
     trainer.sync_weights()
     names = list(trainer.engine.names) if rank == 0 else []
     trainer.engine = None
+    from megatron_trace.rollout.weight_bridge import export_announcement
+
+    announced = [(m.name, m.dtype, m.shape) for m in export_announcement(trainer.hf_config, torch.float32)]
     save_hf_folder(trainer.model[0], trainer.hf_config, f"{workdir}/export")
     trainer.close()
-    return {"record": record, "tokens": metrics["tokens"], "names": names}
+    return {"record": record, "tokens": metrics["tokens"], "names": names, "announced": announced}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +151,13 @@ def test_the_guard_saw_the_collectives_it_is_about(guarded):
     assert "send via weight_bridge.py:export_hf_buckets" in calls[2]
     assert "recv via weight_bridge.py:export_hf_buckets" in calls[0]
     assert "barrier via hf_export.py:save_hf_folder" in everywhere
-    assert guarded[0]["tokens"] > 0 and "lm_head.weight" in guarded[0]["names"]
+    assert guarded[0]["tokens"] > 0 and "lm_head.weight" in [n for n, _, _ in guarded[0]["names"]]
+
+
+def test_the_nccl_announcement_is_what_the_bridge_exports_in_its_order(guarded):
+    """`export_announcement` (the NCCL path's announcement, computed from the config before any tensor
+    exists) lists exactly the tensors a TP=2 x PP=2 export streams, in the same order, dtype and shape."""
+    assert guarded[0]["names"] == guarded[0]["announced"]
 
 
 def test_the_guard_catches_a_direct_collective_on_a_cpu_tensor(tmp_path):
