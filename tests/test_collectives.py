@@ -90,7 +90,7 @@ def _update_and_export(rank, world_size, hf_dir, workdir):
     from test_trainer_step import KL_CLIP, KL_WEIGHT, W0, _samples
 
     from megatron_trace.config import load_config
-    from megatron_trace.rollout.hf_export import save_hf_folder
+    from megatron_trace.sync.hf_export import save_hf_folder
     from megatron_trace.train.trainer import Trainer
 
     cfg = load_config(None, [f"model.hf_config={hf_dir}", f"model.load={hf_dir}", "parallel.tp=2", "parallel.pp=2",
@@ -115,7 +115,7 @@ def _update_and_export(rank, world_size, hf_dir, workdir):
     trainer.sync_weights()
     names = list(trainer.engine.names) if rank == 0 else []
     trainer.engine = None
-    from megatron_trace.rollout.weight_bridge import export_announcement
+    from megatron_trace.sync.weight_bridge import export_announcement
 
     announced = [(m.name, m.dtype, m.shape) for m in export_announcement(trainer.hf_config, torch.float32)]
     save_hf_folder(trainer.model[0], trainer.hf_config, f"{workdir}/export")
@@ -125,10 +125,14 @@ def _update_and_export(rank, world_size, hf_dir, workdir):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
-    from test_trainer_step import _make_hf_dir
+    from test_trainer_step import VOCAB
+    from tiny_hf_model import make_tiny_qwen3_dir
 
     workdir = tmp_path_factory.mktemp("collectives")
-    hf_dir = _make_hf_dir(str(workdir / "hf"))
+    # The model of test_trainer_step (its batch's token ids fit this vocabulary and its tokenizer).
+    hf_dir = make_tiny_qwen3_dir(str(workdir / "hf"), seed=0, tied=False, vocab_size=VOCAB, hidden=64,
+                                 intermediate=128, layers=2, max_positions=512, tokenizer="truncated", init_std=None,
+                                 lm_head_scale=20.0)
     return run_distributed(_update_and_export, 4, hf_dir, str(workdir), init_gloo=False, timeout=400)
 
 
@@ -141,7 +145,7 @@ def test_the_guard_saw_the_collectives_it_is_about(guarded):
     """The check above is not vacuous: each defect site went through the guard on the ranks that issue it."""
     calls = [set(out["record"]["calls"]) for out in guarded]
     everywhere = set.intersection(*calls)
-    assert "all_reduce via trainer.py:_reduce_sums" in everywhere  # the CPU float64 metric vector
+    assert "all_reduce via reductions.py:reduce_metrics" in everywhere  # the step's metric vector (float64)
     assert "all_reduce via weight_bridge.py:_stage_leaders" in everywhere  # the CPU stage-leader table
     assert "broadcast_object_list via trainer.py:_broadcast" in everywhere
     # Loss on the last stage (ranks 2, 3 with TP=2): vocab-parallel reductions.

@@ -219,6 +219,7 @@ def recording_engine() -> VLLMEngine:
     engine._inconsistent = None
     engine._weights_discarded = False
     engine._nccl_pending = None
+    engine.on_progress = None
     return engine
 
 
