@@ -97,7 +97,7 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
     # Global rank of each stage's leader (dp 0, tp 0); every rank computes the same table.
     leaders = _stage_leaders(pp) if distributed else [0]
     params = local_named_params(model, dims, pp, pp_rank)
-    device = next(_unwrap(model).parameters()).device
+    device = next(unwrap_model(model).parameters()).device
 
     bucket: Bucket = []
     size = 0
