@@ -17,7 +17,9 @@ FROM ${BASE_IMAGE}
 
 ARG VLLM_VERSION=0.32.0
 ARG TRANSFORMER_ENGINE_VERSION=2.11.0
-ARG APEX_COMMIT=705cba91fc26413d484f5ce2983427d840199a97
+# Apex master of 2026-07-08: its setup.py reads the APEX_*_EXT variables (the 2021 commit pinned before ignored
+# them and built no kernels) and it no longer imports torch._six (gone from torch; `import apex` failed).
+ARG APEX_COMMIT=6424da3b4faa6c8f062da4a48c424fff3f02d42d
 ARG MEGATRON_CORE_VERSION=0.16.1
 ARG TRANSFORMERS_VERSION=5.19.0
 ARG MATH_VERIFY_VERSION=0.9.0
@@ -38,17 +40,21 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git ninja-build \
     && rm -rf /var/lib/apt/lists/*
 
-# The base image's pip constraint file pins its own torch; vLLM needs its own, so lift the constraint.
+# The base image's pip constraint file pins its own torch; vLLM needs its own, so lift the constraint. Emptied,
+# not deleted: the image exports PIP_CONSTRAINT=/etc/pip/constraint.txt, and pip fails on a missing file.
 RUN pip uninstall -y transformer-engine transformer_engine apex flash-attn || true \
-    && rm -f /etc/pip/constraint.txt \
+    && : > /etc/pip/constraint.txt \
     && pip install "vllm==${VLLM_VERSION}"
 
-RUN pip install --no-build-isolation "transformer-engine[pytorch]==${TRANSFORMER_ENGINE_VERSION}"
+# The extras megatron-core itself names for Transformer Engine (its `dev` extra): the CUDA 13 core and the PyTorch
+# bindings.
+RUN pip install --no-build-isolation "transformer-engine[core_cu13,pytorch]==${TRANSFORMER_ENGINE_VERSION}"
 
 RUN git clone https://github.com/NVIDIA/apex.git /tmp/apex \
     && cd /tmp/apex \
     && git checkout "${APEX_COMMIT}" \
-    && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 pip install -v --no-build-isolation . \
+    && NVCC_APPEND_FLAGS="--threads 4" APEX_PARALLEL_BUILD=8 APEX_CPP_EXT=1 APEX_CUDA_EXT=1 \
+       pip install -v --no-build-isolation . \
     && cd / && rm -rf /tmp/apex
 
 RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
@@ -64,7 +70,8 @@ COPY tools ./tools
 COPY examples ./examples
 
 # Fails the build if any piece cannot be imported against the installed torch.
-RUN python -c "import torch, vllm, transformer_engine.pytorch, apex, megatron.core, megatron_trace, transformers; \
+RUN python -c "import torch, vllm, transformer_engine.pytorch, apex, amp_C, fused_layer_norm_cuda, megatron.core, \
+megatron_trace, transformers; \
 print('torch', torch.__version__, 'vllm', vllm.__version__, 'megatron-core', megatron.core.__version__)"
 
 CMD ["bash"]

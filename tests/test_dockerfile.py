@@ -67,7 +67,7 @@ def test_every_dependency_is_pinned(instructions):
     assert re.fullmatch(r"[0-9a-f]{40}", args["APEX_COMMIT"])  # a commit, not a moving branch
     assert args["MEGATRON_CORE_VERSION"] == "0.16.1"  # the version this package is developed and tested against
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
-    for pinned in ('"vllm==${VLLM_VERSION}"', '"transformer-engine[pytorch]==${TRANSFORMER_ENGINE_VERSION}"',
+    for pinned in ('"vllm==${VLLM_VERSION}"', '"transformer-engine[core_cu13,pytorch]==${TRANSFORMER_ENGINE_VERSION}"',
                    '"megatron-core==${MEGATRON_CORE_VERSION}"', 'git checkout "${APEX_COMMIT}"'):
         assert pinned in runs, pinned
     assert ":latest" not in runs and "ADD http" not in " ".join(f"{w} {r}" for w, r in instructions)
@@ -101,3 +101,65 @@ def test_run_steps_are_valid_shell(instructions):
     for word, rest in instructions:
         if word == "RUN":
             assert subprocess.run(["bash", "-n", "-c", rest]).returncode == 0, rest
+
+
+def _run_with(instructions, needle: str) -> str:
+    runs = [rest for word, rest in instructions if word == "RUN" and needle in rest]
+    assert len(runs) == 1, f"expected one RUN step with {needle!r}, found {len(runs)}"
+    return runs[0]
+
+
+def test_pip_constraint_file_is_emptied_not_deleted(instructions):
+    """NGC images export PIP_CONSTRAINT=/etc/pip/constraint.txt: pip fails on every later install if the file
+    is gone. Emptying it lifts the base's torch pin and keeps pip working; checked by running the step's own
+    constraint command on a stand-in file."""
+    text = " ".join(f"{w} {r}" for w, r in instructions)
+    assert not re.search(r"rm\s+(-\w+\s+)*/etc/pip/constraint\.txt", text), "the constraint file must not be deleted"
+    assert "unset PIP_CONSTRAINT" not in text
+    run = _run_with(instructions, "vllm==${VLLM_VERSION}")
+    steps = [part.strip() for part in run.split("&&")]
+    empty = [p for p in steps if "/etc/pip/constraint.txt" in p]
+    assert len(empty) == 1 and steps.index(empty[0]) < next(i for i, p in enumerate(steps) if "vllm==" in p)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "constraint.txt")
+        with open(path, "w") as f:
+            f.write("torch==2.9.0a0+nv25.11\n")
+        assert subprocess.run(["bash", "-c", empty[0].replace("/etc/pip/constraint.txt", path)]).returncode == 0
+        assert os.path.isfile(path) and os.path.getsize(path) == 0
+
+
+# Apex commits checked to build its kernels from the APEX_*_EXT variables (setup.py maps APEX_CPP_EXT /
+# APEX_CUDA_EXT to --cpp_ext / --cuda_ext) and to import on current torch (no `torch._six`). The commit pinned
+# before (705cba91, 2021) has neither: no kernels were built and `import apex` failed.
+APEX_COMMITS_CHECKED = {"6424da3b4faa6c8f062da4a48c424fff3f02d42d"}
+APEX_COMMITS_BROKEN = {"705cba91fc26413d484f5ce2983427d840199a97"}
+
+
+def test_apex_is_a_current_commit_built_with_its_extension_flags(instructions):
+    commit = _args(instructions)["APEX_COMMIT"]
+    assert commit not in APEX_COMMITS_BROKEN
+    assert commit in APEX_COMMITS_CHECKED, f"APEX_COMMIT={commit}: check it (see APEX_COMMITS_CHECKED) and add it"
+    run = _run_with(instructions, "git checkout \"${APEX_COMMIT}\"")
+    install = next(p for p in run.split("&&") if "pip install" in p)
+    for flag in ("APEX_CPP_EXT=1", "APEX_CUDA_EXT=1"):
+        assert flag in install, f"{flag} must be in the environment of Apex's pip install"
+    assert "--no-build-isolation" in install  # the extensions build against the installed torch
+    final = [r for w, r in instructions if w == "RUN" and r.startswith("python -c")][-1]
+    for module in ("apex", "amp_C", "fused_layer_norm_cuda"):  # the kernels were built, not only the Python
+        assert re.search(rf"\b{module}\b", final), module
+
+
+def test_transformer_engine_extras_are_the_ones_megatron_core_names(instructions):
+    from importlib.metadata import requires
+
+    wanted = None
+    for req in requires("megatron-core") or []:
+        m = re.match(r"transformer[-_]engine\[([^\]]+)\]", req)
+        if m:
+            wanted = sorted(x.strip() for x in m.group(1).split(","))
+    assert wanted, "megatron-core's metadata names no transformer-engine extras"
+    run = _run_with(instructions, "transformer-engine[")
+    got = sorted(re.search(r"transformer-engine\[([^\]]+)\]", run).group(1).split(","))
+    assert got == wanted, (got, wanted)

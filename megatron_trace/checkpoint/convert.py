@@ -65,8 +65,14 @@ _DIST_LAYER_KEYS = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
-# Linear modules whose (empty on the local spec) `_extra_state` is a ShardedObject per layer in the checkpoint.
-_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+# Layer modules whose `_extra_state` (Transformer Engine's FP8 metadata; empty on the local spec's linears) is a
+# ShardedObject per layer in the sharded state dict of the TE spec: the four linears and, with qk_layernorm, the q/k
+# RMSNorms (TENorm). TEDotProductAttention has an `_extra_state` in its plain state dict only (its sharded state
+# dict leaves it out), so it is never in a checkpoint; loading tolerates that (checkpoint/tolerant_load.py).
+_EXTRA_STATE_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.q_layernorm",
+                        "self_attention.k_layernorm", "mlp.linear_fc1", "mlp.linear_fc2")
+# Non-layer modules with one `_extra_state` object: the final RMSNorm (TENorm under TE).
+_GLOBAL_EXTRA_STATE = ("decoder.final_layernorm._extra_state",)
 
 
 class ConversionError(ValueError):
@@ -243,6 +249,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, *, overw
                 key = f"decoder.layers.{module}._extra_state"
                 sharded[f"decoder.layers.{layer}.{module}._extra_state"] = ShardedObject(
                     key, None, (dims.layers,), (layer,), replica_id=0)
+        for key in _GLOBAL_EXTRA_STATE:  # megatron's offsets for an object outside the layer stack: (1,), (0,)
+            sharded[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
         source.close()
         dist_checkpointing.save(sharded, tmp, content_metadata=meta)
         del sharded
@@ -337,10 +345,10 @@ def load_converted_checkpoint(model, megatron_dir: str) -> None:
 
     `dist_checkpointing.load(model.sharded_state_dict(), dir)` plus the checks a bare load lacks: the model's
     padded vocab must equal the recorded one (it depends on the TP the checkpoint was converted for), and the
-    conversion metadata is dropped from the state dict before `load_state_dict(strict=True)`.
+    conversion metadata is dropped from the state dict before a strict load that tolerates only absent
+    Transformer Engine `_extra_state` entries (a checkpoint converted before they were written).
     """
-    from megatron.core import dist_checkpointing
-
+    from megatron_trace.checkpoint.tolerant_load import dist_load, load_module_state
     from megatron_trace.models.qwen3 import unwrap_model
 
     meta = read_conversion_metadata(megatron_dir)
@@ -349,6 +357,6 @@ def load_converted_checkpoint(model, megatron_dir: str) -> None:
         raise ConversionError(
             f"model padded vocab {model.vocab_size} != checkpoint's {meta['padded_vocab_size']} (converted for "
             f"tp={meta['tensor_model_parallel_size']}); re-convert with --tp {model.config.tensor_model_parallel_size}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), megatron_dir)
+    state = dist_load(model.sharded_state_dict(), megatron_dir)
     state.pop("content_metadata", None)
-    model.load_state_dict(state, strict=True)
+    load_module_state(model, state, megatron_dir)

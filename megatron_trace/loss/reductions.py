@@ -19,6 +19,8 @@ from typing import Union
 import torch
 import torch.distributed as dist
 
+from megatron_trace.distributed import collectives
+
 __all__ = ["SUM", "MAX", "MeanOf", "Reduction", "reduce_metrics"]
 
 SUM = "sum"
@@ -64,9 +66,9 @@ def reduce_metrics(per_microbatch: Sequence[Mapping[str, torch.Tensor]], reducti
             table = torch.stack(rows)
             vec = table.sum(0) if op == dist.ReduceOp.SUM else table.amax(0)
         if dist.is_initialized():
-            # NCCL reduces CUDA tensors, gloo CPU ones; then one copy to the host (`tolist`)
-            vec = vec.to("cuda" if dist.get_backend(group) == "nccl" else "cpu")
-            dist.all_reduce(vec, op=op, group=group)
+            # Placed on the backend's device for the call (NCCL reduces CUDA tensors, gloo CPU ones); then one copy
+            # to the host (`tolist`)
+            collectives.all_reduce(vec, op=op, group=group)
         for k, v in zip(keys, vec.tolist()):
             out[k] = 0.0 if v == float("-inf") else v
     for name, r in reductions.items():

@@ -42,6 +42,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from megatron_trace.distributed import collectives
+
 __all__ = ["TokenStats", "token_stats"]
 
 
@@ -64,7 +66,7 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> None:
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
+        collectives.all_reduce(tensor, op=op, group=group)
 
 
 class _Workspace:

@@ -241,7 +241,8 @@ class RolloutClient:
     def init_nccl_weights(self, master_address: str, master_port: int, world_size: int, device=0):
         """Form the NCCL weight group with the server's vLLM workers; returns the `NcclWeightSender` (rank 0).
 
-        world_size = 1 + the server's tensor-parallel size; master_address must be reachable from the server.
+        world_size = 1 + the server engine's TP x PP (one rank per vLLM worker); master_address must be reachable
+        from the server.
         """
         from megatron_trace.rollout.nccl_weights import NcclWeightSender
 
@@ -254,23 +255,37 @@ class RolloutClient:
             joined.result()
         return sender
 
-    def update_weights_nccl(self, sender, buckets: Iterable[list[tuple[str, torch.Tensor]]],
+    def update_weights_nccl(self, sender, buckets: Iterable[list[tuple[str, torch.Tensor]]], metas,
                             version: int | None = None) -> int:
-        """Announce the update over HTTP, broadcast the tensors over NCCL; returns the server's new version.
+        """Announce the update over HTTP, then broadcast the tensors over NCCL; returns the server's new version.
 
-        Unlike `update_weights` this lists `buckets` first (the tensors are referenced, not copied): the whole
-        announcement (every name, dtype and shape) must be validated by the server before the first tensor is
-        broadcast, since a receiver that refuses part-way would leave the sender blocked in a collective."""
-        buckets = list(buckets)
-        target = self.version() + 1 if version is None else int(version)
-        metas = [[m.name, m.dtype, list(m.shape)] for m in sender.announce(buckets)]
-        # validate first: once broadcasting starts, a refused update would leave the sender waiting forever
-        self._request("POST", "/weights/nccl", json={"version": target, "tensors": metas, "validate_only": True},
-                      headers=self._auth())
+        metas: the announcement, a `TensorMeta` per tensor in the order `buckets` will produce them (for the
+        weight bridge: `weight_bridge.export_announcement`), known without materialising any tensor. The server
+        validates it and reserves its engine before the first byte moves (every refusal happens then, with
+        nothing broadcast); `buckets` is then consumed as a stream, one bucket alive at a time. As with
+        `update_weights`, the iterable is always consumed to its end (the bridge's generator is collective).
+        """
+        it = iter(buckets)
+        try:
+            target = self.version() + 1 if version is None else int(version)
+            wire = [[m.name, m.dtype, list(m.shape)] for m in metas]
+            self._request("POST", "/weights/nccl", json={"version": target, "tensors": wire, "validate_only": True},
+                          headers=self._auth())
+        except Exception:
+            drain(it)
+            raise
         with ThreadPoolExecutor(max_workers=1) as pool:
-            applied = pool.submit(self._request, "POST", "/weights/nccl", json={"version": target, "tensors": metas},
+            applied = pool.submit(self._request, "POST", "/weights/nccl", json={"version": target, "tensors": wire},
                                   headers=self._auth(), timeout=self.cfg.weight_timeout_s)
-            sender.send(buckets)
+            try:
+                sender.send(it, metas)
+            except Exception:
+                drain(it)
+                try:  # the receivers got the abort status and refuse the update; the sender's error is the cause
+                    applied.result()
+                except Exception:  # noqa: BLE001
+                    logger.exception("the server's answer to the aborted NCCL update")
+                raise
             return int(applied.result()["weight_version"])
 
     def sleep(self, level: int = 1) -> None:

@@ -76,10 +76,13 @@ class RolloutConfig:
     # empty = every server sees the trainer's devices. Ignored on CPU.
     server_gpus: list[str] = field(default_factory=list)
     server_start_timeout_s: float = 300.0
-    # Engine settings, as in EngineConfig (documented there; same defaults, but a 64 MiB KV cache on GPU too).
-    kv_cache_memory_bytes: int = CPU_KV_CACHE_BYTES
+    # Engine settings, as in EngineConfig (documented there; same defaults). kv_cache_memory_bytes None = the
+    # platform's default (rollout/platform.py: CPU_KV_CACHE_BYTES on CPU; on GPU vLLM sizes the cache from
+    # gpu_memory_utilization, which a value set here replaces). enable_sleep_mode: GPU only (an error on CPU).
+    kv_cache_memory_bytes: Optional[int] = EngineConfig.kv_cache_memory_bytes
     gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
     max_model_len: int = EngineConfig.max_model_len
+    enable_sleep_mode: bool = EngineConfig.enable_sleep_mode
     weight_bucket_mb: float = 64.0  # weight sync bucket size: the bridge's peak extra memory
     recompute_old_logprobs: bool = True  # trainer recomputes log p_old (else the sampler's log-probs are used)
 
@@ -88,6 +91,8 @@ class RolloutConfig:
             raise ConfigError("prompts_per_step and group_size must be >= 1")
         if self.max_response_tokens < 1:
             raise ConfigError(f"max_response_tokens: must be >= 1, got {self.max_response_tokens}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError(f"kv_cache_memory_bytes: must be > 0 or unset, got {self.kv_cache_memory_bytes}")
         if self.weight_bucket_mb <= 0:
             raise ConfigError(f"weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
         if self.server_url and self.server_urls:

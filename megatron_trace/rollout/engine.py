@@ -23,12 +23,16 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from megatron_trace.rollout.config import CPU_KV_CACHE_BYTES, EngineConfig
+from megatron_trace.rollout.config import EngineConfig
 from megatron_trace.rollout.types import (
     Generation, ProgressFn, SamplingConfig, WeightBucket, WeightUpdateError, target_weight_version,
 )
 
 logger = logging.getLogger(__name__)
+
+def _norm_metas(metas) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in metas]
+
 
 def checkpoint_tensor_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape of every tensor in `model_dir`'s safetensors files (read from headers only)."""
@@ -157,9 +161,11 @@ class VLLMEngine:
             hf_config = json.load(f)
         self.tied = bool(hf_config.get("tie_word_embeddings", False))
         self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied)
-        kv_bytes = cfg.kv_cache_memory_bytes
-        if kv_bytes is None and not torch.cuda.is_available():
-            kv_bytes = CPU_KV_CACHE_BYTES
+        from megatron_trace.rollout.platform import engine_platform_settings
+
+        plat = engine_platform_settings(dtype=cfg.dtype, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+                                        enable_sleep_mode=cfg.enable_sleep_mode)
+        kv_bytes = plat.kv_cache_memory_bytes
         kwargs = dict(
             model=cfg.model_dir,
             dtype=cfg.dtype,
@@ -184,6 +190,12 @@ class VLLMEngine:
         self._sleeping = False
         # Set when a streamed update failed after vLLM had taken some tensors: weights are a mix, refuse to serve.
         self._inconsistent: str | None = None
+        # Set by a level-2 sleep (vLLM discards the weights; wake_up re-allocates them uninitialised): refuse to
+        # serve until a complete update has been loaded.
+        self._weights_discarded = False
+        # The NCCL update announced and accepted by prepare_nccl_update, (version, metas), until its broadcast is
+        # received; sleep() or another update cancels it (its broadcast is then drained and refused).
+        self._nccl_pending: tuple[int, list] | None = None
 
     # ---------------------------------------------------------------- generation
     @property
@@ -227,6 +239,9 @@ class VLLMEngine:
     def _check_serving(self) -> None:
         if self._sleeping:
             raise RuntimeError("the engine is asleep: call wake_up() before generate()")
+        if self._weights_discarded:
+            raise RuntimeError("the weights were discarded by a level-2 sleep: push a complete weight update "
+                               "after wake_up() before generating")
         if self._inconsistent:
             raise RuntimeError(
                 f"the last weight update failed part-way ({self._inconsistent}); weights are a mix of two "
@@ -267,6 +282,7 @@ class VLLMEngine:
         with self._lock:
             if self._sleeping:
                 raise RuntimeError("the engine is asleep: call wake_up() before update_weights()")
+            self._cancel_nccl_pending("a weight update")
             seen: set[str] = set()
             started = False
 
@@ -300,6 +316,7 @@ class VLLMEngine:
             raise
         self._llm.reset_prefix_cache()
         self._inconsistent = None
+        self._weights_discarded = False
         self._version = new_version
         return new_version
 
@@ -311,7 +328,7 @@ class VLLMEngine:
 
     def validate_announcement(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None) -> int:
         """Check an NCCL update's announcement (names, dtype names, shapes) and target version; returns the version.
-        The sender must not start broadcasting before this passed: a refused update has no receiver."""
+        Raises WeightUpdateError (a ValueError) when the update itself is bad."""
         from megatron_trace.rollout.nccl_weights import DTYPES
 
         new_version = target_weight_version(self._version, version)
@@ -321,15 +338,49 @@ class VLLMEngine:
         self.validate_weights((n, tuple(s), DTYPES[d]) for n, d, s in metas)
         return new_version
 
+    def prepare_nccl_update(self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None) -> int:
+        """Accept an NCCL update before its first byte moves: validate the announcement and the engine's state
+        (awake), then remember it as the one update the next broadcast may carry; returns the target version.
+
+        Every refusal happens here, while nothing has been broadcast: once the sender starts, a receiver that
+        refuses would leave it blocked in NCCL. Raises WeightUpdateError (bad update) or RuntimeError (state).
+        An engine left inconsistent by a failed update accepts it (a complete update is the repair).
+        """
+        with self._lock:
+            if self._sleeping:
+                raise RuntimeError("the engine is asleep: call wake_up() before an NCCL weight update")
+            new_version = self.validate_announcement(metas, version)
+            if self._nccl_pending is not None:
+                logger.warning("NCCL update to version %d announced; dropping the unreceived announcement of "
+                               "version %d", new_version, self._nccl_pending[0])
+            self._nccl_pending = (new_version, _norm_metas(metas))
+            return new_version
+
+    def _cancel_nccl_pending(self, why: str) -> None:
+        """Drop an announced, unreceived NCCL update: its broadcast, if it still comes, is drained and refused."""
+        if self._nccl_pending is not None:
+            logger.warning("%s cancels the announced NCCL update to version %d", why, self._nccl_pending[0])
+            self._nccl_pending = None
+
     def update_weights_from_nccl(
         self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None
     ) -> int:
-        """Receive an announced update (name, dtype name, shape per tensor, in send order) broadcast by trainer
-        rank 0, through the same reload path as update_weights. The announcement is validated first."""
-        new_version = self.validate_announcement(metas, version)
-        metas = [(n, d, tuple(s)) for n, d, s in metas]
+        """Receive the update accepted by `prepare_nccl_update` (same version and announcement), broadcast by
+        trainer rank 0, through the same reload path as update_weights; returns the new version.
+
+        Cannot be refused once prepared. An update that was not prepared is received and dropped (the sender is
+        already broadcasting: leaving it without receivers would hang it), then refused.
+        """
+        metas = _norm_metas(metas)
         with self._lock:
-            self._check_serving()
+            pending, self._nccl_pending = self._nccl_pending, None
+            new_version = self._version + 1 if version is None else int(version)
+            if pending != (new_version, metas):
+                self._llm.collective_rpc("drain_weights_nccl", args=(metas,))
+                what = "none" if pending is None else f"version {pending[0]} ({len(pending[1])} tensors)"
+                raise RuntimeError(f"NCCL update to version {new_version} was not prepared (the prepared one is "
+                                   f"{what}); its tensors were received and dropped: call prepare_nccl_update "
+                                   "(POST /weights/nccl with validate_only) first")
             return self._reload(lambda: self._llm.collective_rpc("receive_weights_nccl", args=(metas,)),
                                 new_version, lambda: True)
 
@@ -341,14 +392,22 @@ class VLLMEngine:
         if level not in (1, 2):
             raise ValueError(f"sleep level={level}: expected 1 or 2")
         with self._lock:
+            self._cancel_nccl_pending("sleep()")
+            if self._sleeping:
+                return
             self._llm.sleep(level=level)
             self._sleeping = True
+            if level == 2:  # vLLM drops the weights; wake_up gives back uninitialised memory
+                self._weights_discarded = True
 
     def wake_up(self) -> None:
-        """Re-allocate weights and KV cache after sleep(); after level 2 push weights before generating."""
+        """Re-allocate weights and KV cache after sleep(). After a level-2 sleep the weights are gone: generate
+        refuses until a complete update (update_weights / update_weights_from_nccl) has been loaded."""
         if not self.cfg.enable_sleep_mode:
             raise RuntimeError("wake_up() needs EngineConfig(enable_sleep_mode=True) (a GPU feature of vLLM)")
         with self._lock:
+            if not self._sleeping:
+                return
             self._llm.wake_up()
             self._llm.reset_prefix_cache()
             self._sleeping = False

@@ -47,8 +47,8 @@ class ManagedServer:
     extra_env (variables for the child only, e.g. OMP_NUM_THREADS or CUDA_VISIBLE_DEVICES), die_with_parent (the
     child gets SIGTERM when the process that started it dies, so a killed test or benchmark leaves no server
     behind; Linux), port (default: a free one), wait (False: return once the process is started; call
-    `wait_ready()` before use, so that several servers start side by side). Arguments left at None are left to
-    the server's own defaults. Also a context manager (close() on exit).
+    `wait_ready()` before use, so that several servers start side by side), enable_sleep_mode (the server's
+    engine can sleep()/wake_up(); GPU only). Arguments left at None are left to the server's own defaults. Also a context manager (close() on exit).
     """
 
     def __init__(self, model_dir: str, *, log_path: str, token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN",
@@ -56,7 +56,8 @@ class ManagedServer:
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float | None = None,
                  seed: int | None = None, start_timeout_s: float = 300.0, token: str | None = None,
                  extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
-                 die_with_parent: bool = False, port: int | None = None, wait: bool = True):
+                 die_with_parent: bool = False, port: int | None = None, wait: bool = True,
+                 enable_sleep_mode: bool = False):
         from megatron_trace.rollout.client import RolloutClient
 
         token = token or os.environ.get(token_env) or secrets.token_hex(16)
@@ -74,6 +75,8 @@ class ManagedServer:
                 cmd += [flag, str(value)]
         if kv_cache_memory_bytes:
             cmd += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
+        if enable_sleep_mode:
+            cmd += ["--enable-sleep-mode"]
         cmd += [str(a) for a in extra_args]
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         self.log_path = log_path
@@ -184,17 +187,22 @@ def start_engine(cfg, export_fn: Callable[[str], None], *, driver: bool = True):
     export_fn(model_dir)
     if not driver:
         return None
-    dtype = "bfloat16" if cfg.model.bf16 else "float32"
+    from megatron_trace.rollout.platform import engine_platform_settings
+
+    plat = engine_platform_settings(bf16=cfg.model.bf16, kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+                                    enable_sleep_mode=r.enable_sleep_mode)
     if r.engine == "inprocess":
         from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
 
-        return VLLMEngine(EngineConfig(model_dir=model_dir, dtype=dtype, max_model_len=r.max_model_len,
+        return VLLMEngine(EngineConfig(model_dir=model_dir, dtype=plat.dtype, max_model_len=r.max_model_len,
                                        gpu_memory_utilization=r.gpu_memory_utilization,
-                                       kv_cache_memory_bytes=r.kv_cache_memory_bytes, seed=cfg.train.seed))
+                                       kv_cache_memory_bytes=plat.kv_cache_memory_bytes, seed=cfg.train.seed,
+                                       enable_sleep_mode=plat.enable_sleep_mode))
     n = r.num_servers
-    kwargs = dict(token_env=r.server_token_env, dtype=dtype, max_model_len=r.max_model_len,
-                  kv_cache_memory_bytes=r.kv_cache_memory_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
-                  seed=cfg.train.seed, start_timeout_s=r.server_start_timeout_s)
+    kwargs = dict(token_env=r.server_token_env, dtype=plat.dtype, max_model_len=r.max_model_len,
+                  kv_cache_memory_bytes=plat.kv_cache_memory_bytes, gpu_memory_utilization=r.gpu_memory_utilization,
+                  seed=cfg.train.seed, start_timeout_s=r.server_start_timeout_s,
+                  enable_sleep_mode=plat.enable_sleep_mode)
     if n == 1 and not r.server_gpus:
         return ManagedServer(model_dir, log_path=os.path.join(cfg.logging.output_dir, "rollout_server.log"),
                              **kwargs)

@@ -362,8 +362,9 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
     @app.post("/weights/nccl")
     async def nccl_update(request: Request):
         """Receive an update broadcast over the NCCL weight group: body {version, tensors: [[name, dtype,
-        shape], ...]} in send order; answers when the update is applied. With validate_only=true, only checks
-        the announcement (the client does this first, so a refused update never leaves the sender hanging)."""
+        shape], ...]} in send order; answers when the update is applied. With validate_only=true, checks the
+        announcement and the engine's state and reserves the engine for it (the client does this first: every
+        refusal happens while nothing is broadcast, so a refused update never leaves the sender hanging)."""
         authorize(request)
         body = await read_json(request)
         try:
@@ -371,11 +372,13 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             version = int(body["version"])
         except (KeyError, TypeError, ValueError) as e:
             raise ApiError(400, f"expected version and tensors [[name, dtype, shape], ...]: {e}") from e
-        if body.get("validate_only"):
+        if body.get("validate_only"):  # accept (validate + reserve the engine) before any byte moves
             try:
-                engine.validate_announcement(metas, version)
+                await run_in_threadpool(engine.prepare_nccl_update, metas, version)
             except ValueError as e:
                 raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
+            except RuntimeError as e:  # asleep
+                raise ApiError(409, f"update to version {version} refused ({e})", "conflict") from e
             return {"status": "valid", "weight_version": engine.weight_version}
         try:
             new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version)
@@ -416,18 +419,18 @@ def main(argv: list[str] | None = None) -> None:
     e = EngineConfig  # the engine's settings and their defaults are defined once, there
     p.add_argument("--max-model-len", type=int, default=e.max_model_len)
     p.add_argument("--gpu-memory-utilization", type=float, default=e.gpu_memory_utilization)
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=e.kv_cache_memory_bytes)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=e.kv_cache_memory_bytes,
+                   help="KV cache bytes (default: 64 MiB on CPU; on GPU vLLM sizes it from --gpu-memory-utilization)")
     p.add_argument("--tensor-parallel-size", type=int, default=e.tensor_parallel_size)
     p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--enable-sleep-mode", action="store_true")
+    p.add_argument("--enable-sleep-mode", action="store_true", help="allow /sleep and /wake_up (GPU only)")
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help="environment variable holding the bearer token of the weight/admin routes")
     p.add_argument("--max-request-bytes", type=int, default=ServerLimits.max_request_bytes)
     p.add_argument("--max-bucket-bytes", type=int, default=ServerLimits.max_bucket_bytes)
     args = p.parse_args(argv)
 
-    import torch
     import uvicorn
 
     from megatron_trace.data.tokenizer import load_tokenizer
@@ -438,12 +441,18 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("$%s is not set: weight and admin routes are disabled", args.token_env)
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         p.error(f"binding {args.host} (not loopback) needs a token in ${args.token_env}")
-    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    from megatron_trace.rollout.platform import engine_platform_settings
+
+    try:
+        plat = engine_platform_settings(dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                                        enable_sleep_mode=args.enable_sleep_mode)
+    except ValueError as e:
+        p.error(str(e))
     engine = VLLMEngine(EngineConfig(
-        model_dir=args.model, dtype=dtype, max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        model_dir=args.model, dtype=plat.dtype, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=plat.kv_cache_memory_bytes,
         tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
-        enable_prefix_caching=not args.no_prefix_caching, enable_sleep_mode=args.enable_sleep_mode,
+        enable_prefix_caching=not args.no_prefix_caching, enable_sleep_mode=plat.enable_sleep_mode,
     ))
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_bucket_bytes=args.max_bucket_bytes)
     app = build_app(engine, model_name=os.path.basename(os.path.normpath(args.model)), token=token,

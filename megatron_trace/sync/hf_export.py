@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch.distributed as dist
 
+from megatron_trace.distributed import collectives
 from megatron_trace.sync.weight_bridge import export_hf_buckets
 
 __all__ = ["save_hf_folder"]
@@ -64,4 +65,4 @@ def save_hf_folder(model, hf_config: Mapping, out_dir: str, *, tokenizer=None, b
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()

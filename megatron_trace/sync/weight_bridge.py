@@ -26,9 +26,10 @@ from megatron_trace.checkpoint.hf_mapping import (
     hf_param_shapes, iter_hf_tensors_from_megatron, layers_for_stage, megatron_param_names,
     merge_tp_shards, split_layer_name,
 )
+from megatron_trace.distributed import collectives
 from megatron_trace.models.qwen3 import unwrap_model
 
-__all__ = ["export_hf_buckets", "stage_of", "local_named_params"]
+__all__ = ["export_hf_buckets", "export_announcement", "stage_of", "local_named_params"]
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -96,6 +97,7 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
     # Global rank of each stage's leader (dp 0, tp 0); every rank computes the same table.
     leaders = _stage_leaders(pp) if distributed else [0]
     params = local_named_params(model, dims, pp, pp_rank)
+    device = next(unwrap_model(model).parameters()).device
 
     bucket: Bucket = []
     size = 0
@@ -109,7 +111,7 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                 local = params[mname].detach()
                 if tp > 1:
                     shards = [torch.empty_like(local) for _ in range(tp)] if tp_rank == 0 else None
-                    dist.gather(local.contiguous(), shards, dst=leader, group=tp_group)
+                    collectives.gather(local.contiguous(), shards, dst=leader, group=tp_group)
                     full = merge_tp_shards(mname, shards) if tp_rank == 0 else None
                     # Free the shards now: held until the next parameter's gather they would add a third copy.
                     del shards
@@ -124,14 +126,15 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
             if distributed and leader != dst:
                 if rank == leader:
                     for _, t in hf_tensors:
-                        dist.send(t.contiguous(), dst=dst)
+                        collectives.send(t.contiguous(), dst=dst)
                     hf_tensors = []
                 elif rank == dst:
                     names = [n for n in _hf_names(mname, dims)]
                     wire = dtype or params_dtype_of(model)
                     for n in names:
-                        buf = torch.empty(hf_shapes[n], dtype=wire)
-                        dist.recv(buf, src=leader)
+                        # On the model's device (CUDA under NCCL): the leader sends from there too.
+                        buf = torch.empty(hf_shapes[n], dtype=wire, device=device)
+                        collectives.recv(buf, src=leader)
                         hf_tensors.append((n, buf))
             if rank != dst:
                 continue
@@ -145,6 +148,18 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                 size += nbytes
     if rank == dst and bucket:
         yield bucket
+
+
+def export_announcement(hf_config: Mapping, dtype: torch.dtype):
+    """What `export_hf_buckets(..., dtype=dtype)` will yield, in its order, as `nccl_weights.TensorMeta`s (HF
+    name, dtype name, shape), computed from the config alone: the NCCL path announces an update before any
+    tensor exists. dtype: the export dtype (or the model's parameter dtype when exporting as trained)."""
+    from megatron_trace.rollout.nccl_weights import TensorMeta
+
+    dims = Qwen3Dims.from_hf_config(hf_config)
+    shapes = hf_param_shapes(dims)
+    wire = str(dtype).removeprefix("torch.")
+    return [TensorMeta(n, wire, tuple(shapes[n])) for m in megatron_param_names(dims) for n in _hf_names(m, dims)]
 
 
 def _is_view_of_param(t: torch.Tensor, params: dict[str, torch.Tensor]) -> bool:
@@ -177,5 +192,5 @@ def _stage_leaders(pp: int) -> list[int]:
     table = torch.full((pp,), -1, dtype=torch.long)
     table[ps.get_pipeline_model_parallel_rank()] = mine[0]
     # MAX over the world: exactly one rank per stage writes a non-negative value.
-    dist.all_reduce(table, op=dist.ReduceOp.MAX)
+    collectives.all_reduce(table, op=dist.ReduceOp.MAX)
     return [int(x) for x in table]

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from megatron_trace.models.qwen3 import unwrap_model
 
+from megatron_trace.distributed import collectives
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "load_model_weights"]
 
 STATE_FILE = "trainer_state.json"
@@ -36,7 +38,7 @@ def _rank() -> int:
 
 def _barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        collectives.barrier()
 
 
 def _rng_state() -> dict:
@@ -151,21 +153,23 @@ def resolve_resume(resume: str, ckpt_root: str) -> str | None:
 
 def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks: list | None = None) -> dict:
     """Load a checkpoint written by `save_checkpoint` into the model (+ optimizer, teacher, RNG); collective.
-    Returns the trainer state dict."""
-    from megatron.core import dist_checkpointing
+    Returns the trainer state dict. Absent Transformer Engine `_extra_state` entries are tolerated, nothing else
+    (checkpoint/tolerant_load.py)."""
+    from megatron_trace.checkpoint.tolerant_load import dist_load, load_module_state
 
     with open(os.path.join(path, STATE_FILE)) as f:
         trainer_state = json.load(f)
     with_opt = trainer_state.get("has_optimizer", True) and optimizer is not None
     teacher = teacher_chunks if trainer_state.get("has_teacher") else None
     state = _sharded_state(model_chunks, optimizer, teacher, with_optimizer=with_opt, loading=True)
-    loaded = dist_checkpointing.load(state, path)
+    loaded = dist_load(state, path)
     loaded.pop("content_metadata", None)
-    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
+    load_module_state(unwrap_model(model_chunks[0]), loaded["model"], path)
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
     if teacher is not None:
-        unwrap_model(teacher[0]).load_state_dict({k.removeprefix("teacher."): v for k, v in loaded["teacher"].items()})
+        teacher_state = {k.removeprefix("teacher."): v for k, v in loaded["teacher"].items()}
+        load_module_state(unwrap_model(teacher[0]), teacher_state, f"{path} (teacher)")
     rng_file = os.path.join(path, f"rng_rank{_rank():05d}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with another world size: keep the fresh seeds
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -194,8 +198,8 @@ def load_model_weights(path: str, model_chunks: list, hf_config: dict) -> None:
 
 def load_checkpoint_model_only(path: str, model_chunks: list) -> None:
     """The policy weights of a trainer checkpoint (no optimizer, RNG or trainer state): a warm start."""
-    from megatron.core import dist_checkpointing
+    from megatron_trace.checkpoint.tolerant_load import dist_load, load_module_state
 
     model_sd = unwrap_model(model_chunks[0]).sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd}, path)
-    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
+    loaded = dist_load({"model": model_sd}, path)
+    load_module_state(unwrap_model(model_chunks[0]), loaded["model"], path)

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_trace.config import TraceConfig, load_run_tokenizer, to_dict, validate_run_config
+from megatron_trace.distributed import collectives
 from megatron_trace.loss.reductions import SUM, MeanOf, reduce_metrics
 from megatron_trace.loss.trace_loss import ExposureTracker, TraceLoss
 from megatron_trace.loss.vocab_parallel import token_stats
@@ -275,7 +275,7 @@ class Trainer:
 
     def _broadcast(self, obj):
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        collectives.broadcast_object_list(box, src=0)
         return box[0]
 
     def kl_weight(self, step: int) -> float:
