@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron_trace.models.qwen3 import unwrap_model
+
+from megatron_trace.checkpoint import safe_pickle  # noqa: F401 - .metadata is read through an allowlist from here on
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "load_model_weights"]
 
@@ -40,11 +43,30 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
+    """Every RNG state as tensors, tuples and numbers only, so it loads with `torch.load(weights_only=True)`."""
     from megatron.core import tensor_parallel
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _load_rng_state(path: str) -> dict:
+    """An RNG file, read with weights_only=True (no code runs). Files of earlier versions hold the numpy state as
+    an ndarray: those numpy classes (and only they) are allowed for them."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    from numpy._core.multiarray import _reconstruct
+
+    with torch.serialization.safe_globals([np.ndarray, _reconstruct, np.dtype, type(np.dtype(np.uint32))]):
+        try:
+            return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: not an RNG state file of this trainer ({e})") from e
 
 
 def _set_rng_state(state: dict) -> None:
@@ -52,7 +74,8 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
@@ -168,7 +191,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks:
         unwrap_model(teacher[0]).load_state_dict({k.removeprefix("teacher."): v for k, v in loaded["teacher"].items()})
     rng_file = os.path.join(path, f"rng_rank{_rank():05d}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with another world size: keep the fresh seeds
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_load_rng_state(rng_file))
     return trainer_state
 
 
