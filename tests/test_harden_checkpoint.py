@@ -157,3 +157,40 @@ def test_stale_temp_folders_of_killed_conversions_are_cleaned(hf_small, tmp_path
     convert_hf_to_megatron(hf_small, out, 1, 1)
     assert [d for d in stale if os.path.exists(d)] == [] and os.path.isdir(live)
     assert os.path.isfile(os.path.join(out, ".metadata"))
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda cfg: [cfg], "expected a JSON object, got list"),
+    (lambda cfg: {**cfg, "vocab_size": None}, "vocab_size=None: expected a positive integer"),
+    (lambda cfg: {**cfg, "hidden_size": 64.7}, "hidden_size=64.7: expected a positive integer"),
+    (lambda cfg: {**cfg, "num_hidden_layers": True}, "num_hidden_layers=True"),
+])
+def test_a_bad_config_json_is_refused_naming_the_file_and_field(hf_small, tmp_path, mutate, needle):
+    import json
+
+    path = os.path.join(hf_small, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump(mutate(cfg), f)
+    with pytest.raises((ConversionError, ValueError), match="config.json") as e:
+        convert_hf_to_megatron(hf_small, str(tmp_path / "out"), 1, 1)
+    assert needle in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_integer_tensors_and_an_unwritable_output_are_refused_by_name(hf_small, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(hf_small, "model.safetensors")
+    tensors = load_file(path)
+    name = "model.norm.weight"
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, path)
+    with pytest.raises(ConversionError, match=rf"not floating-point: {name} \(torch.int32\)"):
+        convert_hf_to_megatron(hf_small, str(tmp_path / "out"), 1, 1)
+    tensors[name] = tensors[name].to(torch.float32)
+    save_file(tensors, path)
+    blocker = tmp_path / "a-file"  # an output whose parent is a file: unwritable even for root
+    blocker.write_text("x")
+    with pytest.raises(ConversionError, match="cannot write beside the output folder .*a-file/out"):
+        convert_hf_to_megatron(hf_small, str(blocker / "out"), 1, 1)

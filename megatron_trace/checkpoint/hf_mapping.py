@@ -111,7 +111,9 @@ class Qwen3Dims:
             raise ValueError("HF config attention_bias=true is not supported (Qwen3 has no attention biases)")
         for key in (*required, "num_key_value_heads", "head_dim"):
             v = hf_config.get(key)
-            if key in hf_config and v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            if key not in hf_config or (v is None and key not in required):  # optional ones may be null
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"HF config {key}={v!r}: expected a positive integer")
         heads = int(hf_config["num_attention_heads"])
         groups = int(hf_config.get("num_key_value_heads") or heads)
