@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint_fixtures import make_hf_dir
+from tiny_hf_model import CHECKPOINT_MODEL, make_tiny_qwen3_dir
 from megatron_trace.checkpoint.convert import ConversionError, convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_trace.checkpoint.safe_pickle import UnsafeCheckpointError, restricted_loads
 
@@ -35,7 +35,7 @@ class _Exploit:
 @pytest.fixture(scope="module")
 def megatron_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    hf = make_hf_dir(str(root / "hf"), seed=5, tied=False, vocab_size=200)
+    hf = make_tiny_qwen3_dir(str(root / "hf"), seed=5, tied=False, vocab_size=200, **CHECKPOINT_MODEL)
     out = str(root / "meg")
     convert_hf_to_megatron(hf, out, 1, 1)
     return out
@@ -114,7 +114,7 @@ def test_rng_files_load_with_weights_only_and_restore_every_generator(tmp_path):
 
 @pytest.fixture
 def hf_small(tmp_path):
-    return make_hf_dir(str(tmp_path / "work" / "hf"), seed=6, tied=True, vocab_size=150)
+    return make_tiny_qwen3_dir(str(tmp_path / "work" / "hf"), seed=6, tied=True, vocab_size=150, **CHECKPOINT_MODEL)
 
 
 def _listing(d):
