@@ -23,11 +23,14 @@ rdzv=(--standalone)
 run() { "$PY" -m torch.distributed.run --nproc-per-node "$NPROC" "${rdzv[@]}" -m megatron_trace.train "$@"; }
 
 echo "== 1/3 supervised warm-start (tiny Qwen3, TP=$NPROC) -> $OUTPUT_DIR/sft"
+# checkpoint.overwrite: the demo starts over each time it is run (a run refuses, by default, to start fresh in a
+# folder that holds another run's checkpoints).
 run --config examples/configs/tiny_cpu_sft.yaml "parallel.tp=$NPROC" "logging.output_dir=$OUTPUT_DIR/sft" \
+    checkpoint.overwrite=true \
     ${SFT_STEPS:+"train.steps=$SFT_STEPS"}
 
 echo "== 2/3 TRACE from the warm-start -> $OUTPUT_DIR"
-run --config examples/configs/tiny_cpu.yaml "parallel.tp=$NPROC" "logging.output_dir=$OUTPUT_DIR" \
+run --config examples/configs/tiny_cpu.yaml "parallel.tp=$NPROC" "logging.output_dir=$OUTPUT_DIR" checkpoint.overwrite=true \
     "model.load=$OUTPUT_DIR/sft/checkpoints" "$@"
 
 echo "== 3/3 reward over the TRACE run"

@@ -10,6 +10,7 @@ work starts.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -89,8 +90,20 @@ class OptimConfig:
     micro_batch_size: int = 4  # sequences per micro-batch (gradient accumulation over the rest)
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.clip_grad <= 0:  # megatron treats <= 0 as "no clipping": say so instead of doing it silently
+            raise ConfigError(f"clip_grad: must be > 0 (the gradient-norm bound), got {self.clip_grad}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"adam_eps: must be > 0, got {self.adam_eps}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
 
@@ -111,9 +124,22 @@ class SFTConfig:
 class CheckpointConfig:
     dir: Optional[str] = None  # None = <logging.output_dir>/checkpoints
     save_every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2  # older checkpoints are deleted
-    resume: str = "auto"  # auto (latest in dir, if any) | none | a checkpoint path
+    keep_last: int = 2  # older checkpoints are deleted (never the newest); 0 = keep all
+    # auto (the newest complete checkpoint in dir, if any, even without the `latest` marker) | none | a path.
+    # A fresh start (or a resume from a path) refuses a dir holding newer checkpoints unless `overwrite`.
+    resume: str = "auto"
     save_optimizer: bool = True
+    # Start over in a dir holding checkpoints: removes them (those after the resumed step), and metrics.jsonl is
+    # rewritten instead of appended to. Off: nothing of an earlier run is ever deleted or truncated.
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0:
+            raise ConfigError(f"save_every: must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.keep_last < 0:
+            raise ConfigError(f"keep_last: must be >= 0 (0 = keep all), got {self.keep_last}")
+        if not self.resume:
+            raise ConfigError("resume: auto, none or a checkpoint path; got an empty string")
 
 
 @dataclass

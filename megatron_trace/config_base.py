@@ -130,7 +130,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({problem})") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -148,8 +152,13 @@ def load_yaml_config(cls: type[T], path: str | Path | None, overrides: list[str]
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        with p.open() as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with p.open() as f:
+                loaded = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded or {}

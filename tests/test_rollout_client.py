@@ -202,6 +202,10 @@ class WeightServer:
             return 200, {"weight_version": self.version}, 0
         if k in self.fail:
             return self.fail[k], {"error": {"message": "scripted failure"}}, 0
+        if path == "/weights/begin":
+            return 200, {"status": "open", "push_id": "p-1", "version": 5}, 0
+        if path == "/weights/abort":
+            return 200, {"status": "aborted", "push_id": "p-1"}, 0
         if path == "/weights/commit":
             self.version = 5
             return 200, {"status": "applied", "weight_version": 5}, 0
@@ -239,14 +243,18 @@ def test_weights_stream_one_bucket_at_a_time_from_a_generator_then_a_commit_carr
         with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
             assert c.update_weights(tracked_buckets(n, refs, dead_before)) == 5
         reqs = ws.weight_requests()
-        assert [p for p, _ in reqs] == ["/weights"] * n + ["/weights/commit"]
-        assert produced == [1, 2, 3, 4, 4]  # bucket i was sent before bucket i + 1 was asked for
+        assert [p for p, _ in reqs] == ["/weights/begin"] + ["/weights"] * n + ["/weights/commit"]
+        assert reqs[0][1]["X-Weight-Version"] == "5"
+        reqs = reqs[1:]
+        assert produced == [0, 1, 2, 3, 4, 4]  # bucket i was sent before bucket i + 1 was asked for
         assert dead_before == [True] * n  # and the client kept nothing of it: one bucket alive at a time
         for i, (_, h) in enumerate(reqs[:n]):
             assert h["X-Bucket-Index"] == str(i) and h["X-Weight-Version"] == "5" and "X-Bucket-Count" not in h
             assert h["Authorization"] == "Bearer t0k" and len(h["X-Bucket-Sha256"]) == 64
+            assert h["X-Push-Id"] == "p-1"
         h = reqs[-1][1]
         assert h["X-Bucket-Count"] == str(n) and h["X-Weight-Version"] == "5" and "X-Bucket-Index" not in h
+        assert h["X-Push-Id"] == "p-1"
     finally:
         ws.srv.close()
 
@@ -265,6 +273,8 @@ def test_a_lost_commit_answer_whose_retry_gets_409_returns_the_applied_version(m
             if state["commits"] == 1:
                 return 200, {"status": "applied", "weight_version": 5}, 1.0
             return 409, {"error": {"message": "target version 5 must exceed the serving version 5"}}, 0
+        if path == "/weights/begin":
+            return 200, {"status": "open", "push_id": "p-1", "version": 5}, 0
         return 200, {"status": "staged"}, 0
 
     state = {"version": 4, "commits": 0}
@@ -288,13 +298,13 @@ def test_a_failed_bucket_stops_the_push_but_the_generator_is_drained_and_nothing
             produced.append(i)
             yield [(f"w{i}", torch.zeros(3))]
 
-    ws = WeightServer(fail={3: 422})  # request 1 = /version, 2 = bucket 0, 3 = bucket 1
+    ws = WeightServer(fail={4: 422})  # request 1 = /version, 2 = /weights/begin, 3 = bucket 0, 4 = bucket 1
     try:
         with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
             with pytest.raises(RolloutServerError, match="HTTP 422: scripted failure"):
                 c.update_weights(buckets())
         assert produced == [0, 1, 2, 3, 4]
-        assert [p for p, _ in ws.weight_requests()] == ["/weights"] * 2
+        assert [p for p, _ in ws.weight_requests()] == ["/weights/begin"] + ["/weights"] * 2 + ["/weights/abort"]
         assert ws.version == 4
     finally:
         ws.srv.close()
@@ -307,7 +317,7 @@ def test_an_empty_update_is_refused_without_a_commit(monkeypatch):
         with RolloutClient(ClientConfig(base_url=ws.srv.url, token_env="TRACE_TEST_TOKEN", timeout_s=10)) as c:
             with pytest.raises(ValueError, match="at least one bucket"):
                 c.update_weights(iter([]))
-        assert ws.weight_requests() == []
+        assert [p for p, _ in ws.weight_requests()] == ["/weights/begin", "/weights/abort"]  # no commit
     finally:
         ws.srv.close()
 

@@ -70,6 +70,10 @@ class PoolWeightServer:
             return 200, {"status": "ok"}, 0
         headers = self.srv.headers[k - 1]
         self.on_weights(self, path, headers)
+        if path == "/weights/begin":
+            return 200, {"status": "open", "push_id": f"push-{k}", "version": int(headers[VERSION_HEADER])}, 0
+        if path == "/weights/abort":
+            return 200, {"status": "aborted"}, 0
         if path == "/weights":
             if ("bucket", int(headers[INDEX_HEADER])) in self.fail:
                 return self.fail[("bucket", int(headers[INDEX_HEADER]))], {"error": {"message": "bad bucket"}}, 0
@@ -192,7 +196,7 @@ def test_each_bucket_reaches_every_server_before_the_next_is_drawn_one_bucket_al
         assert sorted(commits) == [(0, n), (1, n), (2, n)]
         assert dead_before == [True] * n  # the pool kept nothing of a bucket once all servers had it
         for s in servers:
-            assert s.weight_paths() == ["/weights"] * n + ["/weights/commit"]
+            assert s.weight_paths() == ["/weights/begin"] + ["/weights"] * n + ["/weights/commit"]
     finally:
         for s in servers:
             s.close()
@@ -214,7 +218,8 @@ def test_a_failed_bucket_aborts_everywhere_names_the_server_and_drains_the_gener
                 pool.update_weights(buckets())
         assert list(e.value.failed) == [bad.url] and e.value.applied == []
         assert produced == [0, 1, 2, 3, 4]
-        assert good.weight_paths() == bad.weight_paths() == ["/weights"] * 2  # no commit anywhere
+        # no commit anywhere, and the pushes begun are closed
+        assert good.weight_paths() == bad.weight_paths() == ["/weights/begin"] + ["/weights"] * 2 + ["/weights/abort"]
         assert good.version == bad.version == 4
     finally:
         good.close()
@@ -273,7 +278,7 @@ def test_an_empty_update_is_refused_without_a_commit(token):
         with pool_of(a.url, b.url) as pool:
             with pytest.raises(ValueError, match="at least one bucket"):
                 pool.update_weights(iter([]))
-        assert a.weight_paths() == b.weight_paths() == []
+        assert a.weight_paths() == b.weight_paths() == ["/weights/begin", "/weights/abort"]  # no commit
     finally:
         a.close()
         b.close()

@@ -21,7 +21,7 @@ from megatron_trace.rollout.client import ClientConfig, RolloutClient  # noqa: E
 from megatron_trace.rollout.launch import ManagedServer  # noqa: E402
 from megatron_trace.rollout.types import SamplingConfig  # noqa: E402
 from megatron_trace.rollout.weight_buckets import (  # noqa: E402
-    CHECKSUM_HEADER, COUNT_HEADER, INDEX_HEADER, VERSION_HEADER, encode_bucket,
+    CHECKSUM_HEADER, COUNT_HEADER, INDEX_HEADER, PUSH_HEADER, VERSION_HEADER, encode_bucket,
 )
 
 TOKEN = "test-token-5f1c"
@@ -67,17 +67,25 @@ def assert_serves(client, hf_model, n_new=8):
     return out
 
 
-def push(server, version, index, data, digest, token=TOKEN):
-    """One bucket over raw HTTP."""
-    headers = {VERSION_HEADER: str(version), INDEX_HEADER: str(index), CHECKSUM_HEADER: digest}
+def begin(server, version):
+    """Open a push to `version` over raw HTTP; its push id."""
+    r = httpx.post(server + "/weights/begin", headers={VERSION_HEADER: str(version), "Authorization": f"Bearer {TOKEN}"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["push_id"]
+
+
+def push(server, push_id, index, data, digest, token=TOKEN):
+    """One bucket of push `push_id` over raw HTTP."""
+    headers = {PUSH_HEADER: push_id, INDEX_HEADER: str(index), CHECKSUM_HEADER: digest}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.post(server + "/weights", content=data, headers=headers, timeout=60)
 
 
-def commit(server, version, count):
-    """The last request of an update over raw HTTP: apply buckets 0..count-1."""
-    headers = {VERSION_HEADER: str(version), COUNT_HEADER: str(count), "Authorization": f"Bearer {TOKEN}"}
+def commit(server, push_id, count):
+    """The last request of a push over raw HTTP: apply buckets 0..count-1."""
+    headers = {PUSH_HEADER: push_id, COUNT_HEADER: str(count), "Authorization": f"Bearer {TOKEN}"}
     return httpx.post(server + "/weights/commit", headers=headers, timeout=60)
 
 
@@ -110,9 +118,11 @@ def test_weight_route_needs_the_bearer_token(server, models, client):
     v = client.version()
     data, digest = encode_bucket(buckets_of(models["b"])[0])
     for token in (None, "wrong-token"):
-        r = push(server, v + 1, 0, data, digest, token=token)
+        r = push(server, "any", 0, data, digest, token=token)
         assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
-    r = httpx.post(server + "/weights/commit", headers={VERSION_HEADER: str(v + 1), COUNT_HEADER: "1"}, timeout=10)
+        r = httpx.post(server + "/weights/begin", headers={VERSION_HEADER: str(v + 1)}, timeout=10)
+        assert r.status_code == 401
+    r = httpx.post(server + "/weights/commit", headers={PUSH_HEADER: "any", COUNT_HEADER: "1"}, timeout=10)
     assert r.status_code == 401
     r = httpx.post(server + "/sleep", timeout=10)
     assert r.status_code == 401
@@ -124,24 +134,26 @@ def test_a_corrupted_bucket_is_rejected_and_old_weights_keep_serving(server, cli
     v = client.version()
     encoded = [encode_bucket(b) for b in buckets_of(models["b"])]
     n = len(encoded)
-    assert push(server, v + 1, 0, *encoded[0]).json()["status"] == "staged"
+    pid = begin(server, v + 1)
+    assert push(server, pid, 0, *encoded[0]).json()["status"] == "staged"
     data, digest = encoded[1]
     corrupted = data[:-1] + bytes([data[-1] ^ 0xFF])  # one flipped byte in the tensor data
-    r = push(server, v + 1, 1, corrupted, digest)
+    r = push(server, pid, 1, corrupted, digest)
     assert r.status_code == 422 and "checksum mismatch" in r.json()["error"]["message"]
     # the update was discarded: later buckets and the commit find nothing to continue
-    r = push(server, v + 1, 2, *encoded[2])
-    assert r.status_code == 409 and "starts with bucket 0" in r.json()["error"]["message"]
-    r = commit(server, v + 1, n)
-    assert r.status_code == 409 and "staged update is none" in r.json()["error"]["message"]
+    r = push(server, pid, 2, *encoded[2])
+    assert r.status_code == 409 and "start with POST /weights/begin" in r.json()["error"]["message"]
+    r = commit(server, pid, n)
+    assert r.status_code == 409 and "none is open" in r.json()["error"]["message"]
     # a well-formed bucket with a tensor the model does not have is rejected as well
     bad = encode_bucket([("model.layers.7.mlp.up_proj.weight", torch.zeros(256, 128))])
-    r = push(server, v + 1, 0, *bad)
+    r = push(server, begin(server, v + 1), 0, *bad)
     assert r.status_code == 422 and "unknown weight" in r.json()["error"]["message"]
     assert client.version() == v
     assert_serves(client, hf["a"])
     # a stale target version is refused
-    r = push(server, v, 0, *encoded[0])
+    r = httpx.post(server + "/weights/begin", headers={VERSION_HEADER: str(v), "Authorization": f"Bearer {TOKEN}"},
+                   timeout=60)
     assert r.status_code == 409 and "must exceed" in r.json()["error"]["message"]
 
 
@@ -150,32 +162,41 @@ def test_an_update_is_applied_only_by_a_commit_of_exactly_its_buckets(server, cl
     v = client.version()
     encoded = [encode_bucket(b) for b in buckets_of(models["b"])]
     n = len(encoded)
+    pid = begin(server, v + 1)
     for i, e in enumerate(encoded):  # every bucket arrives, the commit never does: nothing changes
-        assert push(server, v + 1, i, *e).json() == {"status": "staged", "weight_version": v, "received": i + 1}
+        assert push(server, pid, i, *e).json() == {"status": "staged", "push_id": pid, "weight_version": v,
+                                                   "received": i + 1}
     assert client.version() == v
     assert_serves(client, hf["a"])
-    r = commit(server, v + 1, n + 1)  # a count that does not match what arrived discards the update
+    r = commit(server, pid, n + 1)  # a count that does not match what arrived discards the update
     assert r.status_code == 409 and f"{n} are staged" in r.json()["error"]["message"]
-    assert commit(server, v + 1, n).status_code == 409
+    assert commit(server, pid, n).status_code == 409
     # a gap (bucket 2 right after bucket 0) discards it too
-    assert push(server, v + 1, 0, *encoded[0]).status_code == 200
-    r = push(server, v + 1, 2, *encoded[2])
+    pid = begin(server, v + 1)
+    assert push(server, pid, 0, *encoded[0]).status_code == 200
+    r = push(server, pid, 2, *encoded[2])
     assert r.status_code == 409 and "in order" in r.json()["error"]["message"]
-    assert push(server, v + 1, 1, *encoded[1]).status_code == 409
+    assert push(server, pid, 1, *encoded[1]).status_code == 409
     # a request of the old protocol (the count on every bucket) is refused, naming the change
     r = httpx.post(server + "/weights", content=encoded[0][0], timeout=60,
                    headers={VERSION_HEADER: str(v + 1), INDEX_HEADER: "0", COUNT_HEADER: str(n),
                             CHECKSUM_HEADER: encoded[0][1], "Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 400 and "/weights/commit" in r.json()["error"]["message"]
     assert client.version() == v
-    # leftovers of an abandoned push (no commit) do not block the next update: bucket 0 starts afresh
+    # an abandoned push (no commit) blocks other pushers (409) until it is aborted or idles out
+    pid = begin(server, v + 1)
     for i in range(n - 1):
-        assert push(server, v + 1, i, *encoded[i]).status_code == 200
-    assert push(server, v + 1, 0, *encoded[0]).json()["received"] == 1
+        assert push(server, pid, i, *encoded[i]).status_code == 200
+    r = httpx.post(server + "/weights/begin", headers={VERSION_HEADER: str(v + 1), "Authorization": f"Bearer {TOKEN}"},
+                   timeout=60)
+    assert r.status_code == 409 and "one push at a time" in r.json()["error"]["message"]
+    # within a push bucket 0 starts afresh
+    assert push(server, pid, 0, *encoded[0]).json()["received"] == 1
     for i in range(1, n):  # with a retried bucket, which replaces itself
-        assert push(server, v + 1, i, *encoded[i]).status_code == 200
-    assert push(server, v + 1, 1, *encoded[1]).json()["received"] == n
-    assert commit(server, v + 1, n).json() == {"status": "applied", "weight_version": v + 1, "count": n}
+        assert push(server, pid, i, *encoded[i]).status_code == 200
+    assert push(server, pid, 1, *encoded[1]).json()["received"] == n
+    assert commit(server, pid, n).json() == {"status": "applied", "push_id": pid, "weight_version": v + 1,
+                                             "count": n}
     assert client.version() == v + 1
     assert_serves(client, hf["b"])
 
@@ -211,8 +232,8 @@ def test_the_client_streams_a_generator_one_bucket_at_a_time(server, client, mod
     finally:
         del client._request
     n = len(source)
-    assert [p for p, _, _ in log] == ["/weights"] * n + ["/weights/commit"]
-    assert [k for _, k, _ in log] == list(range(1, n + 1)) + [n]  # bucket i went before bucket i + 1 was made
+    assert [p for p, _, _ in log] == ["/weights/begin"] + ["/weights"] * n + ["/weights/commit"]
+    assert [k for _, k, _ in log] == [0] + list(range(1, n + 1)) + [n]  # bucket i went before bucket i + 1 was made
     assert all(alive == 0 for _, _, alive in log)  # and nothing of earlier buckets was kept alive
     assert_serves(client, hf["b"])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
 
@@ -43,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             convert_hf_to_megatron(args.hf_dir, args.out_dir, args.tp, args.pp, overwrite=args.overwrite)
         else:
             convert_megatron_to_hf(args.megatron_dir, args.out_dir, overwrite=args.overwrite)
-    except (ConversionError, FileNotFoundError, ValueError) as e:
+    except (ConversionError, FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a library's own error (truncated file, full disk): name the folders
+        src = args.hf_dir if args.command == "hf-to-megatron" else args.megatron_dir
+        print(f"convert_checkpoint: error: converting {src} to {args.out_dir} failed: {type(e).__name__}: {e} "
+              f"(the output folder was left as it was)", file=sys.stderr)
         return 2
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f}s")
     return 0

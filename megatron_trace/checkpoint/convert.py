@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_trace.checkpoint import safe_pickle  # noqa: F401 - .metadata is read through an allowlist from here on
 from megatron_trace.checkpoint.hf_io import (
     HF_ASSET_FILES,
     HFTensorSource,
@@ -170,15 +171,60 @@ def _single_process_group():
             dist.destroy_process_group()
 
 
+def check_output_dir(in_dir: str, out_dir: str) -> None:
+    """Refuse an output folder that is, or contains, the input: replacing it (--overwrite) would delete the input
+    and whatever else lies in the output folder."""
+    src, dst = os.path.realpath(in_dir), os.path.realpath(out_dir)
+    if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep):
+        what = "is the input folder" if src == dst else "contains the input folder"
+        raise ConversionError(f"output folder {dst!r} {what} {src!r}: replacing it would delete the input; "
+                              "choose another --out-dir")
+
+
+def _temp_prefix(out_dir: str, kind: str) -> str:
+    return f".{os.path.basename(out_dir)}.{kind}-"
+
+
+def _clean_stale_temps(out_dir: str) -> None:
+    """Remove temp folders beside `out_dir` left by conversions that were killed (their pid, in the name, is no
+    longer running; names without a pid come from versions before the pid was recorded)."""
+    parent = os.path.dirname(out_dir)
+    for kind in ("tmp", "old"):
+        prefix = _temp_prefix(out_dir, kind)
+        for entry in os.listdir(parent):
+            if not entry.startswith(prefix):
+                continue
+            pid = entry[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def _atomic_output_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
-    """Yield a temp folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed."""
+def _atomic_output_dir(out_dir: str, overwrite: bool, in_dir: str) -> Iterator[str]:
+    """Yield a temp folder beside `out_dir`; on success it replaces `out_dir`, on error it is removed.
+    `out_dir` may not be or contain `in_dir`; stale temp folders of killed earlier runs are removed first."""
+    check_output_dir(in_dir, out_dir)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ConversionError(f"output folder {out_dir!r} already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _clean_stale_temps(out_dir)
+        tmp = tempfile.mkdtemp(prefix=f"{_temp_prefix(out_dir, 'tmp')}{os.getpid()}-", dir=parent)
+    except OSError as e:
+        raise ConversionError(f"cannot write beside the output folder {out_dir!r}: {e.strerror or e}") from e
     try:
         yield tmp
     except BaseException:
@@ -186,7 +232,7 @@ def _atomic_output_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
         raise
     old = None
     if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        old = tempfile.mkdtemp(prefix=f"{_temp_prefix(out_dir, 'old')}{os.getpid()}-", dir=parent)
         os.replace(out_dir, os.path.join(old, "x"))
     os.replace(tmp, out_dir)
     if old is not None:
@@ -226,6 +272,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, *, overw
         check_hf_tensors(source, dims)
     except ValueError as e:
         raise ConversionError(str(e)) from None
+    check_output_dir(hf_dir, out_dir)
     if os.path.exists(out_dir) and not overwrite:  # fail before the (long) conversion
         raise ConversionError(f"output folder {os.path.abspath(out_dir)!r} already exists (pass --overwrite to replace it)")
 
@@ -234,7 +281,7 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, *, overw
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "vocab_size": dims.vocab, "padded_vocab_size": padded_vocab,
     }
-    with _atomic_output_dir(out_dir, overwrite) as tmp, _single_process_group():
+    with _atomic_output_dir(out_dir, overwrite, hf_dir) as tmp, _single_process_group():
         sharded: dict[str, object] = {}
         for name in megatron_param_names(dims):
             tensor = megatron_tensor_from_hf(name, source.get, dims, padded_vocab)
@@ -302,6 +349,7 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, overwrite: bool =
     """
     from torch.distributed.checkpoint import FileSystemReader
 
+    check_output_dir(megatron_dir, out_dir)
     meta = read_conversion_metadata(megatron_dir)
     hf_config = meta["hf_config"]
     dims = _dims_or_error(hf_config, f"{megatron_dir} conversion metadata")
@@ -327,7 +375,7 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, overwrite: bool =
                 for name in megatron_param_names(dims) for hf_name in hf_names_for(name, dims)}
     plan = plan_shards(((n, TensorInfo(shape, hf_dtype[n])) for n, shape in hf_param_shapes(dims).items()),
                        max_shard_bytes)
-    with _atomic_output_dir(out_dir, overwrite) as tmp:
+    with _atomic_output_dir(out_dir, overwrite, megatron_dir) as tmp:
         write_safetensors_shards(tmp, plan, iter_hf_tensors_from_megatron(
             _iter_megatron_tensors(megatron_dir, dims, stored), hf_config))
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -109,6 +109,12 @@ class Qwen3Dims:
             raise ValueError(f"HF config lacks required field(s) {missing}")
         if hf_config.get("attention_bias", False):
             raise ValueError("HF config attention_bias=true is not supported (Qwen3 has no attention biases)")
+        for key in (*required, "num_key_value_heads", "head_dim"):
+            v = hf_config.get(key)
+            if key not in hf_config or (v is None and key not in required):  # optional ones may be null
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"HF config {key}={v!r}: expected a positive integer")
         heads = int(hf_config["num_attention_heads"])
         groups = int(hf_config.get("num_key_value_heads") or heads)
         hidden = int(hf_config["hidden_size"])
@@ -481,7 +487,9 @@ def check_hf_tensors(source, dims: Qwen3Dims, needed: Iterable[str] | None = Non
             extra[extra.index(HF_LM_HEAD)] = f"{HF_LM_HEAD} (tie_word_embeddings=true but it differs from the embedding)"
     misshaped = [f"{n} {tuple(source.info(n).shape)} (config implies {expected[n]})"
                  for n in expected if n in source and tuple(source.info(n).shape) != expected[n]]
-    problems = []
+    not_float = [f"{n} ({source.info(n).dtype})" for n in expected
+                 if n in source and not source.info(n).dtype.is_floating_point]
+    problems = [f"tensors that are not floating-point: {_abbrev(not_float)}"] if not_float else []
     if missing:
         problems.append(f"missing tensors: {_abbrev(missing)}")
     if extra:

@@ -46,8 +46,13 @@ class DataConfig:
     require_solution: bool = True  # TRACE's teacher needs the reference solution; False allows GRPO-only data
     where: dict[str, str] = field(default_factory=dict)  # keep records whose column (dotted) equals the value
     limit: int | None = None  # keep the first N problems (after `where`)
+    # A record whose problem (or solution) text is longer than this is refused at load, naming file:line and id
+    # (a 1.4M-token problem once crashed a run only when it was drawn).
+    max_text_chars: int = 200_000
 
     def __post_init__(self) -> None:
+        if self.max_text_chars < 1:
+            raise ConfigError(f"max_text_chars: must be >= 1, got {self.max_text_chars}")
         unknown = sorted(set(self.field_map) - set(FIELDS))
         if unknown:
             raise ConfigError(f"field_map: unknown field(s) {unknown}; valid fields: {list(FIELDS)}")
@@ -81,14 +86,19 @@ def _where_value(record: Any, path: str) -> str | None:
 def _records(path: Path, fmt: str) -> Iterator[tuple[str, Any]]:
     """(location, record) pairs; location is 'line N' (JSONL, 1-based) or 'row N' (Parquet, 0-based)."""
     if fmt == "jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"{path}: line {n}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                       f"{e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
                     yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise DatasetError(f"{path}: line {n}: not valid JSON ({getattr(e, 'msg', e)})") from None
     else:
         import pyarrow.parquet as pq
 
@@ -156,6 +166,10 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
                 raise DatasetError(f"{path}: {loc}: record has no id field {cfg.id_field!r}") from None
         else:
             pid = f"{path.stem}-{len(problems)}"
+        for name, text in values.items():
+            if len(text) > cfg.max_text_chars:
+                raise DatasetError(f"{path}: {loc}: problem {pid!r}: field {name!r} has {len(text)} characters, "
+                                   f"more than data.max_text_chars={cfg.max_text_chars}")
         problems.append(Problem(id=pid, **values))
         if cfg.limit is not None and len(problems) >= cfg.limit:
             break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
+import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -34,6 +35,9 @@ class BatchScores:
 
 def _worker_main(conn: Connection, reward: str | RewardFn) -> None:
     """Worker loop: receive (index, response, gold), reply (index, "ok", score) or (index, "error", message)."""
+    from megatron_trace.parent_death import die_with_parent
+
+    die_with_parent(signal.SIGKILL)  # a worker busy in the verifier would not notice its pipe closing
     fn = get_reward_fn(reward) if isinstance(reward, str) else reward
     try:  # import the verifier now, so that its import time is not charged to the first item's time limit
         import math_verify  # noqa: F401

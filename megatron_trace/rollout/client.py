@@ -23,6 +23,7 @@ from megatron_trace.rollout.weight_buckets import (
     CHECKSUM_HEADER,
     COUNT_HEADER,
     INDEX_HEADER,
+    PUSH_HEADER,
     VERSION_HEADER,
     encode_bucket,
 )
@@ -79,11 +80,15 @@ class RolloutClient:
         # on_progress(prompts done, prompts) after each completions request of a `generate` call (progress bars)
         self.on_progress = None
         self._token = os.environ.get(self.cfg.token_env) or None
+        # A server listening beyond loopback wants the token on every route: send it whenever there is one.
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         self._http = httpx.Client(
             base_url=self.cfg.base_url.rstrip("/"),
             timeout=httpx.Timeout(self.cfg.timeout_s),
             limits=httpx.Limits(max_connections=self.cfg.concurrency + 2),
+            headers=headers,
         )
+        self._push_ids: dict[int, str] = {}  # target version -> push id the server issued (begin_weights)
 
     def close(self) -> None:
         self._http.close()
@@ -207,27 +212,53 @@ class RolloutClient:
             return self.commit_weights(target, count)
         except Exception:
             drain(it)
+            if "target" in locals():
+                self.abort_weights(target)
             raise
 
     def begin_weights(self, version: int | None = None) -> int:
-        """First step of a streamed update: the target version (`version`, default the serving version + 1).
-        Fails here, naming the variable, when no bearer token is set."""
+        """First step of a streamed update: opens a push on the server (which issues its push id, kept here) to
+        `version` (default the serving version + 1); returns the target version. Fails here, naming the variable,
+        when no bearer token is set, and with 409 while another push to the server is in progress."""
         self._auth()
-        return self.version() + 1 if version is None else int(version)
+        target = self.version() + 1 if version is None else int(version)
+        out = self._request("POST", "/weights/begin", headers={**self._auth(), VERSION_HEADER: str(target)},
+                            timeout=self.cfg.weight_timeout_s)
+        self._push_ids[target] = str(out["push_id"])
+        return target
+
+    def _push_id(self, version: int) -> str:
+        try:
+            return self._push_ids[version]
+        except KeyError:
+            raise RolloutServerError(f"no open push to version {version}: call begin_weights first") from None
 
     def send_bucket(self, version: int, index: int, data: bytes, digest: str) -> None:
-        """Stage bucket `index` (0, 1, ... in order) of the update to `version` on the server; `data, digest` is
-        `weight_buckets.encode_bucket(bucket)`. Bucket 0 starts the update; resending an index replaces it."""
-        headers = {**self._auth(), "Content-Type": "application/octet-stream", VERSION_HEADER: str(version),
-                   INDEX_HEADER: str(index), CHECKSUM_HEADER: digest}
+        """Stage bucket `index` (0, 1, ... in order) of the push to `version` on the server; `data, digest` is
+        `weight_buckets.encode_bucket(bucket)`. Resending an index replaces it."""
+        headers = {**self._auth(), "Content-Type": "application/octet-stream", PUSH_HEADER: self._push_id(version),
+                   VERSION_HEADER: str(version), INDEX_HEADER: str(index), CHECKSUM_HEADER: digest}
         self._request("POST", "/weights", body=data, timeout=self.cfg.weight_timeout_s, headers=headers)
 
+    def abort_weights(self, version: int) -> None:
+        """Close the push to `version` without applying it (best effort: errors are logged, the server also
+        expires idle pushes)."""
+        push_id = self._push_ids.pop(version, None)
+        if push_id is None:
+            return
+        try:
+            self._request("POST", "/weights/abort", headers={**self._auth(), PUSH_HEADER: push_id})
+        except Exception:  # noqa: BLE001 - the push's own error is the one that matters
+            logger.exception("aborting weight push %s", push_id)
+
     def commit_weights(self, version: int, count: int) -> int:
-        """Last step: the server applies the update to `version` if it staged exactly buckets 0..count-1 (else it
+        """Last step: the server applies the push to `version` if it staged exactly buckets 0..count-1 (else it
         discards it and keeps serving the old weights); returns the new serving version."""
-        headers = {**self._auth(), VERSION_HEADER: str(version), COUNT_HEADER: str(count)}
+        headers = {**self._auth(), PUSH_HEADER: self._push_id(version), VERSION_HEADER: str(version),
+                   COUNT_HEADER: str(count)}
         try:
             out = self._request("POST", "/weights/commit", timeout=self.cfg.weight_timeout_s, headers=headers)
+            self._push_ids.pop(version, None)
         except RolloutServerError as e:
             # The commit's answer can be lost after the server applied it; its retry then hits 409.
             if e.status == 409 and self.version() == version:

@@ -4,6 +4,7 @@ generation server's command line). Plain data: importing this module needs neith
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -95,6 +96,22 @@ class RolloutConfig:
             raise ConfigError(f"kv_cache_memory_bytes: must be > 0 or unset, got {self.kv_cache_memory_bytes}")
         if self.weight_bucket_mb <= 0:
             raise ConfigError(f"weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
+        # The sampling and engine settings vLLM would refuse only after the model is built and the server started.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature: must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"top_k: -1 (off) or a positive integer, got {self.top_k}")
+        if self.max_model_len <= self.max_response_tokens:
+            raise ConfigError(f"max_model_len: {self.max_model_len} leaves no room for a prompt beside "
+                              f"max_response_tokens={self.max_response_tokens}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError(f"kv_cache_memory_bytes: must be > 0, got {self.kv_cache_memory_bytes}")
+        if not (math.isfinite(self.gpu_memory_utilization) and 0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not (math.isfinite(self.server_start_timeout_s) and self.server_start_timeout_s > 0):
+            raise ConfigError(f"server_start_timeout_s: must be > 0, got {self.server_start_timeout_s}")
         if self.server_url and self.server_urls:
             raise ConfigError("server_urls: set either server_url (one server) or server_urls, not both")
         for i, url in enumerate(self.external_urls):

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -32,6 +34,19 @@ logger = logging.getLogger(__name__)
 
 def _norm_metas(metas) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in metas]
+
+
+class GenerationCancelled(RuntimeError):
+    """A generate call was stopped before it finished: its caller cancelled it (a client that went away), its
+    deadline passed (`timed_out`), or the engine is shutting down. Its requests were removed from vLLM."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+# vLLM seeds a torch.Generator with the per-request seed: it must fit a signed 64-bit integer.
+MAX_SEED = 2**63
 
 
 def checkpoint_tensor_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
@@ -61,9 +76,10 @@ class WeightValidator:
     (vLLM ignores it; the head reads the embedding).
     """
 
-    def __init__(self, expected: dict[str, tuple[int, ...]], tied: bool):
+    def __init__(self, expected: dict[str, tuple[int, ...]], tied: bool, dtype: torch.dtype | None = None):
         self.expected = dict(expected)
         self.tied = tied
+        self.dtype = dtype  # the serving dtype: a tensor of another one is refused (None: any float accepted)
         if tied:
             self.expected.pop("lm_head.weight", None)
 
@@ -78,7 +94,19 @@ class WeightValidator:
             raise WeightUpdateError(f"weight {name!r} has shape {tuple(shape)}, the model expects {want}")
         if not dtype.is_floating_point:
             raise WeightUpdateError(f"weight {name!r} has dtype {dtype}, expected a floating-point tensor")
+        if self.dtype is not None and dtype != self.dtype:
+            # vLLM would cast silently (bf16 into an fp32 engine moved log-probs by up to 0.72): the sender
+            # converts, explicitly, or the engine is started with the trainer's dtype.
+            raise WeightUpdateError(f"weight {name!r} has dtype {dtype}, the engine serves {self.dtype}: convert "
+                                    f"on the sending side or start the engine with that dtype")
         return True
+
+    @staticmethod
+    def check_finite(name: str, tensor: torch.Tensor) -> None:
+        """Raise WeightUpdateError if `tensor` holds a NaN or an infinity (it would poison every generate)."""
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightUpdateError(f"weight {name!r} holds {bad} non-finite values (NaN/inf) of {tensor.numel()}")
 
     def check_complete(self, seen: set[str]) -> None:
         missing = sorted(set(self.expected) - seen)
@@ -128,6 +156,10 @@ def _sampling_params(sampling: SamplingConfig):
         raise ValueError(f"sampling.top_p={sampling.top_p} must be in (0, 1]")
     if sampling.top_k == 0 or sampling.top_k < -1:
         raise ValueError(f"sampling.top_k={sampling.top_k}: use -1 (off) or a positive integer")
+    if sampling.seed is not None and not 0 <= sampling.seed < MAX_SEED:
+        raise ValueError(f"sampling.seed={sampling.seed} must be in [0, 2^63)")
+    if not math.isfinite(sampling.temperature) or not math.isfinite(sampling.top_p):
+        raise ValueError(f"sampling.temperature={sampling.temperature}, top_p={sampling.top_p}: must be finite")
     return SamplingParams(
         n=sampling.n,
         temperature=sampling.temperature,
@@ -160,7 +192,9 @@ class VLLMEngine:
         with open(os.path.join(cfg.model_dir, "config.json")) as f:
             hf_config = json.load(f)
         self.tied = bool(hf_config.get("tie_word_embeddings", False))
-        self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied)
+        self.vocab_size = int(hf_config["vocab_size"])  # token ids must lie in [0, vocab_size)
+        self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied,
+                                          dtype=getattr(torch, cfg.dtype))
         from megatron_trace.rollout.platform import engine_platform_settings
 
         plat = engine_platform_settings(dtype=cfg.dtype, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
@@ -196,6 +230,11 @@ class VLLMEngine:
         # The NCCL update announced and accepted by prepare_nccl_update, (version, metas), until its broadcast is
         # received; sleep() or another update cancels it (its broadcast is then drained and refused).
         self._nccl_pending: tuple[int, list] | None = None
+        # Watchdog state: monotonic time of the last engine step that returned (or of going busy), and whether a
+        # generate is running. stalled_s() reads them without the lock.
+        self._busy = False
+        self._last_progress = time.monotonic()
+        self._stopping = False
 
     # ---------------------------------------------------------------- generation
     @property
@@ -203,8 +242,14 @@ class VLLMEngine:
         """Version of the weights now serving: 0 = as loaded from model_dir, +1 per update (or the caller's)."""
         return self._version
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig) -> list[list[Generation]]:
-        """For each prompt (a list of token ids), `sampling.n` responses with their raw log-probs (nats)."""
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                 cancel: threading.Event | None = None, deadline: float | None = None) -> list[list[Generation]]:
+        """For each prompt (a list of token ids), `sampling.n` responses with their raw log-probs (nats).
+
+        cancel: set it (from another thread) to stop the call; deadline: `time.monotonic()` by which it must end.
+        Either raises GenerationCancelled, checked while waiting for the engine and between engine steps; the
+        call's requests are then removed from vLLM, so nothing keeps the engine busy for a caller that left.
+        """
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         for i, p in enumerate(prompts):
             if not p:
@@ -214,13 +259,22 @@ class VLLMEngine:
                     f"prompt {i}: {len(p)} tokens + max_tokens {sampling.max_tokens} exceeds "
                     f"max_model_len {self.cfg.max_model_len}"
                 )
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        bad = [t for t in sampling.stop_token_ids if not 0 <= int(t) < self.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         params = _sampling_params(sampling)
-        with self._lock:
+        self._acquire(cancel, deadline)
+        try:
             self._check_serving()
             if not prompts:
                 return []
-            outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            outputs = self._run([{"prompt_token_ids": p} for p in prompts], params, cancel, deadline)
             version = self._version
+        finally:
+            self._lock.release()
         results = []
         for out in outputs:
             gens = []
@@ -235,6 +289,59 @@ class VLLMEngine:
         if self.on_progress is not None:
             self.on_progress(len(prompts), len(prompts))
         return results
+
+    def _acquire(self, cancel: threading.Event | None, deadline: float | None) -> None:
+        """Take the engine lock, giving up (GenerationCancelled) when cancelled or past the deadline."""
+        while not self._lock.acquire(timeout=0.2):
+            self._raise_if_stopped(cancel, deadline, "waiting for the engine")
+
+    def _raise_if_stopped(self, cancel: threading.Event | None, deadline: float | None, where: str) -> None:
+        if self._stopping:
+            raise GenerationCancelled(f"the engine is shutting down ({where})")
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled(f"cancelled by the caller ({where})")
+        if deadline is not None and time.monotonic() > deadline:
+            raise GenerationCancelled(f"deadline exceeded ({where})", timed_out=True)
+
+    def _run(self, prompts: list[dict], params, cancel: threading.Event | None, deadline: float | None) -> list:
+        """Add the requests and step vLLM until all finished (the lock held); returns vLLM's RequestOutputs in
+        prompt order. On any exit but success every request in vLLM is aborted: a request vLLM half-added
+        before raising (a seed >= 2^64 did) would otherwise leave it stepping forever, wedging every later call."""
+        engine = self._llm.llm_engine
+        self._abort_all()  # whatever an earlier failure left (nothing, normally)
+        outputs = []
+        ok = False
+        self._busy, self._last_progress = True, time.monotonic()
+        try:
+            self._llm.enqueue(prompts, params, use_tqdm=False)
+            while engine.has_unfinished_requests():
+                self._raise_if_stopped(cancel, deadline, "generating")
+                outputs.extend(o for o in engine.step() if o.finished)
+                self._last_progress = time.monotonic()
+            ok = True
+        finally:
+            self._busy = False
+            if not ok:
+                self._abort_all()
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        return sorted(outputs, key=lambda o: int(o.request_id))  # vLLM numbers requests in the order added
+
+    def _abort_all(self) -> None:
+        """Remove every request from vLLM (the lock held: only this engine's calls add requests)."""
+        engine = self._llm.llm_engine
+        ids = list(engine.output_processor.request_states)
+        if ids:
+            logger.warning("aborting %d unfinished vLLM requests", len(ids))
+            engine.abort_request(ids, internal=True)
+
+    def stalled_s(self) -> float:
+        """Seconds a running generate has gone without an engine step returning (0 when idle): the watchdog."""
+        return time.monotonic() - self._last_progress if self._busy else 0.0
+
+    def stop(self) -> None:
+        """Make running and waiting generate calls end (GenerationCancelled) at their next check; for shutdown."""
+        self._stopping = True
 
     def _check_serving(self) -> None:
         if self._sleeping:
@@ -252,6 +359,10 @@ class VLLMEngine:
     def check_weight(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
         """Check one tensor of an update (known name, shape, float); False = to be dropped (a tied model's head)."""
         return self._validator.check(name, shape, dtype)
+
+    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        """Raise WeightUpdateError if the tensor holds NaN/inf."""
+        self._validator.check_finite(name, tensor)
 
     def validate_weights(self, tensors: Iterable[tuple[str, Sequence[int], torch.dtype]]) -> None:
         """Check (name, shape, dtype) triples of a whole update without loading anything; raises WeightUpdateError."""
@@ -279,6 +390,9 @@ class VLLMEngine:
         new_version = target_weight_version(self._version, version)
         if isinstance(buckets, (list, tuple)):
             self.validate_weights((n, t.shape, t.dtype) for b in buckets for n, t in b)
+            for b in buckets:
+                for n, t in b:
+                    self._validator.check_finite(n, t)
         with self._lock:
             if self._sleeping:
                 raise RuntimeError("the engine is asleep: call wake_up() before update_weights()")
@@ -293,6 +407,7 @@ class VLLMEngine:
                         raise WeightUpdateError(f"weight {name!r} appears twice in one update")
                     if not self._validator.check(name, tensor.shape, tensor.dtype):
                         continue
+                    self._validator.check_finite(name, tensor)
                     seen.add(name)
                     started = True
                     yield name, tensor

@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence
 import httpx
 
 from megatron_trace.distributed.setup import free_ports
+from megatron_trace.parent_death import die_with_parent as _die_with_parent
 
 __all__ = ["start_engine", "ManagedServer"]
 
@@ -32,23 +33,17 @@ _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG; Linux)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 class ManagedServer:
     """A generation server child process and its client; a `GenerationEngine` (generate, update_weights).
 
     The trainer passes its rollout settings; tests and benchmarks also use: token (this bearer token instead of
     the one in $token_env or a fresh one), extra_args (more `serve_rollout.py` flags, e.g. size limits),
-    extra_env (variables for the child only, e.g. OMP_NUM_THREADS or CUDA_VISIBLE_DEVICES), die_with_parent (the
-    child gets SIGTERM when the process that started it dies, so a killed test or benchmark leaves no server
-    behind; Linux), port (default: a free one), wait (False: return once the process is started; call
-    `wait_ready()` before use, so that several servers start side by side), enable_sleep_mode (the server's
-    engine can sleep()/wake_up(); GPU only). Arguments left at None are left to the server's own defaults. Also a context manager (close() on exit).
+    extra_env (variables for the child only, e.g. OMP_NUM_THREADS or CUDA_VISIBLE_DEVICES), die_with_parent (default
+    on: the child gets SIGTERM when the process that started it dies, and watches that process's pid as well, so
+    a trainer, test or benchmark killed with SIGKILL leaves no server behind; Linux), port (default: a free one),
+    wait (False: return once the process is started; call `wait_ready()` before use, so that several servers start
+    side by side), enable_sleep_mode (the server's engine can sleep()/wake_up(); GPU only). Arguments left at None
+    are left to the server's own defaults. Also a context manager (close() on exit).
     """
 
     def __init__(self, model_dir: str, *, log_path: str, token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN",
@@ -56,7 +51,7 @@ class ManagedServer:
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float | None = None,
                  seed: int | None = None, start_timeout_s: float = 300.0, token: str | None = None,
                  extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
-                 die_with_parent: bool = False, port: int | None = None, wait: bool = True,
+                 die_with_parent: bool = True, port: int | None = None, wait: bool = True,
                  enable_sleep_mode: bool = False):
         from megatron_trace.rollout.client import RolloutClient
 
@@ -77,6 +72,8 @@ class ManagedServer:
             cmd += ["--kv-cache-memory-bytes", str(kv_cache_memory_bytes)]
         if enable_sleep_mode:
             cmd += ["--enable-sleep-mode"]
+        if die_with_parent:
+            cmd += ["--parent-pid", str(os.getpid())]
         cmd += [str(a) for a in extra_args]
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         self.log_path = log_path

@@ -222,6 +222,10 @@ class EnginePool:
             return target
         except Exception:
             drain(it)
+            if "target" in locals():  # close the pushes begun (a no-op on engines that committed or never began)
+                for c in self.clients:
+                    if hasattr(c, "abort_weights"):
+                        c.abort_weights(target)
             raise
 
     def sleep(self, level: int = 1) -> None:

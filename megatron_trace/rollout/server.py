@@ -5,34 +5,44 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   ids or a list of such lists; the response's choices carry `token_ids` and `logprobs.token_logprobs` (the raw,
   temperature-1 log-probs of the sampled tokens) and the body carries `weight_version`. Choice index
   `i * n + j` is response j of prompt i, as in OpenAI's API. vLLM extensions accepted: `top_k`,
-  `stop_token_ids`.
-- `POST /weights` (bearer token): one bucket of a weight update, safetensors bytes, headers from
-  `weight_buckets` (target version, bucket index, SHA-256). Buckets are sent in order, as the trainer produces
-  them: bucket 0 starts the update (discarding anything staged before), bucket k is accepted once 0..k-1 are
-  staged, and a retried bucket replaces itself. Each is verified (checksum, decoding, names, shapes) and staged.
-- `POST /weights/commit` (bearer token): the last request of an update, with no body: headers target version and
-  bucket count. When exactly buckets 0..count-1 are staged, the whole update is validated and applied in one
-  engine reload. All-or-nothing: a bad bucket, a gap, a count that does not match, or a commit that never comes
-  leaves the old weights serving (a bad bucket or a bad commit also discards the staged update).
+  `stop_token_ids`. The body is validated by a pydantic schema (server_schema.py: bounds that are server
+  settings, ids within the vocabulary, unknown keys refused: 400 naming the field). At most `max_queue` requests
+  are admitted at once (503 + Retry-After beyond); each has a deadline (504 past it), and one whose client
+  disconnected is aborted in the engine.
+- `POST /weights/begin` (bearer token): opens a weight push to the version in header `X-Weight-Version`; answers
+  its `push_id`. One push at a time: another open, active push gets 409 (weight_staging.py).
+- `POST /weights` (bearer token): one bucket of the push in header `X-Push-Id`, safetensors bytes, index and
+  SHA-256 in headers (weight_buckets.py). Buckets are sent in order: bucket k is accepted once 0..k-1 are staged,
+  and a retried bucket replaces itself. Each is verified (checksum, decoding, names, shapes, dtype, finite) and
+  staged.
+- `POST /weights/commit` (bearer token): the last request of a push, with no body: headers push id and bucket
+  count. When exactly buckets 0..count-1 are staged, the whole update is validated and applied in one engine
+  reload. All-or-nothing: a bad bucket, a gap, a count that does not match, or a commit that never comes leaves
+  the old weights serving. `POST /weights/abort` (bearer token) closes a push without applying it.
 - `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
   trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
 - `POST /sleep`, `POST /wake_up` (bearer token): free / re-allocate GPU memory (colocated use).
-- `GET /health`, `GET /version`.
+- `GET /health` (503 "unhealthy" when a running generate made no engine progress within `stall_timeout_s`: the
+  watchdog), `GET /version`.
 
-Binds 127.0.0.1 unless told otherwise. The token is read from an environment variable (never the command line,
-which other users can read in the process table); without it the weight and admin routes are disabled.
+Binds 127.0.0.1 unless told otherwise; beyond loopback every route needs the token (as vLLM's `--api-key`).
+The token is read from an environment variable (never the command line, which other users can read in the
+process table); without it the weight and admin routes are disabled. No /docs or /openapi.json.
+SIGTERM ends the process within `timeout_graceful_shutdown + engine close` seconds, even with the engine busy;
+with `--parent-pid` it also ends when that process dies (a trainer killed with SIGKILL leaves no server behind).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import logging
 import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import fields
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,186 +51,46 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from megatron_trace.rollout.config import EngineConfig
-from megatron_trace.rollout.types import SamplingConfig, WeightUpdateError, target_weight_version
+from megatron_trace.rollout.engine import GenerationCancelled
+from megatron_trace.rollout.server_schema import RequestError, ServerLimits, parse_completion_request
 from megatron_trace.rollout.weight_buckets import (
     CHECKSUM_HEADER,
     COUNT_HEADER,
     INDEX_HEADER,
+    PUSH_HEADER,
     VERSION_HEADER,
-    BucketError,
-    decode_bucket,
 )
+from megatron_trace.rollout.weight_staging import ApiError, WeightStaging
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKEN_ENV = "MEGATRON_TRACE_ROLLOUT_TOKEN"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Seconds SIGTERM may take beyond uvicorn's graceful shutdown before the process exits hard.
+_HARD_EXIT_AFTER_S = 15.0
+
+__all__ = ["ApiError", "ServerLimits", "WeightStaging", "build_app", "main"]
 
 
-@dataclass
-class ServerLimits:
-    """Request size limits (bytes, prompts)."""
-
-    max_request_bytes: int = 16 * 1024 * 1024  # JSON bodies (completions)
-    max_bucket_bytes: int = 4 * 1024 * 1024 * 1024  # one weight bucket
-    max_prompts: int = 4096  # prompts per completions request
-
-
-@dataclass
-class _StagedUpdate:
-    version: int
-    buckets: list[list] = field(default_factory=list)  # bucket k at index k
-    names: dict[str, int] = field(default_factory=dict)  # tensor name -> index of the bucket holding it
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-class WeightStaging:
-    """The buckets of one in-flight update, streamed in order and applied to the engine together on commit
-    (thread-safe). Holds at most one update: a well-formed update stages each tensor once, so staged memory is
-    bounded by the model's size."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self._lock = threading.Lock()
-        self._staged: _StagedUpdate | None = None
-
-    def _check_version(self, version: int) -> int:
-        serving = self.engine.weight_version
-        try:
-            target_weight_version(serving, version)
-        except WeightUpdateError as e:
-            raise ApiError(409, str(e), "conflict") from None
-        return serving
-
-    def _discard(self, status: int, message: str, kind: str = "invalid_request_error") -> ApiError:
-        self._staged = None
-        return ApiError(status, f"{message}; update discarded, old weights keep serving", kind)
-
-    def receive(self, version: int, index: int, data: bytes, checksum: str) -> dict[str, Any]:
-        """Verify and stage bucket `index` of the update to `version`."""
-        with self._lock:
-            serving = self._check_version(version)
-            if index < 0:
-                raise ApiError(400, f"bucket index {index}: must be >= 0")
-            staged = self._staged
-            if index == 0:  # bucket 0 starts an update: drop whatever a previous (failed, abandoned) push left
-                if staged is not None:
-                    logger.warning("bucket 0 of an update to version %d: discarding the staged update to version "
-                                   "%d (%d buckets)", version, staged.version, len(staged.buckets))
-                staged = self._staged = _StagedUpdate(version)
-            elif staged is None or staged.version != version:
-                what = "none" if staged is None else f"the update to version {staged.version}"
-                raise ApiError(409, f"bucket {index} of an update to version {version}, but the staged update is "
-                               f"{what}: an update starts with bucket 0", "conflict")
-            elif index > len(staged.buckets):
-                raise self._discard(409, f"bucket {index} of the update to version {version} arrived after only "
-                                    f"{len(staged.buckets)} buckets: buckets are sent in order", "conflict")
-            try:
-                tensors = decode_bucket(data, checksum)
-                for name, t in tensors:
-                    self.engine.check_weight(name, t.shape, t.dtype)
-                    holder = staged.names.get(name, index)
-                    if holder != index:
-                        raise BucketError(f"weight {name!r} is already staged in bucket {holder}")
-            except (BucketError, ValueError) as e:
-                raise self._discard(422, f"bucket {index} of the update to version {version} rejected ({e})",
-                                    "weight_update_error") from e
-            if index < len(staged.buckets):  # a retry replaces itself
-                for name, _ in staged.buckets[index]:
-                    del staged.names[name]
-                staged.buckets[index] = tensors
-            else:
-                staged.buckets.append(tensors)
-            staged.names.update((name, index) for name, _ in tensors)
-            return {"status": "staged", "weight_version": serving, "received": len(staged.buckets)}
-
-    def commit(self, version: int, count: int) -> dict[str, Any]:
-        """Apply the staged update to `version` if it holds exactly `count` buckets; all-or-nothing."""
-        with self._lock:
-            self._check_version(version)
-            staged = self._staged
-            if staged is None or staged.version != version:
-                what = "none" if staged is None else f"the update to version {staged.version}"
-                raise ApiError(409, f"commit of an update to version {version}, but the staged update is {what}",
-                               "conflict")
-            if count != len(staged.buckets):
-                raise self._discard(409, f"commit of {count} buckets, but {len(staged.buckets)} are staged for "
-                                    f"version {version}", "conflict")
-            self._staged = None
-            buckets = staged.buckets
-            try:
-                self.engine.validate_weights((n, t.shape, t.dtype) for b in buckets for n, t in b)
-            except ValueError as e:
-                raise ApiError(422, f"update to version {version} rejected ({e}); old weights keep serving",
-                               "weight_update_error") from e
-            new = self.engine.update_weights(buckets, version=version)
-            return {"status": "applied", "weight_version": new, "count": count}
-
-
-def _sampling_from_request(body: dict[str, Any], limits: ServerLimits) -> tuple[list[list[int]], SamplingConfig, bool]:
-    def bad(msg: str) -> ApiError:
-        return ApiError(400, msg)
-
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-        raise bad("prompt: this server takes token ids (a list of ints or a list of such lists), not text")
-    if not isinstance(prompt, list) or not prompt:
-        raise bad("prompt: required, a non-empty list of token ids or a list of such lists")
-    prompts = [prompt] if isinstance(prompt[0], int) else prompt
-    if len(prompts) > limits.max_prompts:
-        raise bad(f"prompt: {len(prompts)} prompts exceed the limit of {limits.max_prompts} per request")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, list) or not p or not all(isinstance(t, int) and t >= 0 for t in p):
-            raise bad(f"prompt[{i}]: expected a non-empty list of non-negative token ids")
-    for key in ("stream", "echo"):
-        if body.get(key):
-            raise bad(f"{key}=true is not supported by this server")
-    if body.get("stop"):
-        raise bad("stop: string stops are not supported; use stop_token_ids")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= 1):
-        raise bad("logprobs: only the sampled token's log-prob is returned; use 0 or 1 (or omit)")
-
-    def num(key, kind, default):
-        v = body.get(key, default)
-        if v is None:
-            return default
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or isinstance(v, bool):
-            raise bad(f"{key}: expected {kind.__name__}, got {v!r}")
-        return v
-
-    stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
-        raise bad("stop_token_ids: expected a list of ints")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad(f"seed: expected int, got {seed!r}")
-    sampling = SamplingConfig(
-        temperature=num("temperature", float, 1.0), top_p=num("top_p", float, 1.0), top_k=num("top_k", int, -1),
-        max_tokens=num("max_tokens", int, 16), stop_token_ids=stop_ids, n=num("n", int, 1), seed=seed,
-        logprobs=logprobs is not None,
-    )
-    return prompts, sampling, logprobs is not None
-
-
-def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimits | None = None, tokenizer=None):
-    """The FastAPI app serving `engine` (a VLLMEngine). token=None disables the weight and admin routes."""
+def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimits | None = None, tokenizer=None,
+              token_on_every_route: bool = False):
+    """The FastAPI app serving `engine` (a VLLMEngine). token=None disables the weight and admin routes;
+    token_on_every_route (set when listening beyond loopback) makes every route, generation included, need it."""
     limits = limits or ServerLimits()
-    staging = WeightStaging(engine)
-    app = FastAPI(title="megatron-trace generation server")
+    if token_on_every_route and token is None:
+        raise ValueError("token_on_every_route needs a token")
+    staging = WeightStaging(engine, idle_timeout_s=limits.push_idle_timeout_s)
+    app = FastAPI(title="megatron-trace generation server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.staging = staging
+    admitted = 0  # completions requests running or waiting for the engine (event-loop thread only)
 
-    def error(status: int, message: str, kind: str) -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    def error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                            headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
-        return error(e.status, e.message, e.kind)
+        return error(e.status, e.message, e.kind, {"Retry-After": "1"} if e.status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, e: RequestValidationError):
@@ -241,9 +111,22 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             raise ApiError(401, "missing or wrong bearer token (header `Authorization: Bearer <token>`)",
                            "authentication_error")
 
+    if token_on_every_route:
+        @app.middleware("http")
+        async def _token_everywhere(request: Request, call_next):
+            try:
+                authorize(request)
+            except ApiError as e:
+                return error(e.status, e.message, e.kind)
+            return await call_next(request)
+
     async def read_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > limit:
+        try:
+            too_big = declared is not None and int(declared) > limit
+        except ValueError:
+            raise ApiError(400, f"header Content-Length: expected an integer, got {declared!r}") from None
+        if too_big:
             raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes", "too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -260,24 +143,72 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         except (TypeError, ValueError):
             raise ApiError(400, f"header {name}: expected an integer, got {v!r}") from None
 
+    def header_push_id(request: Request) -> str:
+        v = request.headers.get(PUSH_HEADER)
+        if not v:
+            raise ApiError(400, f"header {PUSH_HEADER}: required (the push_id that POST /weights/begin answered)")
+        if VERSION_HEADER in request.headers:  # optional on buckets and commits; when sent it must agree
+            staging.check_push_version(v, header_int(request, VERSION_HEADER))
+        return v
+
     @app.get("/health")
     async def health():
+        stalled = engine.stalled_s() if hasattr(engine, "stalled_s") else 0.0
+        if stalled > limits.stall_timeout_s:
+            return JSONResponse({"status": "unhealthy", "weight_version": engine.weight_version,
+                                 "reason": f"the engine made no progress for {stalled:.0f}s (limit "
+                                           f"{limits.stall_timeout_s:.0f}s)"}, status_code=503)
         return {"status": "ok", "weight_version": engine.weight_version}
 
     @app.get("/version")
     async def version():
         return {"weight_version": engine.weight_version, "model": model_name}
 
+    async def until_disconnected(request: Request, cancel: threading.Event) -> None:
+        """Set `cancel` when the client goes away (polled: the engine thread checks the event between steps)."""
+        while not cancel.is_set():
+            if await request.is_disconnected():
+                logger.warning("client of a completions request disconnected: cancelling its generation")
+                cancel.set()
+                return
+            await asyncio.sleep(0.25)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        prompts, sampling, want_logprobs = _sampling_from_request(body, limits)
+        nonlocal admitted
+        if admitted >= limits.max_queue:
+            raise ApiError(503, f"server busy: {admitted} completions requests admitted (limit max_queue="
+                                f"{limits.max_queue}); retry later", "overloaded")
+        admitted += 1
         try:
-            outs = await run_in_threadpool(engine.generate, prompts, sampling)
+            return await _complete(request)
+        finally:
+            admitted -= 1
+
+    async def _complete(request: Request):
+        deadline = time.monotonic() + limits.request_timeout_s
+        raw = await read_body(request, limits.max_request_bytes)
+        try:
+            req = parse_completion_request(raw, limits, getattr(engine, "vocab_size", None))
+        except RequestError as e:
+            raise ApiError(400, str(e)) from e
+        prompts, sampling, want_logprobs = req.prompt, req.sampling(), req.logprobs is not None
+        cancel = threading.Event()
+        watcher = asyncio.create_task(until_disconnected(request, cancel))
+        try:
+            outs = await run_in_threadpool(engine.generate, prompts, sampling, cancel=cancel, deadline=deadline)
+        except GenerationCancelled as e:
+            if e.timed_out:
+                raise ApiError(504, f"request deadline of {limits.request_timeout_s:.0f}s exceeded ({e}); its "
+                                    "generation was aborted", "timeout") from e
+            raise ApiError(503, str(e), "cancelled") from e
         except ValueError as e:
             raise ApiError(400, str(e)) from e
         except RuntimeError as e:  # asleep, or weights inconsistent after a failed update: retrying won't help
             raise ApiError(409, str(e), "conflict") from e
+        finally:
+            cancel.set()
+            watcher.cancel()
         choices, n_out = [], 0
         for i, gens in enumerate(outs):
             for j, g in enumerate(gens):
@@ -297,9 +228,15 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         version = outs[0][0].weight_version if outs and outs[0] else engine.weight_version
         return {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": body.get("model") or model_name, "choices": choices, "weight_version": version,
+            "model": req.model or model_name, "choices": choices, "weight_version": version,
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
         }
+
+    @app.post("/weights/begin")
+    async def weights_begin(request: Request):
+        authorize(request)
+        version = header_int(request, VERSION_HEADER)
+        return await run_in_threadpool(staging.begin, version)
 
     @app.post("/weights")
     async def weights(request: Request):
@@ -307,7 +244,7 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         if COUNT_HEADER in request.headers:
             raise ApiError(400, f"header {COUNT_HEADER}: goes on POST /weights/commit after the last bucket, not "
                            "on a bucket (a client from before streamed updates?)")
-        version = header_int(request, VERSION_HEADER)
+        push_id = header_push_id(request)
         index = header_int(request, INDEX_HEADER)
         checksum = request.headers.get(CHECKSUM_HEADER)
         if not checksum:
@@ -315,21 +252,26 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         t0 = time.perf_counter()
         data = await read_body(request, limits.max_bucket_bytes)
         t1 = time.perf_counter()
-        out = await run_in_threadpool(staging.receive, version, index, data, checksum)
-        logger.info("weights v%d bucket %d: %.1f MB, read %.2fs, verify+stage %.2fs", version, index,
+        out = await run_in_threadpool(staging.receive, push_id, index, data, checksum)
+        logger.info("push %s bucket %d: %.1f MB, read %.2fs, verify+stage %.2fs", push_id, index,
                     len(data) / 1e6, t1 - t0, time.perf_counter() - t1)
         return out
 
     @app.post("/weights/commit")
     async def weights_commit(request: Request):
         authorize(request)
-        version = header_int(request, VERSION_HEADER)
+        push_id = header_push_id(request)
         count = header_int(request, COUNT_HEADER)
         t0 = time.perf_counter()
-        out = await run_in_threadpool(staging.commit, version, count)
-        logger.info("weights v%d: %d buckets validated and applied in %.2fs", version, count,
-                    time.perf_counter() - t0)
+        out = await run_in_threadpool(staging.commit, push_id, count)
+        logger.info("push %s: %d buckets validated and applied in %.2fs (version %d)", push_id, count,
+                    time.perf_counter() - t0, out["weight_version"])
         return out
+
+    @app.post("/weights/abort")
+    async def weights_abort(request: Request):
+        authorize(request)
+        return await run_in_threadpool(staging.abort, header_push_id(request))
 
     async def read_json(request: Request) -> dict[str, Any]:
         import json
@@ -337,8 +279,8 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         raw = await read_body(request, limits.max_request_bytes)
         try:
             body = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"body is not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
         if not isinstance(body, dict):
             raise ApiError(400, "body must be a JSON object")
         return body
@@ -427,9 +369,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--enable-sleep-mode", action="store_true", help="allow /sleep and /wake_up (GPU only)")
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help="environment variable holding the bearer token of the weight/admin routes")
-    p.add_argument("--max-request-bytes", type=int, default=ServerLimits.max_request_bytes)
-    p.add_argument("--max-bucket-bytes", type=int, default=ServerLimits.max_bucket_bytes)
+    for f in fields(ServerLimits):  # --max-request-bytes, --max-queue, --request-timeout-s, ... (ServerLimits)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process is gone (the trainer that started the server)")
     args = p.parse_args(argv)
+    try:
+        limits = ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits)})
+    except ValueError as e:
+        p.error(str(e))
 
     import uvicorn
 
@@ -439,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     token = os.environ.get(args.token_env) or None
     if token is None:
         logger.warning("$%s is not set: weight and admin routes are disabled", args.token_env)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
+    beyond_loopback = args.host not in LOOPBACK_HOSTS
+    if beyond_loopback and token is None:
         p.error(f"binding {args.host} (not loopback) needs a token in ${args.token_env}")
     from megatron_trace.rollout.platform import engine_platform_settings
 
@@ -454,10 +403,84 @@ def main(argv: list[str] | None = None) -> None:
         tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
         enable_prefix_caching=not args.no_prefix_caching, enable_sleep_mode=plat.enable_sleep_mode,
     ))
-    limits = ServerLimits(max_request_bytes=args.max_request_bytes, max_bucket_bytes=args.max_bucket_bytes)
     app = build_app(engine, model_name=os.path.basename(os.path.normpath(args.model)), token=token,
-                    limits=limits, tokenizer=load_tokenizer(args.model))
+                    limits=limits, tokenizer=load_tokenizer(args.model), token_on_every_route=beyond_loopback)
+    server = _BoundedShutdownServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                                   timeout_graceful_shutdown=5), engine)
+    if args.parent_pid is not None:
+        _watch_parent(args.parent_pid, server)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        server.run()
     finally:
-        engine.close()
+        engine.stop()
+        _close_within(engine, _HARD_EXIT_AFTER_S)
+
+
+class _BoundedShutdownServer:
+    """uvicorn's server, whose shutdown (SIGTERM/SIGINT or `request_exit`) also stops the engine's running and
+    waiting generate calls, and exits the process hard if it is still alive `_HARD_EXIT_AFTER_S` later (a
+    wedged engine once kept a SIGTERMed server alive for good)."""
+
+    def __init__(self, config, engine):
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                outer.request_exit(f"signal {sig}")
+                super().handle_exit(sig, frame)
+
+        self.engine = engine
+        self.server = _Server(config)
+        self._exiting = False
+
+    def request_exit(self, why: str) -> None:
+        if self._exiting:
+            return
+        self._exiting = True
+        logger.warning("shutting down (%s)", why)
+        self.engine.stop()
+        limit = self.server.config.timeout_graceful_shutdown + _HARD_EXIT_AFTER_S
+        timer = threading.Timer(limit, lambda: (logger.error("shutdown took over %.0fs: exiting hard", limit),
+                                                os._exit(1)))
+        timer.daemon = True
+        timer.start()
+        self.server.should_exit = True
+
+    def run(self) -> None:
+        self.server.run()
+
+
+def _watch_parent(pid: int, server: _BoundedShutdownServer, interval_s: float = 1.0) -> None:
+    """Shut the server down when process `pid` is gone or is no longer this process's parent (it died and this
+    process was reparented). Complements PR_SET_PDEATHSIG, which the launcher sets but which fires on the death
+    of the parent *thread* and not across every exec/setuid path."""
+
+    def alive() -> bool:
+        if os.getppid() != pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def loop() -> None:
+        while alive():
+            time.sleep(interval_s)
+        server.request_exit(f"parent process {pid} is gone")
+
+    threading.Thread(target=loop, name="parent-watchdog", daemon=True).start()
+
+
+def _close_within(engine, timeout_s: float) -> None:
+    """engine.close() in a helper thread; give up after `timeout_s` (the process then exits without it)."""
+    t = threading.Thread(target=engine.close, name="engine-close", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        logger.error("the engine did not close within %.0fs: exiting without it", timeout_s)
+        os._exit(1)

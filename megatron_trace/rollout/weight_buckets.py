@@ -11,9 +11,11 @@ import hashlib
 
 import torch
 
-# HTTP headers of a weight update: each bucket upload (POST /weights) carries the version, index and checksum;
-# the closing POST /weights/commit carries the version and the bucket count.
+# HTTP headers of a weight update: POST /weights/begin carries the target version and is answered with a push
+# id; each bucket upload (POST /weights) carries the push id, index and checksum; the closing POST
+# /weights/commit carries the push id and the bucket count.
 VERSION_HEADER = "X-Weight-Version"  # target weight version of the whole update (int, > serving version)
+PUSH_HEADER = "X-Push-Id"  # the id POST /weights/begin issued
 INDEX_HEADER = "X-Bucket-Index"  # 0-based index of this bucket
 COUNT_HEADER = "X-Bucket-Count"  # number of buckets in the update (commit only)
 CHECKSUM_HEADER = "X-Bucket-Sha256"  # hex SHA-256 of the body

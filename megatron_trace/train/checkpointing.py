@@ -15,7 +15,9 @@ resume at another TP/PP (the padded vocabulary permitting).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 
@@ -24,9 +26,12 @@ import torch
 import torch.distributed as dist
 from megatron_trace.models.qwen3 import unwrap_model
 
+from megatron_trace.checkpoint import safe_pickle  # noqa: F401 - .metadata is read through an allowlist from here on
 from megatron_trace.distributed import collectives
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "load_model_weights"]
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -42,11 +47,30 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
+    """Every RNG state as tensors, tuples and numbers only, so it loads with `torch.load(weights_only=True)`."""
     from megatron.core import tensor_parallel
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _load_rng_state(path: str) -> dict:
+    """An RNG file, read with weights_only=True (no code runs). Files of earlier versions hold the numpy state as
+    an ndarray: those numpy classes (and only they) are allowed for them."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    from numpy._core.multiarray import _reconstruct
+
+    with torch.serialization.safe_globals([np.ndarray, _reconstruct, np.dtype, type(np.dtype(np.uint32))]):
+        try:
+            return torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{path}: not an RNG state file of this trainer ({e})") from e
 
 
 def _set_rng_state(state: dict) -> None:
@@ -54,7 +78,8 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
@@ -103,11 +128,20 @@ def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, tr
             shutil.rmtree(final)
         os.rename(tmp, final)
         _write_latest(ckpt_root, name)
-        kept = sorted(e for e in os.listdir(ckpt_root) if e.startswith("step_") and not e.endswith(".tmp"))
-        for old in kept[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+        _prune(ckpt_root, keep_last)
     _barrier()
     return final
+
+
+def _prune(ckpt_root: str, keep_last: int) -> None:
+    """Delete all but the `keep_last` newest complete checkpoints (0 = keep all), oldest first by step number;
+    never the one `latest` names, whatever else the folder holds."""
+    if keep_last <= 0:
+        return
+    newest = latest_checkpoint(ckpt_root)
+    others = [c for _, c in _complete_checkpoints(ckpt_root) if c != newest]
+    for old in others[: max(0, len(others) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _conversion_metadata(model_chunks: list, hf_config: dict | None) -> dict | None:
@@ -129,26 +163,66 @@ def _write_latest(ckpt_root: str, name: str) -> None:
     os.replace(tmp, os.path.join(ckpt_root, LATEST))
 
 
+def _complete_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint folder (`step_N` holding the trainer state), by step."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for entry in os.listdir(ckpt_root):
+        step = entry.removeprefix("step_")
+        if entry.startswith("step_") and step.isdigit() and os.path.isfile(os.path.join(ckpt_root, entry, STATE_FILE)):
+            found.append((int(step), os.path.join(ckpt_root, entry)))
+    return sorted(found)
+
+
 def latest_checkpoint(ckpt_root: str) -> str | None:
-    """Path of the newest complete checkpoint under `ckpt_root`, or None."""
+    """Path of the newest complete checkpoint under `ckpt_root`, or None: the one `latest` names, or, when that
+    marker is missing or names no complete checkpoint, the complete `step_N` with the highest N."""
     marker = os.path.join(ckpt_root, LATEST)
     if os.path.isfile(marker):
         with open(marker) as f:
             path = os.path.join(ckpt_root, f.read().strip())
         if os.path.isfile(os.path.join(path, STATE_FILE)):
             return path
+    found = _complete_checkpoints(ckpt_root)
+    if found:
+        logger.warning("%s: no valid `latest` marker; using the newest complete checkpoint %s", ckpt_root,
+                       found[-1][1])
+        return found[-1][1]
     return None
 
 
-def resolve_resume(resume: str, ckpt_root: str) -> str | None:
-    """`auto` -> the latest checkpoint if any; `none` -> None; else the given path (must be complete)."""
-    if resume == "none":
-        return None
-    if resume == "auto":
+def resolve_resume(resume: str, ckpt_root: str, *, overwrite: bool = False) -> str | None:
+    """`auto` -> the latest checkpoint if any; `none` -> None; else the given path (must be complete).
+
+    Never loses data: a run that would start fresh (or from an explicit path) in a folder holding checkpoints
+    newer than its start raises ConfigError naming them, unless `overwrite` (checkpoint.overwrite: start fresh,
+    or from the explicit path, removing those checkpoints on rank 0). Called before any model is built."""
+    from megatron_trace.config_base import ConfigError
+
+    if resume == "auto" and not overwrite:
         return latest_checkpoint(ckpt_root)
-    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
-        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
-    return resume
+    if resume in ("auto", "none"):  # a fresh start (overwrite: whatever the folder holds is replaced)
+        path, start = None, -1
+    else:
+        if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+            raise ConfigError(f"checkpoint.resume: {resume} is not a complete checkpoint (no {STATE_FILE})")
+        with open(os.path.join(resume, STATE_FILE)) as f:
+            path, start = resume, int(json.load(f)["step"])
+    newer = [c for step, c in _complete_checkpoints(ckpt_root)
+             if step > start and os.path.realpath(c) != os.path.realpath(path or "")]
+    if newer and not overwrite:
+        where = "a fresh run" if path is None else f"a run resuming from {path}"
+        raise ConfigError(f"checkpoint.dir: {ckpt_root} holds checkpoints ({', '.join(map(os.path.basename, newer))}) "
+                          f"that {where} would mix with or delete; resume them (checkpoint.resume=auto), use another "
+                          "checkpoint.dir, or set checkpoint.overwrite=true to replace them")
+    if overwrite and _rank() == 0:
+        for c in newer:
+            shutil.rmtree(c, ignore_errors=True)
+        if path is None and os.path.isfile(os.path.join(ckpt_root, LATEST)):
+            os.remove(os.path.join(ckpt_root, LATEST))
+    _barrier()
+    return path
 
 
 def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks: list | None = None) -> dict:
@@ -172,7 +246,7 @@ def load_checkpoint(path: str, model_chunks: list, optimizer, *, teacher_chunks:
         load_module_state(unwrap_model(teacher[0]), teacher_state, f"{path} (teacher)")
     rng_file = os.path.join(path, f"rng_rank{_rank():05d}.pt")
     if os.path.isfile(rng_file):  # absent when resuming with another world size: keep the fresh seeds
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_load_rng_state(rng_file))
     return trainer_state
 
 

@@ -55,14 +55,16 @@ class Trainer:
         # Fails (naming the field) before any model is built.
         self.hf_config = validate_run_config(cfg, world_size=self.layout.world_size, tokenizer=self.tokenizer)
         self.is_driver = self.layout.rank == 0
+        # Data (read once, file:line in every error) and the checkpoint folder, also before any model is built.
+        self.problems = self._build_data()
+        resume_from = self._resolve_resume()
         self._build_vocabulary()
         self.model, self.optimizer = self._build_model()
         self.loss = TraceLoss(cfg.loss)
         self.exposure = ExposureTracker()
         self.teacher = self._build_teacher()
-        self.problems = self._build_data()
         self.step, self.data_position = 0, 0
-        resume_from = self._resume()
+        self._resume(resume_from)
         self.progress, self.logger = self._build_logging(resume_from)
         self.timer = Timer(on_phase=self.progress.phase)
         if cfg.train.mode == "trace" and start_rollout:
@@ -141,18 +143,21 @@ class Trainer:
 
         return load_problems(self.cfg.data)
 
-    def _resume(self) -> str | None:
-        """Load the latest (or the named) checkpoint into every component; returns its path (None: fresh)."""
-        ckpt = self.cfg.checkpoint
-        if ckpt.resume == "none":
-            return None
-        from megatron_trace.train.checkpointing import load_checkpoint, resolve_resume
+    def _resolve_resume(self) -> str | None:
+        """The checkpoint to resume from (None: a fresh start), checked before any model is built: a fresh start
+        refuses a checkpoint folder holding another run's checkpoints unless checkpoint.overwrite."""
+        from megatron_trace.train.checkpointing import resolve_resume
 
-        resume_from = resolve_resume(ckpt.resume, self.cfg.checkpoint_dir)
+        ckpt = self.cfg.checkpoint
+        return resolve_resume(ckpt.resume, self.cfg.checkpoint_dir, overwrite=ckpt.overwrite)
+
+    def _resume(self, resume_from: str | None) -> None:
+        """Load checkpoint `resume_from` (if any) into every component."""
         if resume_from:
+            from megatron_trace.train.checkpointing import load_checkpoint
+
             self.load_state_dict(load_checkpoint(resume_from, self.model, self.optimizer,
                                                  teacher_chunks=self.teacher.snapshot if self.teacher else None))
-        return resume_from
 
     def _build_logging(self, resume_from: str | None):
         """The progress bar (every rank; drawn on the driver) and the metrics logger (driver only)."""
@@ -164,7 +169,9 @@ class Trainer:
             return progress, None
         logger = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
                                wandb_project=cfg.logging.wandb_project, run_config=to_dict(cfg),
-                               print_every=cfg.logging.print_every, resume=resume_from is not None,
+                               print_every=cfg.logging.print_every,
+                               # metrics.jsonl is appended to, never truncated, unless overwriting
+                               resume=resume_from is not None or not cfg.checkpoint.overwrite,
                                write_line=progress.write)
         self._closes(logger.close)
         if resume_from is not None:

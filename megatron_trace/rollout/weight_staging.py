@@ -1,0 +1,177 @@
+"""Server-side staging of a weight push: one push at a time, keyed by the push id the server issued.
+
+A push is `begin` (the server issues a push id for a target version), buckets 0, 1, ... staged in order under
+that id, then `commit` (validate the whole update, apply it in one engine reload) or `abort`. Only one push is
+open at a time: a second `begin` is refused (409) while the first is active, so two pushers can never stage into
+the same update (two pushes of one version used to be staged together and committed as a mix of both). A push
+idle for `idle_timeout_s` (its pusher died) may be replaced by the next `begin`.
+
+Each bucket is verified when it arrives (checksum, safetensors decoding, names, shapes, dtype, finite values);
+any failure discards the push and leaves the old weights serving. The transport only hands the staging decoded
+(name, tensor) lists or raw safetensors bytes: an HTTP route, or another transport (shared memory), can use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_trace.rollout.types import WeightUpdateError, target_weight_version
+from megatron_trace.rollout.weight_buckets import BucketError, decode_bucket
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, message, error type."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass
+class _Push:
+    push_id: str
+    version: int
+    started: float
+    last_activity: float
+    buckets: list[list[tuple[str, torch.Tensor]]] = field(default_factory=list)  # bucket k at index k
+    names: dict[str, int] = field(default_factory=dict)  # tensor name -> index of the bucket holding it
+
+
+class WeightStaging:
+    """The one open push and its verified buckets (thread-safe). Staged memory is bounded by the model's size:
+    a push stages each tensor once."""
+
+    def __init__(self, engine, idle_timeout_s: float = 300.0, clock=time.monotonic):
+        self.engine = engine
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._push: _Push | None = None
+
+    def _check_version(self, version: int) -> int:
+        serving = self.engine.weight_version
+        try:
+            target_weight_version(serving, version)
+        except WeightUpdateError as e:
+            raise ApiError(409, str(e), "conflict") from None
+        return serving
+
+    def _open(self, push_id: str) -> _Push:
+        push = self._push
+        if push is None or push.push_id != push_id:
+            what = "none is open" if push is None else f"the open push is {push.push_id}"
+            raise ApiError(409, f"push {push_id!r} is not the open push ({what}; it was committed, aborted, "
+                                "discarded after an error, or replaced after idling): start with POST /weights/begin",
+                           "conflict")
+        push.last_activity = self._clock()
+        return push
+
+    def _discard(self, status: int, message: str, kind: str = "invalid_request_error") -> ApiError:
+        self._push = None
+        return ApiError(status, f"{message}; push discarded, old weights keep serving", kind)
+
+    def begin(self, version: int) -> dict[str, Any]:
+        """Open a push to `version`; 409 while another push is open and active."""
+        with self._lock:
+            serving = self._check_version(version)
+            now = self._clock()
+            push = self._push
+            if push is not None:
+                idle = now - push.last_activity
+                if idle < self.idle_timeout_s:
+                    raise ApiError(409, f"another weight push ({push.push_id}, to version {push.version}, "
+                                        f"{len(push.buckets)} buckets staged) is in progress, last active "
+                                        f"{idle:.0f}s ago: one push at a time (it expires after "
+                                        f"{self.idle_timeout_s:.0f}s idle)", "conflict")
+                logger.warning("push %s to version %d idle for %.0fs: replaced by a new push to version %d",
+                               push.push_id, push.version, idle, version)
+            self._push = _Push(uuid.uuid4().hex, version, now, now)
+            return {"status": "open", "push_id": self._push.push_id, "version": version, "weight_version": serving}
+
+    def receive(self, push_id: str, index: int, data: bytes, checksum: str) -> dict[str, Any]:
+        """Verify and stage bucket `index` of push `push_id` (raw safetensors bytes and their SHA-256)."""
+        try:
+            tensors = decode_bucket(data, checksum)
+        except BucketError as e:
+            with self._lock:
+                self._open(push_id)
+                raise self._discard(422, f"bucket {index} of push {push_id} rejected ({e})",
+                                    "weight_update_error") from e
+        return self.stage(push_id, index, tensors)
+
+    def stage(self, push_id: str, index: int, tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """Verify and stage bucket `index` (decoded tensors) of push `push_id`. Bucket 0 restarts the push's
+        staging, bucket k is accepted once 0..k-1 are staged, and a resent bucket replaces itself."""
+        with self._lock:
+            push = self._open(push_id)
+            serving = self._check_version(push.version)
+            if index < 0:
+                raise ApiError(400, f"bucket index {index}: must be >= 0")
+            if index == 0 and push.buckets:
+                logger.warning("bucket 0 of push %s again: restarting its staging (%d buckets dropped)",
+                               push_id, len(push.buckets))
+                push.buckets, push.names = [], {}
+            elif index > len(push.buckets):
+                raise self._discard(409, f"bucket {index} of push {push_id} arrived after only "
+                                    f"{len(push.buckets)} buckets: buckets are sent in order", "conflict")
+            try:
+                for name, t in tensors:
+                    self.engine.check_weight(name, t.shape, t.dtype)
+                    holder = push.names.get(name, index)
+                    if holder != index:
+                        raise BucketError(f"weight {name!r} is already staged in bucket {holder}")
+                    self.engine.check_finite(name, t)
+            except ValueError as e:
+                raise self._discard(422, f"bucket {index} of push {push_id} (version {push.version}) rejected "
+                                    f"({e})", "weight_update_error") from e
+            if index < len(push.buckets):  # a retry replaces itself
+                for name, _ in push.buckets[index]:
+                    del push.names[name]
+                push.buckets[index] = tensors
+            else:
+                push.buckets.append(tensors)
+            push.names.update((name, index) for name, _ in tensors)
+            return {"status": "staged", "push_id": push_id, "weight_version": serving, "received": len(push.buckets)}
+
+    def commit(self, push_id: str, count: int) -> dict[str, Any]:
+        """Apply push `push_id` if it holds exactly `count` buckets; all-or-nothing. The push is closed either way."""
+        with self._lock:
+            push = self._open(push_id)
+            self._check_version(push.version)
+            if count != len(push.buckets):
+                raise self._discard(409, f"commit of {count} buckets, but {len(push.buckets)} are staged in push "
+                                    f"{push_id}", "conflict")
+            self._push = None
+            try:
+                self.engine.validate_weights((n, t.shape, t.dtype) for b in push.buckets for n, t in b)
+            except ValueError as e:
+                raise ApiError(422, f"update to version {push.version} rejected ({e}); old weights keep serving",
+                               "weight_update_error") from e
+            new = self.engine.update_weights(push.buckets, version=push.version)
+            return {"status": "applied", "push_id": push_id, "weight_version": new, "count": count}
+
+    def check_push_version(self, push_id: str, version: int) -> None:
+        """409 unless `push_id` is the open push and targets `version` (a request's optional version header)."""
+        with self._lock:
+            push = self._open(push_id)
+            if push.version != version:
+                raise ApiError(409, f"push {push_id} targets version {push.version}, the request says {version}",
+                               "conflict")
+
+    def abort(self, push_id: str) -> dict[str, Any]:
+        """Close push `push_id` without applying it (the pusher failed); idempotent for a push no longer open."""
+        with self._lock:
+            push = self._push
+            if push is not None and push.push_id == push_id:
+                self._push = None
+                return {"status": "aborted", "push_id": push_id}
+            return {"status": "not_open", "push_id": push_id}
