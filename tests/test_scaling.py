@@ -48,7 +48,8 @@ def test_grid_expands_models_routes_and_seeds_into_trainer_commands(tmp_path):
         assert ov in tail
     # trace_rkl: reverse KL on error spans alone (the paper's 1.7B route); all-token OPD never anneals
     assert {"annotate.spans.fkl=false", "annotate.spans.rkl=true"} <= set(by_name["tiny/trace_rkl/seed1"].overrides)
-    assert {"loss.mode=all_token_opd", "loss.kl_schedule=constant"} <= set(by_name["tiny/all_token_opd/seed1"].overrides)
+    opd = set(by_name["tiny/all_token_opd/seed1"].overrides)
+    assert {"loss.mode=all_token_opd", "loss.kl_schedule=constant"} <= opd
     # every run's overrides are accepted by the trainer's own config loader
     from megatron_trace.config import load_config
 
