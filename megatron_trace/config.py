@@ -88,6 +88,10 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     micro_batch_size: int = 4  # sequences per micro-batch (gradient accumulation over the rest)
+    # PPO mini-batches: responses per optimizer step; 0 = the whole rollout batch (one step per batch). A batch of
+    # N responses takes ceil(N / global_batch_size) steps per epoch (near-equal mini-batches).
+    global_batch_size: int = 0
+    epochs: int = 1  # passes over each rollout batch
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps"):
@@ -106,6 +110,11 @@ class OptimConfig:
             raise ConfigError(f"adam_eps: must be > 0, got {self.adam_eps}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        if self.global_batch_size < 0:
+            raise ConfigError(f"global_batch_size: must be >= 0 (0 = the whole rollout batch), got "
+                              f"{self.global_batch_size}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
 
 
 @dataclass
@@ -192,6 +201,9 @@ class TraceConfig:
                               f"{self.loss.mode!r}; set loss.mode only")
         if mode is not None:
             self.annotate.spans.mode = mode
+        if self.loss.tis_cap is not None and not self.rollout.recompute_old_logprobs:
+            raise ConfigError("loss.tis_cap: truncated importance weights compare the trainer's recomputed log p_old "
+                              "with the sampler's; set rollout.recompute_old_logprobs: true (or tis_cap: null)")
 
     @property
     def checkpoint_dir(self) -> str:
@@ -235,6 +247,10 @@ def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotato
     p = cfg.parallel
     for size, problem in parallel_layout_problems(hf_config, tp=p.tp, pp=p.pp):
         raise ConfigError(f"parallel.{size}: {problem}")
+    if (cfg.distills and cfg.annotate.annotator == "self"
+            and cfg.annotate.self_max_tokens >= cfg.rollout.max_model_len):
+        raise ConfigError(f"annotate.self_max_tokens: {cfg.annotate.self_max_tokens} reply tokens leave no room for "
+                          f"the prompt in rollout.max_model_len={cfg.rollout.max_model_len}")
     if world_size % (p.tp * p.pp * p.cp):
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
     if cfg.model.load is not None and not os.path.exists(cfg.model.load):

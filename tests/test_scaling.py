@@ -35,26 +35,29 @@ seeds: {seeds}
 
 
 def test_grid_expands_models_routes_and_seeds_into_trainer_commands(tmp_path):
-    grid = load_grid(_grid_yaml(tmp_path, routes="[grpo, all_token_opd, random_spans, trace_fkl, trace_rkl]",
-                                seeds="[1, 2]", extra="slurm: {partition: gpu, gpus_per_node: 8}"))
-    assert len(grid.runs) == 10
+    grid = load_grid(_grid_yaml(tmp_path, routes="[grpo, trace_fkl, trace_rkl, trace_fkl_rkl, all_token_opd, "
+                                "random_spans]", seeds="[1, 2]", extra="slurm: {partition: gpu, gpus_per_node: 8}"))
+    assert len(grid.runs) == 12
     by_name = {r.name: r for r in grid.runs}
-    rkl = run_command(grid, by_name["tiny/trace_rkl/seed2"])
+    rkl = run_command(grid, by_name["tiny/trace_fkl_rkl/seed2"])
     assert rkl[:3] == [sys.executable, "-m", "torch.distributed.run"]
     tail = rkl[rkl.index("megatron_trace.train") + 1:]
     assert tail[:2] == ["--config", f"{ROOT}/examples/configs/tiny_cpu.yaml"]
     for ov in ("loss.mode=trace", "annotate.spans.fkl=true", "annotate.spans.rkl=true", "train.seed=2",
-               f"logging.output_dir={tmp_path}/out/tiny/trace_rkl/seed2", "parallel.tp=1", "train.steps=2"):
+               f"logging.output_dir={tmp_path}/out/tiny/trace_fkl_rkl/seed2", "parallel.tp=1", "train.steps=2"):
         assert ov in tail
-    assert "loss.mode=all_token_opd" in by_name["tiny/all_token_opd/seed1"].overrides
+    # trace_rkl: reverse KL on error spans alone (the paper's 1.7B route); all-token OPD never anneals
+    assert {"annotate.spans.fkl=false", "annotate.spans.rkl=true"} <= set(by_name["tiny/trace_rkl/seed1"].overrides)
+    opd = set(by_name["tiny/all_token_opd/seed1"].overrides)
+    assert {"loss.mode=all_token_opd", "loss.kl_schedule=constant"} <= opd
     # every run's overrides are accepted by the trainer's own config loader
     from megatron_trace.config import load_config
 
     for run in grid.runs:
         load_config(grid.base_config, run.overrides)
     script = sbatch_script(grid)
-    assert "#SBATCH --array=0-9" in script and "#SBATCH --partition=gpu" in script
-    assert "#SBATCH --gpus-per-node=8" in script and script.count("srun ") == 10
+    assert "#SBATCH --array=0-11" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --gpus-per-node=8" in script and script.count("srun ") == 12
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 

@@ -164,25 +164,38 @@ def test_trace_loss_gradient_through_token_stats_matches_float64_full_vocab_refe
 
 # ---------------------------------------------------------------------------------------------------- schedule
 
-def test_kl_weight_is_constant_during_warmup_then_linear_to_exactly_zero():
+def test_kl_weight_is_held_for_exactly_w_steps_then_linear_to_exactly_zero():
+    # lambda_k = w0 for k < W, then w0 * max(0, 1 - (k - W + 1) / D): held for W = 10 steps (k = 0..9), not 11
     s = LossConfig()  # 0.5, 10, 30
-    assert [s.kl_weight(k) for k in (0, 5, 9, 10)] == [0.5, 0.5, 0.5, 0.5]
-    assert math.isclose(s.kl_weight(25), 0.25) and math.isclose(s.kl_weight(39), 0.5 / 30)
-    assert s.kl_weight(40) == 0.0 and s.kl_weight(41) == 0.0 and s.kl_weight(10_000) == 0.0
-    assert s.last_active_step == 39
-    weights = [s.kl_weight(k) for k in range(10, 41)]
+    assert [s.kl_weight(k) for k in (0, 5, 9)] == [0.5, 0.5, 0.5]
+    assert math.isclose(s.kl_weight(10), 0.5 * 29 / 30)          # 1 - (10 - 10 + 1) / 30
+    assert math.isclose(s.kl_weight(24), 0.25)                   # 1 - 15 / 30
+    assert math.isclose(s.kl_weight(38), 0.5 / 30)               # the last active step
+    assert s.kl_weight(39) == 0.0 and s.kl_weight(40) == 0.0 and s.kl_weight(10_000) == 0.0  # off from W + D - 1
+    assert s.last_active_step == 38
+    weights = [s.kl_weight(k) for k in range(9, 40)]
     assert all(a > b for a, b in zip(weights, weights[1:]))
 
 
-def test_kl_schedule_without_decay_drops_to_zero_after_warmup():
+def test_kl_schedule_small_decays_and_the_constant_schedule():
     s = LossConfig(w0=0.3, warmup_steps=2, decay_steps=0)
     assert [s.kl_weight(k) for k in range(4)] == [0.3, 0.3, 0.0, 0.0]
     assert s.last_active_step == 1
+    s = LossConfig(w0=0.3, warmup_steps=2, decay_steps=1)  # 1 - (2 - 2 + 1) / 1 = 0 at k = W
+    assert [s.kl_weight(k) for k in range(4)] == [0.3, 0.3, 0.0, 0.0] and s.last_active_step == 1
+    s = LossConfig(w0=0.4, warmup_steps=1, decay_steps=4)
+    assert [s.kl_weight(k) for k in range(6)] == [0.4, 0.4 * 3 / 4, 0.4 * 2 / 4, 0.4 * 1 / 4, 0.0, 0.0]
+    assert s.last_active_step == 3
     assert LossConfig(w0=0.0).last_active_step == -1
+    c = LossConfig(w0=0.5, warmup_steps=10, decay_steps=30, kl_schedule="constant")
+    assert [c.kl_weight(k) for k in (0, 10, 39, 40, 10_000)] == [0.5] * 5 and c.last_active_step is None
+    with pytest.raises(ConfigError, match="kl_schedule"):
+        LossConfig(kl_schedule="cosine")
 
 
 def test_schedule_and_config_load_from_dicts_and_reject_bad_values():
-    assert from_dict(LossConfig, {"w0": 1, "warmup_steps": 3}).kl_weight(3) == 1.0
+    loaded = from_dict(LossConfig, {"w0": 1, "warmup_steps": 3})
+    assert loaded.kl_weight(2) == 1.0 and loaded.kl_weight(3) == pytest.approx(29 / 30)
     cfg = from_dict(LossConfig, {"kl_clip": None, "mode": "random_spans"})
     assert cfg.kl_clip is None and cfg.mode == "random_spans"
     for cls, data, message in [(LossConfig, {"warmup_steps": -1}, "warmup_steps"),

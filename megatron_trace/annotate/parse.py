@@ -25,14 +25,17 @@ _SINGLE = re.compile(r"^\s*\[?\s*(?:segment\s*)?#?(\d{1,9})\s*\]?\s*$", re.IGNOR
 _LIST_KEYS = ("spans", "key_segments", "error_segments", "key_spans", "error_spans", "segments", "annotations")
 _SEG_KEYS = ("segments", "segment", "segment_range", "range", "indices", "index", "span", "ids", "id")
 _LABEL_KEYS = ("label", "diagnostic", "reason", "description", "type", "note")
+_TYPE_KEYS = ("type", "category", "kind")
 
 
 @dataclass
 class ParsedAnnotation:
-    """spans: (first_segment, last_segment, label), 1-based inclusive, in the annotator's order;
-    dropped: entries (or parts of entries) discarded; errors: why, for the log."""
+    """spans: (first_segment, last_segment, label), 1-based inclusive, in the annotator's order; types: the raw
+    coarse type of each span ("" when the entry has none), parallel to spans; dropped: entries (or parts of
+    entries) discarded; errors: why, for the log."""
 
     spans: list[tuple[int, int, str]] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
     dropped: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -75,7 +78,7 @@ def _read_items(items: list, num_segments: int) -> ParsedAnnotation:
             out.dropped += len(items) - n
             out.errors.append(f"more than {MAX_SPANS} spans; the rest dropped")
             break
-        ranges, label = _read_item(item)
+        ranges, label, kind = _read_item(item)
         if not ranges:
             out.dropped += 1
             out.errors.append(f"entry {n}: no segment numbers in {_short(item)}")
@@ -97,6 +100,7 @@ def _read_items(items: list, num_segments: int) -> ParsedAnnotation:
                 continue
             seen.add((first, last))
             out.spans.append((first, last, label))
+            out.types.append(kind)
     return out
 
 
@@ -217,20 +221,24 @@ def _ranges(x) -> list[tuple[int, int]]:
     return []
 
 
-def _read_item(item) -> tuple[list[tuple[int, int]], str]:
-    """(ranges, label) of one span entry."""
+def _read_item(item) -> tuple[list[tuple[int, int]], str, str]:
+    """(ranges, label, raw type) of one span entry."""
     if not isinstance(item, dict):
-        return _ranges(item), ""
-    label = ""
+        return _ranges(item), "", ""
+    label = kind = ""
     for key in _LABEL_KEYS:
         if isinstance(item.get(key), str):
             label = " ".join(item[key].split())[:MAX_LABEL_CHARS]
             break
+    for key in _TYPE_KEYS:
+        if isinstance(item.get(key), str):
+            kind = " ".join(item[key].split())[:MAX_LABEL_CHARS]
+            break
     for key in _SEG_KEYS:
         if key in item:
-            return _ranges(item[key]), label
+            return _ranges(item[key]), label, kind
     first = _as_int(item.get("start", item.get("first")))
     last = _as_int(item.get("end", item.get("last", item.get("start", item.get("first")))))
     if first is None or last is None:
-        return [], label
-    return [(first, last)], label
+        return [], label, kind
+    return [(first, last)], label, kind

@@ -38,7 +38,8 @@ class ReferenceMatchAnnotator:
     Correct response: key spans are the segments that state the gold answer (latest first), then other segments
     whose values all appear in the reference. Incorrect response: error spans are the segments stating a value
     absent from the reference and the problem (earliest first: the first wrong value is the one that matters).
-    At most `max_spans` spans per response; labels are generic (never span text).
+    At most `max_spans` spans per response; labels are generic (never span text); types are coarse
+    (annotate.labels defaults): "computation" for key spans, "arithmetic" for error spans.
     """
 
     def __init__(self, *, max_spans: int = 4):
@@ -53,8 +54,9 @@ class ReferenceMatchAnnotator:
         """Nothing to release."""
 
     def annotate(self, requests: Sequence[AnnotationRequest], golds: Sequence[str], *,
-                 max_spans: int | None = None) -> list[Annotation]:
-        """max_spans: at most this many spans per response (default: the constructor's)."""
+                 max_spans: int | None = None, taxonomy=None) -> list[Annotation]:
+        """max_spans: at most this many spans per response (default: the constructor's). taxonomy: ignored (the
+        types are fixed: "computation" for key spans, "arithmetic" for error spans)."""
         if len(golds) != len(requests):
             raise ValueError(f"{len(requests)} requests but {len(golds)} gold answers")
         limit = self.max_spans if max_spans is None else max_spans
@@ -85,4 +87,5 @@ class ReferenceMatchAnnotator:
             seg = by_index[index]
             out.char_spans.append((seg.start, seg.end))
             out.labels.append(label)
+            out.types.append("computation" if req.correct else "arithmetic")
         return out

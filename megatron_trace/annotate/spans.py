@@ -171,6 +171,16 @@ def spans_to_token_mask(
     return mask
 
 
+def spans_in_capped_mask(
+    offsets: Sequence[CharSpan], char_spans: Sequence[CharSpan], *, coverage_cap: float | None = 0.25
+) -> list[int]:
+    """Indices of the `char_spans` that survive the coverage cap: those with at least one token in
+    `spans_to_token_mask(offsets, char_spans, coverage_cap=...)`. Only these spans' types/labels may reach the
+    teacher (a dropped span's label would describe tokens the teacher never scores)."""
+    mask = spans_to_token_mask(offsets, char_spans, coverage_cap=coverage_cap)
+    return [k for k, span in enumerate(char_spans) if any(bool(mask[i]) for i in tokens_in_span(offsets, span))]
+
+
 def all_token_mask(length: int) -> torch.Tensor:
     """[L] bool, all True: the baseline that distils on every response token."""
     return torch.ones(length, dtype=torch.bool)

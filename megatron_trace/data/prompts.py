@@ -1,8 +1,9 @@
 """The student prompt and the teacher's privileged prompt, rendered with the model's chat template.
 
 The student sees the problem. The teacher (same network) sees the problem, the reference solution and the
-annotator's diagnostic labels, then the student's own response tokens. The privileged prompt is built from
-labels only: this module never receives the response, so span text cannot leak into it.
+annotator's coarse span types (or, for ablations, its free-text labels) -- key and error kinds under their own
+headings -- then the student's own response tokens. The privileged prompt is built from types/labels only: this
+module never receives the response, so span text cannot leak into it.
 """
 
 from __future__ import annotations
@@ -29,23 +30,30 @@ def privileged_messages(
     solution: str,
     labels: Sequence[str] = (),
     *,
+    error_labels: Sequence[str] = (),
+    key_types: Sequence[str] = (),
+    error_types: Sequence[str] = (),
     instruction: str = DEFAULT_INSTRUCTION,
     system_prompt: str | None = None,
 ) -> list[dict[str, str]]:
-    """Chat messages of the teacher's privileged prompt: problem + reference solution + diagnostic labels.
+    """Chat messages of the teacher's privileged prompt: problem + reference solution + span types or labels.
 
-    labels: the annotator's short diagnostic labels for this response (what kind of step is key / what kind of
-    mistake was made), never the span text. Empty labels are skipped; no labels gives no label section.
+    key_types / error_types: coarse types (annotate.labels) of the key spans of a correct response / the error
+    spans of an incorrect one, each under its own heading. labels / error_labels: free-text diagnostic labels of
+    key / error spans (label_mode free_text), never the span text. Empty entries are skipped; a section with
+    nothing in it is left out.
     """
     if not problem or not problem.strip():
         raise ValueError("privileged_messages: the problem text is empty")
     if not solution or not solution.strip():
         raise ValueError("privileged_messages: the reference solution is empty (the teacher needs one)")
-    clean = [" ".join(str(label).split()) for label in labels]
-    clean = [label for label in clean if label]
     parts = [problem.strip(), f"Here is a reference solution:\n{solution.strip()}"]
-    if clean:
-        parts.append("Points to get right:\n" + "\n".join(f"- {label}" for label in clean))
+    for heading, items in (("Kinds of key steps to get right", key_types), ("Kinds of errors to avoid", error_types),
+                           ("Points to get right", labels), ("Mistakes to avoid", error_labels)):
+        clean = [" ".join(str(item).split()) for item in items]
+        clean = [item for item in clean if item]
+        if clean:
+            parts.append(f"{heading}:\n" + "\n".join(f"- {item}" for item in clean))
     if instruction:
         parts.append(instruction)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []

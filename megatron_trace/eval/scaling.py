@@ -11,13 +11,14 @@ Grid YAML:
     overrides: [train.steps=40]                   # dotted overrides for every run
     models:                                       # name -> overrides of that model size
       tiny: {model.hf_config: tiny, parallel.tp: 2}
-    routes: [grpo, all_token_opd, random_spans, trace_fkl, trace_rkl]   # names of ROUTES, or {name: {overrides}}
+    routes: [grpo, trace_fkl, trace_rkl, trace_fkl_rkl, all_token_opd, random_spans]  # ROUTES names or {name: {...}}
     seeds: [1, 2, 3]
     slurm: {partition: gpu, time: "24:00:00", account: null, gpus_per_node: 8, extra: []}
 
-Routes (the paper's comparison): grpo (no distillation), all_token_opd (every token distilled: all-token
-self-OPD), random_spans (random spans of the annotator's coverage), trace_fkl (forward KL on key spans of correct
-responses), trace_rkl (trace_fkl plus reverse KL on error spans of incorrect responses).
+Routes (the paper's comparison): grpo (no distillation), trace_fkl (forward KL on key spans of correct
+responses), trace_rkl (reverse KL on error spans of incorrect responses alone: the paper's best 1.7B route),
+trace_fkl_rkl (both), all_token_opd (every token distilled with a constant lambda: all-token self-OPD, which never
+anneals to GRPO), random_spans (random spans of the annotator's coverage).
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ __all__ = ["ROUTES", "SERIES", "GridError", "Run", "Grid", "load_grid", "run_com
 
 ROUTES: dict[str, dict[str, Any]] = {
     "grpo": {"loss.mode": "grpo"},
-    "all_token_opd": {"loss.mode": "all_token_opd"},
-    "random_spans": {"loss.mode": "random_spans"},
     "trace_fkl": {"loss.mode": "trace", "annotate.spans.fkl": True, "annotate.spans.rkl": False},
-    "trace_rkl": {"loss.mode": "trace", "annotate.spans.fkl": True, "annotate.spans.rkl": True},
+    "trace_rkl": {"loss.mode": "trace", "annotate.spans.fkl": False, "annotate.spans.rkl": True},
+    "trace_fkl_rkl": {"loss.mode": "trace", "annotate.spans.fkl": True, "annotate.spans.rkl": True},
+    "all_token_opd": {"loss.mode": "all_token_opd", "loss.kl_schedule": "constant"},
+    "random_spans": {"loss.mode": "random_spans"},
 }
 
 # Plotted curves: figure name -> metrics.jsonl keys drawn in it (one line per route, per key).

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "dynamic_sampling_mask", "overlong_penalty", "clipped_surrogate", "token_mean"]
+__all__ = ["group_advantages", "dynamic_sampling_mask", "overlong_penalty", "clipped_surrogate", "token_mean",
+           "LOG_RATIO_BOUND", "bounded_log_ratio", "truncated_is_weights", "approx_kl_terms"]
+
+# |log rho| is clamped to this many nats before exp (verl's bound): exp(20) ~ 4.9e8 is finite in fp32/bf16, while an
+# unbounded log-ratio above ~88 nats overflows to inf and the loss or its gradient to inf/NaN.
+LOG_RATIO_BOUND = 20.0
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -85,7 +90,8 @@ def clipped_surrogate(logprob: torch.Tensor, old_logprob: torch.Tensor, advantag
     """Per-token clipped policy-gradient loss  l(t) = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A).
 
     logprob [T] (differentiable), old_logprob [T] (sampling policy, no grad), advantages [T] (each token carries
-    its response's advantage); rho = exp(logprob - old_logprob). Returns (per_token_loss [T], clipped_mask [T]
+    its response's advantage); rho = exp(clamp(logprob - old_logprob, +-LOG_RATIO_BOUND)) (a clamped token gets no
+    gradient through rho, as in verl). Returns (per_token_loss [T], clipped_mask [T]
     bool): clipped_mask marks tokens where the clipped branch is selected and differs from the unclipped one, so
     the token gets no gradient (the "clip fraction" numerator).
     """
@@ -96,11 +102,40 @@ def clipped_surrogate(logprob: torch.Tensor, old_logprob: torch.Tensor, advantag
             raise ValueError(f"{name} has shape {tuple(t.shape)}, logprob has {tuple(logprob.shape)}")
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
-    ratio = torch.exp(logprob - old_logprob.detach())
+    ratio = torch.exp(bounded_log_ratio(logprob, old_logprob.detach()))
     adv = advantages.detach().to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def bounded_log_ratio(logprob: torch.Tensor, old_logprob: torch.Tensor) -> torch.Tensor:
+    """log rho = logprob - old_logprob clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] nats; [T] like the inputs."""
+    return (logprob - old_logprob).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
+def truncated_is_weights(old_logprob: torch.Tensor, sampler_logprob: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights for the sampler/trainer mismatch: min(pi_old / pi_sampler, cap), [T], no grad.
+
+    old_logprob [T]: the trainer's log p_old (recomputed with the training engine); sampler_logprob [T]: the
+    rollout engine's log-probs of the same tokens. The per-token PG loss is multiplied by this weight (TIS, as
+    verl's `tis_imp_ratio_cap` and slime offer; the log-ratio is bounded like rho's before exp).
+    """
+    if old_logprob.shape != sampler_logprob.shape:
+        raise ValueError(f"old_logprob {tuple(old_logprob.shape)} and sampler_logprob "
+                         f"{tuple(sampler_logprob.shape)} differ in shape")
+    if not cap > 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    with torch.no_grad():
+        log_w = bounded_log_ratio(old_logprob.detach(), sampler_logprob.detach().to(old_logprob.dtype))
+        return torch.exp(log_w).clamp(max=cap)
+
+
+def approx_kl_terms(logprob: torch.Tensor, old_logprob: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi_old || pi) between the policy that sampled (old) and the current one: the k1
+    estimator old - new (its token mean is verl's `ppo_kl`), on the bounded log-ratio. [T], no grad."""
+    with torch.no_grad():
+        return -bounded_log_ratio(logprob.detach(), old_logprob.detach())
 
 
 def token_mean(per_token: torch.Tensor, mask: torch.Tensor, num_tokens: float | None = None) -> torch.Tensor:

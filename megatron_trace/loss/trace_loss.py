@@ -29,8 +29,9 @@ from typing import Literal, Optional
 import torch
 
 from megatron_trace.config_base import ConfigError
-from megatron_trace.loss.grpo import clipped_surrogate
+from megatron_trace.loss.grpo import approx_kl_terms, clipped_surrogate, truncated_is_weights
 from megatron_trace.loss.reductions import MAX, SUM, MeanOf, Reduction
+from megatron_trace.loss.schedule import kl_weight_at, last_active_step, pg_weight_on_kl_tokens
 from megatron_trace.loss.vocab_parallel import TokenStats
 from megatron_trace.routes import Route, routes_from_spans
 
@@ -46,9 +47,17 @@ class LossConfig:
     # trace: routed (annotator spans); all_token_opd: every token distilled (baseline); random_spans: random
     # spans of the annotator's coverage (baseline); grpo: no distillation at all.
     mode: Literal["trace", "all_token_opd", "random_spans", "grpo"] = "trace"
-    w0: float = 0.5  # initial KL weight lambda_0; span tokens keep GRPO weight (1 - lambda_k / w0); 0 = no KL
-    warmup_steps: int = 10  # lambda_k = w0 for these steps
-    decay_steps: int = 30  # then linearly to exactly 0 over these (0 = drop to 0 right after warm-up)
+    w0: float = 0.5  # initial KL weight lambda_0; 0 = no KL
+    warmup_steps: int = 10  # W: lambda_k = w0 for k < W
+    decay_steps: int = 30  # D: then lambda_k = w0 * max(0, 1 - (k - W + 1) / D), 0 from step W + D - 1 (D 0: at W)
+    # anneal: the schedule above; constant: lambda_k = w0 at every step (the KL channel never switches off)
+    kl_schedule: Literal["anneal", "constant"] = "anneal"
+    # PG weight on tokens that carry a KL row: anneal = 1 - lambda_k / w0 (TRACE), full = 1 (GRPO + KL), off = 0
+    # (pure distillation on those tokens). Tokens without a KL row always take PG weight 1 (loss/schedule.py).
+    pg_on_kl_tokens: Literal["anneal", "full", "off"] = "anneal"
+    # Truncated importance weights min(pi_old / pi_sampler, tis_cap) on the PG loss, correcting the sampler/trainer
+    # log-prob mismatch (verl's tis_imp_ratio_cap); None = off. Needs rollout.recompute_old_logprobs.
+    tis_cap: Optional[float] = None
     kl_clip: Optional[float] = 0.05  # per-vocab-entry clip c of the KL terms (nats); None = exact KL
     eps_low: float = 0.2  # PPO/GRPO clip range below 1: rho >= 1 - eps_low
     eps_high: float = 0.28  # and above 1 (DAPO clip-higher): rho <= 1 + eps_high
@@ -73,25 +82,23 @@ class LossConfig:
             raise ConfigError(f"kl_clip: must be > 0 or null, got {self.kl_clip!r}")
         if self.mode not in ("trace", "all_token_opd", "random_spans", "grpo"):
             raise ConfigError(f"mode: {self.mode!r} is not one of trace, all_token_opd, random_spans, grpo")
+        if self.kl_schedule not in ("anneal", "constant"):
+            raise ConfigError(f"kl_schedule: {self.kl_schedule!r} is not one of anneal, constant")
+        if self.pg_on_kl_tokens not in ("anneal", "full", "off"):
+            raise ConfigError(f"pg_on_kl_tokens: {self.pg_on_kl_tokens!r} is not one of anneal, full, off")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ConfigError(f"tis_cap: must be > 0 or null, got {self.tis_cap!r}")
 
     def kl_weight(self, step: int) -> float:
-        """lambda_k for 0-based training step `step`: w0 for the first `warmup_steps` steps, then linear to
-        exactly 0.0 over `decay_steps` steps, 0.0 afterwards. Paper defaults: 0.5, 10, 30."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if step < self.warmup_steps:
-            return float(self.w0)
-        into_decay = step - self.warmup_steps
-        if into_decay >= self.decay_steps:
-            return 0.0
-        return float(self.w0) * (self.decay_steps - into_decay) / self.decay_steps
+        """lambda_k for 0-based training step `step` (loss.schedule.kl_weight_at). Paper defaults: 0.5, 10, 30."""
+        return kl_weight_at(step, w0=self.w0, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps,
+                            kind=self.kl_schedule)
 
     @property
-    def last_active_step(self) -> int:
-        """Last step with lambda_k > 0 (-1 if none); from the next step on, annotation and teacher are skipped."""
-        if self.w0 == 0:
-            return -1
-        return self.warmup_steps + self.decay_steps - 1 if self.decay_steps else self.warmup_steps - 1
+    def last_active_step(self) -> int | None:
+        """Last step with lambda_k > 0 (-1 if none, None if never 0); after it annotation and teacher are skipped."""
+        return last_active_step(w0=self.w0, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps,
+                                kind=self.kl_schedule)
 
 
 def _check_1d(name: str, t: torch.Tensor, n: int) -> None:
@@ -109,7 +116,8 @@ class TraceLoss:
     reductions: dict[str, Reduction] = {
         **{k: SUM for k in ("tokens", "pg_tokens", "fkl_tokens", "rkl_tokens", "span_tokens", "clipped_tokens",
                             "loss", "pg_loss", "kl_loss", "kl_fkl_sum", "kl_rkl_sum", "entropy_sum",
-                            "entropy_pg_sum", "entropy_fkl_sum", "entropy_rkl_sum", "logprob_mismatch_sum")},
+                            "entropy_pg_sum", "entropy_fkl_sum", "entropy_rkl_sum", "logprob_mismatch_sum",
+                            "approx_kl_sum")},
         "kl_weight": MAX,
         "entropy": MeanOf("entropy_sum", "tokens"), "entropy_pg": MeanOf("entropy_pg_sum", "pg_tokens"),
         "entropy_fkl": MeanOf("entropy_fkl_sum", "fkl_tokens"), "entropy_rkl": MeanOf("entropy_rkl_sum", "rkl_tokens"),
@@ -117,6 +125,7 @@ class TraceLoss:
         "frac_pg": MeanOf("pg_tokens", "tokens"), "frac_fkl": MeanOf("fkl_tokens", "tokens"),
         "frac_rkl": MeanOf("rkl_tokens", "tokens"), "clip_frac": MeanOf("clipped_tokens", "tokens"),
         "logprob_mismatch": MeanOf("logprob_mismatch_sum", "tokens"),
+        "approx_kl": MeanOf("approx_kl_sum", "tokens"),
     }
 
     def __init__(self, cfg: LossConfig):
@@ -142,6 +151,8 @@ class TraceLoss:
         if logprob.dim() != 1:
             raise ValueError(f"stats.logprob must be [T], got shape {tuple(logprob.shape)}")
         T = logprob.shape[0]
+        if cfg.tis_cap is not None and sampler_logprob is None:
+            raise ValueError("cfg.tis_cap needs sampler_logprob (the rollout engine's log-probs)")
         sampler_logprob = old_logprob if sampler_logprob is None else sampler_logprob
         for name, t in (("stats.entropy", entropy), ("old_logprob", old_logprob), ("advantages", advantages),
                         ("routes", routes), ("response_index", response_index), ("loss_mask", loss_mask),
@@ -189,11 +200,13 @@ class TraceLoss:
         if n_tokens <= 0 or n_responses <= 0:
             raise ValueError(f"num_tokens and num_responses must be positive, got {n_tokens}, {n_responses}")
 
-        # GRPO on every response token, span tokens down-weighted by (1 - lambda_k / w0); with w0 = 0 there is no
-        # KL channel (lambda_k is always 0) and every token keeps weight 1.
+        # GRPO on every response token, span tokens weighted per loss.pg_on_kl_tokens (anneal: 1 - lambda_k / w0;
+        # with w0 = 0 there is no KL channel, lambda_k is always 0, and every token keeps weight 1).
         per_token, clipped = clipped_surrogate(logprob, old_logprob, advantages, eps_low=cfg.eps_low,
                                                eps_high=cfg.eps_high)
-        span_scale = 1.0 - kl_weight / cfg.w0 if kl_weight > 0 else 1.0
+        if cfg.tis_cap is not None:  # truncated importance weights for the sampler/trainer mismatch
+            per_token = per_token * truncated_is_weights(old_logprob, sampler_logprob, cfg.tis_cap)
+        span_scale = pg_weight_on_kl_tokens(kl_weight, cfg.w0, cfg.pg_on_kl_tokens)
         weight = torch.where(span, torch.full_like(mask, span_scale), torch.ones_like(mask)) * mask
         # where(), not a product, so garbage (even NaN) on masked-out positions cannot leak into the loss.
         pg_loss = torch.where(weight != 0, per_token * weight, torch.zeros_like(per_token)).sum() / n_tokens
@@ -226,6 +239,7 @@ class TraceLoss:
                 "entropy_sum": ent.sum(), "entropy_pg_sum": ent[pg_tokens].sum(),
                 "entropy_fkl_sum": ent[is_fkl].sum(), "entropy_rkl_sum": ent[is_rkl].sum(),
                 "logprob_mismatch_sum": (logprob.detach() - sampler_logprob).abs().sum(),
+                "approx_kl_sum": (approx_kl_terms(logprob, old_logprob) * mask).sum(),
             }
         return loss, metrics
 

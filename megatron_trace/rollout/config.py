@@ -86,10 +86,15 @@ class RolloutConfig:
     enable_sleep_mode: bool = EngineConfig.enable_sleep_mode
     weight_bucket_mb: float = 64.0  # weight sync bucket size: the bridge's peak extra memory
     recompute_old_logprobs: bool = True  # trainer recomputes log p_old (else the sampler's log-probs are used)
+    # Dynamic sampling (loss.dynamic_sampling) with refill: up to this many generate rounds per step, each on fresh
+    # prompts, until prompts_per_step groups with signal are collected (DAPO); 1 = no refill (the batch shrinks).
+    max_rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1 or self.group_size < 1:
             raise ConfigError("prompts_per_step and group_size must be >= 1")
+        if self.max_rounds < 1:
+            raise ConfigError(f"max_rounds: must be >= 1, got {self.max_rounds}")
         if self.max_response_tokens < 1:
             raise ConfigError(f"max_response_tokens: must be >= 1, got {self.max_response_tokens}")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:

@@ -201,7 +201,8 @@ class Trainer:
         from megatron_trace.train.experience import ExperienceMaker
 
         scorer = RewardScorer(cfg.reward.name, workers=cfg.reward.workers)
-        annotator = build_annotator(cfg.annotate, engine=engine, tokenizer=self.tokenizer) if cfg.distills else None
+        annotator = build_annotator(cfg.annotate, engine=engine, tokenizer=self.tokenizer,
+                                    max_model_len=cfg.rollout.max_model_len) if cfg.distills else None
         experience = ExperienceMaker(cfg, self.tokenizer, engine, scorer, annotator)
         self._closes(experience.close)
         if annotator is not None:
@@ -296,7 +297,8 @@ class Trainer:
         if self.is_driver:
             with self.timer("rollout"):
                 problems = self._next_problems(cfg.rollout.prompts_per_step)
-                batch = self.experience.make(problems, step=step, kl_weight=kl_weight, timer=self.timer)
+                batch = self.experience.make(problems, step=step, kl_weight=kl_weight, timer=self.timer,
+                                             next_problems=self._next_problems)
                 batch.data_position = self.data_position
         batch: RolloutBatch = self._broadcast(batch)
         self.data_position = batch.data_position
@@ -316,8 +318,37 @@ class Trainer:
         return metrics
 
     def update(self, samples: list[Sample], kl_weight: float) -> dict:
-        """One optimizer step on a rollout batch (collective; every rank passes the same global `samples`):
-        teacher pass (if any span), routed loss forward/backward, optimizer step. Returns global metrics."""
+        """The optimizer steps of one rollout batch (collective; every rank passes the same global `samples`).
+
+        optim.global_batch_size 0 and epochs 1: one step, log p_old = this forward's log-prob, detached (ratio 1).
+        Otherwise the batch is split into mini-batches (train.minibatch); before the first step one no-grad
+        forward per mini-batch gives log p_old (rollout.recompute_old_logprobs; else the sampler's), then each
+        epoch takes one optimizer step per mini-batch (teacher pass, routed loss, step), so from the second step
+        on the ratio differs from 1 and the PPO clip acts. Returns global metrics, `optimizer_steps` included.
+        """
+        from megatron_trace.train.minibatch import combine_step_metrics, minibatch_indices
+
+        o = self.cfg.optim
+        parts = minibatch_indices(len(samples), o.global_batch_size, seed=self.cfg.train.seed * 7_919 + self.step)
+        if len(parts) == 1 and o.epochs == 1:
+            metrics = self._step_minibatch(self._prepare_minibatch(samples, kl_weight), kl_weight)
+            metrics["optimizer_steps"] = 1.0
+        else:
+            prepared = [self._prepare_minibatch([samples[i] for i in part], kl_weight) for part in parts]
+            if self.cfg.rollout.recompute_old_logprobs:
+                with self.timer("old_logprobs"):
+                    for prep in prepared:
+                        self._store_old_logprobs(prep)
+            steps = [self._step_minibatch(prep, kl_weight) for _ in range(o.epochs) for prep in prepared]
+            metrics = combine_step_metrics(steps, TraceLoss.reductions, epochs=o.epochs)
+        # one exposure update per rollout batch (lambda_k is a per-rollout-step quantity)
+        if metrics["tokens"] > 0:
+            self.exposure.update(kl_weight if metrics["kl_active"] else 0.0, metrics["span_tokens"],
+                                 metrics["tokens"])
+        return metrics
+
+    def _prepare_minibatch(self, samples: list[Sample], kl_weight: float) -> dict:
+        """This rank's micro-batches of one mini-batch plus what its steps need (global counts, lengths)."""
         cfg = self.cfg
         lay = self.layout
         seq_length = padded_length(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
@@ -329,6 +360,35 @@ class Trainer:
         local = split_for_data_parallel(samples, lay.dp, lay.dp_rank)
         mbs = build_microbatches(local, micro_batch_size=cfg.optim.micro_batch_size, seq_length=seq_length,
                                  teacher_seq_length=teacher_seq, pad_id=self.pad_id)
+        return {"mbs": mbs, "seq_length": seq_length, "teacher_seq": teacher_seq, "with_teacher": with_teacher,
+                "num_tokens": float(sum(len(s.response_ids) for s in samples)),
+                "num_responses": float(len(samples))}
+
+    def _store_old_logprobs(self, prep: dict) -> None:
+        """No-grad forward of the current (pre-update) weights: mb["old_logprobs"] [T] on each micro-batch of
+        the last pipeline stage (the only one that computes the loss)."""
+        tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
+
+        def logprobs(logits: torch.Tensor, mb: dict):
+            rows = mb["rows"]
+            if rows.numel() == 0:
+                return logits.sum() * 0.0, logits.new_zeros(0)
+            stats = token_stats(self._rows(logits, rows), mb["targets"], vocab_start=self.vocab_start,
+                                group=tp_group)
+            return logits.sum() * 0.0, stats.logprob.detach().float().cpu()
+
+        with torch.no_grad():
+            out = forward_backward(self.model, prep["mbs"], logprobs, seq_length=prep["seq_length"],
+                                   micro_batch_size=self.cfg.optim.micro_batch_size, forward_only=True)
+        for mb, lp in zip(prep["mbs"], out):
+            mb["old_logprobs"] = lp
+
+    def _step_minibatch(self, prep: dict, kl_weight: float) -> dict:
+        """Teacher pass (if any span), routed loss forward/backward and one optimizer step on a prepared
+        mini-batch. Returns global metrics."""
+        cfg = self.cfg
+        mbs, seq_length, teacher_seq = prep["mbs"], prep["seq_length"], prep["teacher_seq"]
+        with_teacher = prep["with_teacher"]
         prepare = None
         if with_teacher:
             self.teacher.maybe_refresh(self.step)
@@ -339,13 +399,11 @@ class Trainer:
                             group, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
                         if logits is not None:
                             mb["teacher_logits"] = self._mask_vocab_padding(logits)
-        num_tokens = float(sum(len(s.response_ids) for s in samples))
-        loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, num_tokens,
-                                       float(len(samples)))
+        loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, prep["num_tokens"],
+                                       prep["num_responses"])
         metrics = self._forward_backward_step(mbs, loss_fn, TraceLoss.reductions, seq_length, prepare=prepare,
                                               group_size=cfg.teacher.microbatches_per_pass)
-        if metrics["tokens"] > 0:
-            self.exposure.update(kl_weight if with_teacher else 0.0, metrics["span_tokens"], metrics["tokens"])
+        metrics["kl_active"] = 1.0 if with_teacher else 0.0
         return metrics
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
@@ -374,8 +432,12 @@ class Trainer:
                                 kl_rows=mb["kl_rows"] if use_kl else None,
                                 kl_reverse=mb["kl_reverse"] if use_kl else None, kl_clip=kl_clip)
             # One update per rollout batch: the trainer's recomputed log p_old is this very forward's log-prob
-            # under unchanged weights, detached (no second pass needed).
-            old = stats.logprob.detach() if recompute_old else mb["sampler_logprobs"]
+            # under unchanged weights, detached (no second pass needed); with several optimizer steps per batch,
+            # log p_old comes from the no-grad forward before the first.
+            if "old_logprobs" in mb:
+                old = mb["old_logprobs"]
+            else:
+                old = stats.logprob.detach() if recompute_old else mb["sampler_logprobs"]
             routes = mb["routes"] if use_kl else torch.full_like(mb["routes"], int(Route.PG))
             kl_rows = mb["kl_rows"] if use_kl else mb["kl_rows"][:0]
             return self.loss(stats, old_logprob=old, advantages=mb["advantages"], routes=routes,
