@@ -1,6 +1,6 @@
 """The teacher-informativeness probe against a scripted engine: it samples the step's first `probe_problems`
 problems from the privileged prompt (exactly the token ids the teacher reads, no labels), through the engine that
-made the step's rollouts, with its own seed, scores them with the run's reward, and reports the teacher's and the
+made the step's rollouts, unseeded, scores them with the run's reward, and reports the teacher's and the
 student's pass rates on the same problems (hand-counted below)."""
 
 from __future__ import annotations
@@ -89,10 +89,8 @@ def test_probe_reports_the_teacher_and_student_pass_rates_on_the_same_problems(s
     assert probe_prompts[0] != rollout_prompts[0]
     assert probe_sampling.n == G and probe_sampling.max_tokens == rollout_sampling.max_tokens
     assert probe_sampling.temperature == rollout_sampling.temperature == 1.0
-    assert probe_sampling.seed is not None and probe_sampling.seed != rollout_sampling.seed
-    # reproducible: the same step draws the same probe seed
-    probe_teacher(maker, problems, step=10)
-    assert engine.calls[-1][1].seed == probe_sampling.seed
+    # unseeded (vLLM's CPU build fails seeded chunked prefills); the rollout keeps its per-step seed
+    assert probe_sampling.seed is None and rollout_sampling.seed == 11 * 100_003 + 10
 
 
 def test_probe_asks_for_no_more_problems_than_the_step_has(setup):

@@ -64,11 +64,13 @@ def probe_teacher(maker, problems: Sequence[Problem], *, step: int) -> dict[str,
     if len(student) != k * G:
         raise RuntimeError(f"probe_teacher: the step scored {len(maker.last_scores)} responses, expected at least "
                            f"{k} problems x {G}; call it right after ExperienceMaker.make on the same problems")
-    # Its own seed, disjoint from the rollout's (train.seed * 100_003 + step): the probe must not replay the
-    # student's random draws, and the same run reproduces the same probe.
+    # Unseeded (the engine's own generator): vLLM's CPU build fails seeded requests whose prefill it chunks
+    # ("CPU Generator does not use offset", HTTP 409 from the server), which 64 privileged prompts of ~130 tokens
+    # trigger. The rollouts stay seeded per request, so the probe never moves the training run's samples; the
+    # probe's own draws are not reproducible.
     sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_response_tokens, n=G,
-                              seed=cfg.train.seed * 100_019 + 7_919 + step, logprobs=False)
+                              seed=None, logprobs=False)
     rate = teacher_pass_rate(maker.engine, maker.scorer, [maker.teacher_prompt(p, ()) for p in probed],
                              [p.answer for p in probed], sampling,
                              decode=lambda ids: maker.tokenizer.decode(ids, skip_special_tokens=True),
