@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from megatron_trace.eval.scaling import collect, load_grid
+from megatron_trace.eval.scaling import GridError, collect, load_grid, sbatch_script
 from megatron_trace.eval.stats import curve_auc, mean_ci, paired_difference, t_quantile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,3 +145,39 @@ def test_collect_computes_curves_auc_and_paired_differences_on_synthetic_runs(tm
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| trace_fkl | 3 | 0.4333 [" in md and "| +0.1333 [+0.0616, +0.2050] | yes |" in md
     assert "| random_spans | 2 | 0.3000 [" in md and "| grpo | 3 | 0.3000 [0.0849, 0.5151] | (baseline) |" in md
+
+
+# Keys the grid's arms use that come with the RL-core fidelity work (issue 14); checked once the trainer has them.
+ISSUE14_KEYS = ("loss.kl_schedule", "loss.pg_on_kl_tokens")
+
+
+def test_the_shipped_tiny_cpu_grid_runs_six_arms_x_three_seeds_from_one_warm_start():
+    from megatron_trace.config import load_config
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the grid's paths are relative to the repository root
+    try:
+        grid = load_grid("docs/scaling_grids/tiny_cpu.yaml")
+    finally:
+        os.chdir(cwd)
+    arms = ["grpo", "trace_fkl", "trace_rkl", "trace_fkl_rkl", "all_token_opd", "random_spans"]
+    assert [r.name for r in grid.runs] == [f"tiny/{a}/seed{s}" for a in arms for s in (1, 2, 3)]
+    warm = grid.warm_start
+    assert warm is not None and warm.name == "warm_start" and grid.warm_start_config.endswith("tiny_cpu_sft.yaml")
+    load = f"model.load={warm.output_dir}/checkpoints"
+    by = {r.name: r for r in grid.runs}
+    for run in grid.runs:  # same warm-start, steps and probe for every arm
+        assert load in run.overrides and "train.steps=40" in run.overrides and "teacher.probe_every=5" in run.overrides
+    assert {"annotate.spans.fkl=false", "annotate.spans.rkl=true"} <= set(by["tiny/trace_rkl/seed1"].overrides)
+    assert {"loss.mode=all_token_opd", "loss.kl_schedule=constant"} <= set(by["tiny/all_token_opd/seed2"].overrides)
+    assert {"loss.mode=random_spans", "annotate.spans.rkl=true"} <= set(by["tiny/random_spans/seed3"].overrides)
+    # every override is accepted by the trainer's config loader (the issue-14 keys once the trainer has them)
+    base = load_config(os.path.join(ROOT, grid.base_config))
+    pending = {k for k in ISSUE14_KEYS if not hasattr(getattr(base, k.split(".")[0]), k.split(".")[1])}
+    load_config(os.path.join(ROOT, grid.warm_start_config), warm.overrides)
+    for run in grid.runs:
+        cfg = load_config(os.path.join(ROOT, grid.base_config),
+                          [o for o in run.overrides if o.split("=", 1)[0] not in pending])
+        assert cfg.train.seed == run.seed and cfg.teacher.probe_problems == 8
+    with pytest.raises(GridError, match="warm_start"):  # Slurm arrays have no "run this first"
+        sbatch_script(grid)

@@ -14,6 +14,8 @@ Grid YAML:
     routes: [grpo, all_token_opd, random_spans, trace_fkl, trace_rkl]   # names of ROUTES, or {name: {overrides}}
     seeds: [1, 2, 3]
     slurm: {partition: gpu, time: "24:00:00", account: null, gpus_per_node: 8, extra: []}
+    warm_start: {config: examples/configs/tiny_cpu_sft.yaml, overrides: [parallel.tp=2]}  # optional: one shared
+        # warm-start run first (OUTPUT/warm_start), every run then loads its checkpoint (run/print only, not sbatch)
 
 Routes (the paper's comparison): grpo (no distillation), all_token_opd (every token distilled: all-token
 self-OPD), random_spans (random spans of the annotator's coverage), trace_fkl (forward KL on key spans of correct
@@ -74,10 +76,11 @@ class Run:
     seed: int
     output_dir: str
     overrides: list[str]  # dotted k=v, in order (later wins)
+    label: str | None = None  # the name shown instead of model/route/seed (the warm-start)
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.route}/seed{self.seed}"
+        return self.label or f"{self.model}/{self.route}/seed{self.seed}"
 
 
 @dataclass
@@ -89,6 +92,10 @@ class Grid:
     nnodes: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
+    # The shared warm-start (grid key `warm_start`): run once before every other run, which all load its
+    # checkpoint (model.load=<its output_dir>/checkpoints); None without one.
+    warm_start: Run | None = None
+    warm_start_config: str | None = None
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -118,7 +125,8 @@ def load_grid(path: str, *, output_dir: str | None = None) -> Grid:
         doc = yaml.safe_load(f) or {}
     if not isinstance(doc, dict):
         raise GridError(f"{path}: expected a mapping at the top level")
-    known = {"base_config", "output_dir", "nproc_per_node", "nnodes", "overrides", "models", "routes", "seeds", "slurm"}
+    known = {"base_config", "output_dir", "nproc_per_node", "nnodes", "overrides", "models", "routes", "seeds", "slurm",
+             "warm_start"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise GridError(f"{path}: unknown keys {unknown} (valid: {sorted(known)})")
@@ -146,6 +154,20 @@ def load_grid(path: str, *, output_dir: str | None = None) -> Grid:
     seeds = doc.get("seeds") or [1234]
     if not all(isinstance(s, int) for s in seeds):
         raise GridError(f"{path}: seeds must be integers, got {seeds}")
+    warm, warm_config = None, None
+    if doc.get("warm_start") is not None:
+        ws = doc["warm_start"]
+        if not isinstance(ws, dict) or not set(ws) <= {"config", "overrides"}:
+            raise GridError(f"{path}: warm_start must be a mapping with `config` (a trainer YAML) and optional "
+                            "`overrides`")
+        warm_config = ws.get("config")
+        if not warm_config or not os.path.isfile(warm_config):
+            raise GridError(f"{path}: warm_start.config {warm_config!r} is not a file")
+        warm_dir = os.path.join(out, "warm_start")
+        warm = Run("warm_start", "warm_start", 0, warm_dir,
+                   _as_overrides("warm_start.overrides", ws.get("overrides")) + [f"logging.output_dir={warm_dir}"],
+                   label="warm_start")
+        common = common + [f"model.load={os.path.join(warm_dir, 'checkpoints')}"]
     runs = []
     for model, mspec in models.items():
         for route, rover in routes.items():
@@ -157,7 +179,8 @@ def load_grid(path: str, *, output_dir: str | None = None) -> Grid:
     nproc, nnodes = int(doc.get("nproc_per_node", 1)), int(doc.get("nnodes", 1))
     if nproc < 1 or nnodes < 1:
         raise GridError(f"{path}: nproc_per_node and nnodes must be >= 1")
-    return Grid(base, out, runs, nproc, nnodes, dict(doc.get("slurm") or {}))
+    return Grid(base, out, runs, nproc, nnodes, dict(doc.get("slurm") or {}), warm_start=warm,
+                warm_start_config=warm_config)
 
 
 def run_command(grid: Grid, run: Run, *, master_port: int | None = None, multinode: bool = False) -> list[str]:
@@ -170,7 +193,8 @@ def run_command(grid: Grid, run: Run, *, master_port: int | None = None, multino
         cmd += ["--master-port", str(master_port)]
     else:
         cmd += ["--standalone"]
-    return cmd + ["-m", "megatron_trace.train", "--config", grid.base_config, *run.overrides]
+    config = grid.warm_start_config if run is grid.warm_start else grid.base_config
+    return cmd + ["-m", "megatron_trace.train", "--config", config, *run.overrides]
 
 
 def shell_join(argv: list[str]) -> str:
@@ -180,6 +204,9 @@ def shell_join(argv: list[str]) -> str:
 
 def sbatch_script(grid: Grid) -> str:
     """A Slurm array script: task i runs grid.runs[i] on `nnodes` nodes (one srun task per node, torchrun inside)."""
+    if grid.warm_start is not None:
+        raise GridError("sbatch: this grid has a warm_start; run it first (`scaling.py print` shows its command), "
+                        "then drop the warm_start key and add its model.load to overrides")
     s = grid.slurm
     lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={s.get('job_name', 'trace-scaling')}",
              f"#SBATCH --nodes={grid.nnodes}", "#SBATCH --ntasks-per-node=1",
@@ -203,29 +230,39 @@ def sbatch_script(grid: Grid) -> str:
 
 
 def run_local(grid: Grid, *, steps_done_ok: bool = True, env: dict | None = None, log=print) -> list[tuple[Run, int]]:
-    """Run every run here, one after another; each one's output goes to <run dir>/train.log. A run whose
-    metrics.jsonl already reaches the configured last step is skipped when steps_done_ok. Returns (run, rc)."""
+    """Run every run here, one after another (the grid's warm-start first, if any); each one's output goes to
+    <run dir>/train.log and its wall-clock seconds are logged. A run whose metrics.jsonl already reaches the
+    configured last step is skipped when steps_done_ok. Returns (run, rc); a failed warm-start stops the grid."""
+    import time
+
     results = []
-    for i, run in enumerate(grid.runs):
+    todo = ([grid.warm_start] if grid.warm_start is not None else []) + grid.runs
+    t_grid = time.perf_counter()
+    for i, run in enumerate(todo):
         os.makedirs(run.output_dir, exist_ok=True)
         if steps_done_ok and _finished(grid, run):
-            log(f"[{i + 1}/{len(grid.runs)}] {run.name}: already complete, skipped")
+            log(f"[{i + 1}/{len(todo)}] {run.name}: already complete, skipped")
             results.append((run, 0))
             continue
         cmd = run_command(grid, run)
-        log(f"[{i + 1}/{len(grid.runs)}] {run.name}: {shell_join(cmd)}")
+        log(f"[{i + 1}/{len(todo)}] {run.name}: {shell_join(cmd)}")
+        t0 = time.perf_counter()
         with open(os.path.join(run.output_dir, "train.log"), "w") as out:
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        if rc:
-            log(f"  failed (exit {rc}); see {os.path.join(run.output_dir, 'train.log')}")
+        log(f"  {'failed (exit ' + str(rc) + ')' if rc else 'done'} in {time.perf_counter() - t0:.0f} s"
+            + (f"; see {os.path.join(run.output_dir, 'train.log')}" if rc else ""))
         results.append((run, rc))
+        if rc and run is grid.warm_start:
+            break
+    log(f"grid: {len(results)} run(s) in {time.perf_counter() - t_grid:.0f} s")
     return results
 
 
 def _finished(grid: Grid, run: Run) -> bool:
     from megatron_trace.config import load_config
 
-    steps = load_config(grid.base_config, run.overrides).train.steps
+    config = grid.warm_start_config if run is grid.warm_start else grid.base_config
+    steps = load_config(config, run.overrides).train.steps
     rows = read_metrics(os.path.join(run.output_dir, "metrics.jsonl"))
     return bool(rows) and rows[-1].get("step", -1) >= steps - 1
 
