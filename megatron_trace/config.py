@@ -71,12 +71,21 @@ class TeacherConfig:
     # group followed by its student forward/backward; 0 = the whole local batch at once (fewest pipeline
     # flushes under PP, most memory).
     microbatches_per_pass: int = 4
+    # Teacher informativeness probe (train/teacher_probe.py): every probe_every steps (0 = off) the first
+    # probe_problems problems of the step are sampled again from the privileged prompt (group_size responses
+    # each, same engine and weights) and scored: teacher_pass_rate beside the student's pass rate on them.
+    probe_every: int = 0
+    probe_problems: int = 8
 
     def __post_init__(self) -> None:
         if self.refresh_steps < 1:
             raise ConfigError(f"refresh_steps: must be >= 1, got {self.refresh_steps}")
         if self.microbatches_per_pass < 0:
             raise ConfigError(f"microbatches_per_pass: must be >= 0, got {self.microbatches_per_pass}")
+        if self.probe_every < 0:
+            raise ConfigError(f"probe_every: must be >= 0 (0 = off), got {self.probe_every}")
+        if self.probe_problems < 1:
+            raise ConfigError(f"probe_problems: must be >= 1, got {self.probe_problems}")
 
 
 @dataclass

@@ -25,7 +25,8 @@ base_config: {ROOT}/examples/configs/tiny_cpu.yaml
 output_dir: {tmp_path}/out
 nproc_per_node: 1
 overrides: [train.steps=2, rollout.engine=inprocess, rollout.prompts_per_step=2, rollout.group_size=2,
-            rollout.max_response_tokens=16, optim.micro_batch_size=4, logging.tensorboard=false]
+            rollout.max_response_tokens=16, optim.micro_batch_size=4, logging.tensorboard=false,
+            teacher.probe_every=1, teacher.probe_problems=1]
 models:
   tiny: {{model.hf_config: tiny-bpe4k, parallel.tp: 1}}
 routes: {routes}

@@ -4,7 +4,9 @@
     python tools/scaling.py print   docs/scaling_grids/tiny_cpu.yaml     # the torchrun command of every run
     python tools/scaling.py run     docs/scaling_grids/tiny_cpu.yaml     # run them here, one after another
     python tools/scaling.py sbatch  docs/scaling_grids/qwen3.yaml --script runs/scaling/grid.sbatch
-    python tools/scaling.py collect docs/scaling_grids/tiny_cpu.yaml     # PNG curves + summary.md per route
+    python tools/scaling.py collect docs/scaling_grids/tiny_cpu.yaml     # PNG curves (mean, 95% interval over
+                                                                         # seeds) + reward AUC table with paired
+                                                                         # differences against GRPO: summary.md
 
 The grid format is documented in megatron_trace/eval/scaling.py and docs/scaling.md.
 """
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
         print(f"scaling: error: {e}", file=sys.stderr)
         return 2
     if args.command == "print":
-        for run in grid.runs:
+        for run in ([grid.warm_start] if grid.warm_start is not None else []) + grid.runs:
             print(f"# {run.name}\n{shell_join(run_command(grid, run, multinode=grid.nnodes > 1))}")
         return 0
     if args.command == "run":
@@ -51,8 +53,13 @@ def main(argv=None) -> int:
     if args.command == "sbatch":
         script = args.script or os.path.join(grid.output_dir, "grid.sbatch")
         os.makedirs(os.path.dirname(os.path.abspath(script)), exist_ok=True)
+        try:
+            text = sbatch_script(grid)
+        except GridError as e:
+            print(f"scaling: error: {e}", file=sys.stderr)
+            return 2
         with open(script + ".tmp", "w") as f:
-            f.write(sbatch_script(grid))
+            f.write(text)
         os.replace(script + ".tmp", script)
         print(f"wrote {script} ({len(grid.runs)} array tasks)")
         if args.submit:

@@ -14,6 +14,8 @@ Grid YAML:
     routes: [grpo, trace_fkl, trace_rkl, trace_fkl_rkl, all_token_opd, random_spans]  # ROUTES names or {name: {...}}
     seeds: [1, 2, 3]
     slurm: {partition: gpu, time: "24:00:00", account: null, gpus_per_node: 8, extra: []}
+    warm_start: {config: examples/configs/tiny_cpu_sft.yaml, overrides: [parallel.tp=2]}  # optional: one shared
+        # warm-start run first (OUTPUT/warm_start), every run then loads its checkpoint (run/print only, not sbatch)
 
 Routes (the paper's comparison): grpo (no distillation), trace_fkl (forward KL on key spans of correct
 responses), trace_rkl (reverse KL on error spans of incorrect responses alone: the paper's best 1.7B route),
@@ -30,10 +32,12 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-__all__ = ["ROUTES", "SERIES", "GridError", "Run", "Grid", "load_grid", "run_command", "shell_join",
-           "sbatch_script", "run_local", "read_metrics", "collect"]
+from megatron_trace.eval.stats import curve_auc, mean_ci, paired_difference
+
+__all__ = ["ROUTES", "SERIES", "ROUTE_SERIES", "GridError", "Run", "Grid", "load_grid", "run_command",
+           "shell_join", "sbatch_script", "run_local", "read_metrics", "curve", "reward_auc_table", "collect"]
 
 ROUTES: dict[str, dict[str, Any]] = {
     "grpo": {"loss.mode": "grpo"},
@@ -44,14 +48,23 @@ ROUTES: dict[str, dict[str, Any]] = {
     "random_spans": {"loss.mode": "random_spans"},
 }
 
-# Plotted curves: figure name -> metrics.jsonl keys drawn in it (one line per route, per key).
+# Plotted curves: figure name -> metrics.jsonl keys drawn in it (one line per route, per key). The teacher probe
+# (teacher.probe_every) logs its two keys on probe steps only; their curves have points on those steps.
 SERIES: dict[str, list[str]] = {
     "accuracy": ["reward_mean", "pass_rate"],
+    "teacher": ["teacher_pass_rate", "teacher_probe_student_pass_rate"],
     "entropy": ["entropy"],
     "response_length": ["response_len"],
     "kl": ["kl_fkl", "kl_rkl"],
     "exposure": ["exposure"],
 }
+# The student's entropy on each route's tokens: a step where the route has no token has no value (the trainer
+# logs 0 there), so these curves only have points on steps whose count key is > 0.
+ROUTE_SERIES: dict[str, list[str]] = {"route_entropy": ["entropy_pg", "entropy_fkl", "entropy_rkl"]}
+ROUTE_COUNT: dict[str, str] = {"entropy_pg": "pg_tokens", "entropy_fkl": "fkl_tokens", "entropy_rkl": "rkl_tokens"}
+# The reward AUC table compares every arm with this one, seed by seed, when the grid has it.
+BASELINE_ROUTE = "grpo"
+AUC_KEY = "reward_mean"
 
 
 class GridError(ValueError):
@@ -65,10 +78,11 @@ class Run:
     seed: int
     output_dir: str
     overrides: list[str]  # dotted k=v, in order (later wins)
+    label: str | None = None  # the name shown instead of model/route/seed (the warm-start)
 
     @property
     def name(self) -> str:
-        return f"{self.model}/{self.route}/seed{self.seed}"
+        return self.label or f"{self.model}/{self.route}/seed{self.seed}"
 
 
 @dataclass
@@ -80,6 +94,10 @@ class Grid:
     nnodes: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)
     python: str = sys.executable
+    # The shared warm-start (grid key `warm_start`): run once before every other run, which all load its
+    # checkpoint (model.load=<its output_dir>/checkpoints); None without one.
+    warm_start: Run | None = None
+    warm_start_config: str | None = None
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -109,7 +127,8 @@ def load_grid(path: str, *, output_dir: str | None = None) -> Grid:
         doc = yaml.safe_load(f) or {}
     if not isinstance(doc, dict):
         raise GridError(f"{path}: expected a mapping at the top level")
-    known = {"base_config", "output_dir", "nproc_per_node", "nnodes", "overrides", "models", "routes", "seeds", "slurm"}
+    known = {"base_config", "output_dir", "nproc_per_node", "nnodes", "overrides", "models", "routes", "seeds", "slurm",
+             "warm_start"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise GridError(f"{path}: unknown keys {unknown} (valid: {sorted(known)})")
@@ -137,6 +156,20 @@ def load_grid(path: str, *, output_dir: str | None = None) -> Grid:
     seeds = doc.get("seeds") or [1234]
     if not all(isinstance(s, int) for s in seeds):
         raise GridError(f"{path}: seeds must be integers, got {seeds}")
+    warm, warm_config = None, None
+    if doc.get("warm_start") is not None:
+        ws = doc["warm_start"]
+        if not isinstance(ws, dict) or not set(ws) <= {"config", "overrides"}:
+            raise GridError(f"{path}: warm_start must be a mapping with `config` (a trainer YAML) and optional "
+                            "`overrides`")
+        warm_config = ws.get("config")
+        if not warm_config or not os.path.isfile(warm_config):
+            raise GridError(f"{path}: warm_start.config {warm_config!r} is not a file")
+        warm_dir = os.path.join(out, "warm_start")
+        warm = Run("warm_start", "warm_start", 0, warm_dir,
+                   _as_overrides("warm_start.overrides", ws.get("overrides")) + [f"logging.output_dir={warm_dir}"],
+                   label="warm_start")
+        common = common + [f"model.load={os.path.join(warm_dir, 'checkpoints')}"]
     runs = []
     for model, mspec in models.items():
         for route, rover in routes.items():
@@ -148,7 +181,8 @@ def load_grid(path: str, *, output_dir: str | None = None) -> Grid:
     nproc, nnodes = int(doc.get("nproc_per_node", 1)), int(doc.get("nnodes", 1))
     if nproc < 1 or nnodes < 1:
         raise GridError(f"{path}: nproc_per_node and nnodes must be >= 1")
-    return Grid(base, out, runs, nproc, nnodes, dict(doc.get("slurm") or {}))
+    return Grid(base, out, runs, nproc, nnodes, dict(doc.get("slurm") or {}), warm_start=warm,
+                warm_start_config=warm_config)
 
 
 def run_command(grid: Grid, run: Run, *, master_port: int | None = None, multinode: bool = False) -> list[str]:
@@ -161,7 +195,8 @@ def run_command(grid: Grid, run: Run, *, master_port: int | None = None, multino
         cmd += ["--master-port", str(master_port)]
     else:
         cmd += ["--standalone"]
-    return cmd + ["-m", "megatron_trace.train", "--config", grid.base_config, *run.overrides]
+    config = grid.warm_start_config if run is grid.warm_start else grid.base_config
+    return cmd + ["-m", "megatron_trace.train", "--config", config, *run.overrides]
 
 
 def shell_join(argv: list[str]) -> str:
@@ -171,6 +206,9 @@ def shell_join(argv: list[str]) -> str:
 
 def sbatch_script(grid: Grid) -> str:
     """A Slurm array script: task i runs grid.runs[i] on `nnodes` nodes (one srun task per node, torchrun inside)."""
+    if grid.warm_start is not None:
+        raise GridError("sbatch: this grid has a warm_start; run it first (`scaling.py print` shows its command), "
+                        "then drop the warm_start key and add its model.load to overrides")
     s = grid.slurm
     lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={s.get('job_name', 'trace-scaling')}",
              f"#SBATCH --nodes={grid.nnodes}", "#SBATCH --ntasks-per-node=1",
@@ -194,29 +232,39 @@ def sbatch_script(grid: Grid) -> str:
 
 
 def run_local(grid: Grid, *, steps_done_ok: bool = True, env: dict | None = None, log=print) -> list[tuple[Run, int]]:
-    """Run every run here, one after another; each one's output goes to <run dir>/train.log. A run whose
-    metrics.jsonl already reaches the configured last step is skipped when steps_done_ok. Returns (run, rc)."""
+    """Run every run here, one after another (the grid's warm-start first, if any); each one's output goes to
+    <run dir>/train.log and its wall-clock seconds are logged. A run whose metrics.jsonl already reaches the
+    configured last step is skipped when steps_done_ok. Returns (run, rc); a failed warm-start stops the grid."""
+    import time
+
     results = []
-    for i, run in enumerate(grid.runs):
+    todo = ([grid.warm_start] if grid.warm_start is not None else []) + grid.runs
+    t_grid = time.perf_counter()
+    for i, run in enumerate(todo):
         os.makedirs(run.output_dir, exist_ok=True)
         if steps_done_ok and _finished(grid, run):
-            log(f"[{i + 1}/{len(grid.runs)}] {run.name}: already complete, skipped")
+            log(f"[{i + 1}/{len(todo)}] {run.name}: already complete, skipped")
             results.append((run, 0))
             continue
         cmd = run_command(grid, run)
-        log(f"[{i + 1}/{len(grid.runs)}] {run.name}: {shell_join(cmd)}")
+        log(f"[{i + 1}/{len(todo)}] {run.name}: {shell_join(cmd)}")
+        t0 = time.perf_counter()
         with open(os.path.join(run.output_dir, "train.log"), "w") as out:
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        if rc:
-            log(f"  failed (exit {rc}); see {os.path.join(run.output_dir, 'train.log')}")
+        log(f"  {'failed (exit ' + str(rc) + ')' if rc else 'done'} in {time.perf_counter() - t0:.0f} s"
+            + (f"; see {os.path.join(run.output_dir, 'train.log')}" if rc else ""))
         results.append((run, rc))
+        if rc and run is grid.warm_start:
+            break
+    log(f"grid: {len(results)} run(s) in {time.perf_counter() - t_grid:.0f} s")
     return results
 
 
 def _finished(grid: Grid, run: Run) -> bool:
     from megatron_trace.config import load_config
 
-    steps = load_config(grid.base_config, run.overrides).train.steps
+    config = grid.warm_start_config if run is grid.warm_start else grid.base_config
+    steps = load_config(config, run.overrides).train.steps
     rows = read_metrics(os.path.join(run.output_dir, "metrics.jsonl"))
     return bool(rows) and rows[-1].get("step", -1) >= steps - 1
 
@@ -237,24 +285,96 @@ def read_metrics(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _mean_curve(runs_rows: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    """Per step: mean, min, max of `key` over the seeds that logged it."""
-    steps = sorted({r["step"] for rows in runs_rows for r in rows if key in r})
-    mean, lo, hi = [], [], []
-    for s in steps:
-        vals = [r[key] for rows in runs_rows for r in rows if r["step"] == s and key in r
-                and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
-        mean.append(sum(vals) / len(vals) if vals else float("nan"))
-        lo.append(min(vals) if vals else float("nan"))
-        hi.append(max(vals) if vals else float("nan"))
-    return steps, mean, lo, hi
+def _value(row: dict, key: str) -> float | None:
+    """row[key] as a finite float, or None when absent, not a number, or (per-route keys) the route was empty."""
+    v = row.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return None
+    count = ROUTE_COUNT.get(key)
+    if count is not None and not row.get(count):
+        return None
+    return float(v)
 
 
-def collect(grid: Grid, *, out_dir: str | None = None, last_n: int = 5) -> dict:
-    """Read every run's metrics, draw one PNG per (model, figure in SERIES) with one line per route and key (mean
-    over seeds, min-max band), and write summary.md and summary.json into out_dir (default grid.output_dir).
+def curve(seeds_rows: Mapping[int, list[dict]], key: str, level: float = 0.95) -> dict:
+    """Per step, over the seeds that logged `key` there: mean and Student-t interval of the mean (lo/hi None
+    with fewer than 2 seeds at that step). Returns {"steps", "mean", "lo", "hi", "n"} (lists, step order)."""
+    by_step: dict[int, list[float]] = {}
+    for rows in seeds_rows.values():
+        for r in rows:
+            v = _value(r, key)
+            if v is not None:
+                by_step.setdefault(int(r["step"]), []).append(v)
+    out: dict[str, list] = {"steps": [], "mean": [], "lo": [], "hi": [], "n": []}
+    for step in sorted(by_step):
+        ci = mean_ci(by_step[step], level)
+        out["steps"].append(step)
+        out["mean"].append(ci.mean)
+        out["lo"].append(_finite_or_none(ci.lo))
+        out["hi"].append(_finite_or_none(ci.hi))
+        out["n"].append(ci.n)
+    return out
 
-    Returns the summary dict: {"plots": {png: [series labels]}, "models": {model: {route: {...final means}}}}.
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _ci_dict(ci) -> dict:
+    return {"mean": ci.mean, "lo": _finite_or_none(ci.lo), "hi": _finite_or_none(ci.hi), "n": ci.n}
+
+
+def reward_auc_table(runs: Mapping[str, Mapping[int, list[dict]]], *, key: str = AUC_KEY,
+                     baseline: str = BASELINE_ROUTE, level: float = 0.95) -> dict:
+    """Normalised area under each run's `key` curve (stats.curve_auc: the curve's mean height, trapezoid rule) over
+    the steps that every run logged, so arms are compared on the same steps; per route the mean over seeds with its
+    t-interval, and per route other than `baseline` the paired difference against it (same seeds).
+
+    runs: route -> seed -> metrics rows. Returns {"key", "steps": [first, last] or None, "baseline",
+    "routes": {route: {"per_seed": {seed: auc}, "mean", "lo", "hi", "n"}},
+    "paired": {route: {"mean", "lo", "hi", "n", "excludes_zero"}}} (paired is empty without the baseline).
+    """
+    step_sets = [{int(r["step"]) for r in rows if _value(r, key) is not None}
+                 for seeds in runs.values() for rows in seeds.values()]
+    common = sorted(set.intersection(*step_sets)) if step_sets else []
+    table: dict[str, Any] = {"key": key, "steps": [common[0], common[-1]] if common else None,
+                             "baseline": baseline, "routes": {}, "paired": {}}
+    if not common:
+        return table
+    keep = set(common)
+    aucs: dict[str, dict[int, float]] = {}
+    for route, seeds in runs.items():
+        aucs[route] = {}
+        for seed, rows in sorted(seeds.items()):
+            pts = sorted((int(r["step"]), _value(r, key)) for r in rows if int(r["step"]) in keep)
+            aucs[route][seed] = curve_auc([p[0] for p in pts], [p[1] for p in pts])
+        table["routes"][route] = {"per_seed": aucs[route], **_ci_dict(mean_ci(list(aucs[route].values()), level))}
+    if baseline in aucs:
+        for route in aucs:
+            if route == baseline or not set(aucs[route]) & set(aucs[baseline]):
+                continue
+            d = paired_difference(aucs[route], aucs[baseline], level)
+            table["paired"][route] = {**_ci_dict(d), "excludes_zero": d.excludes_zero()}
+    return table
+
+
+def _plot(ax, route: str, key: str, c: dict, *, label: str, dashed: bool) -> None:
+    line, = ax.plot(c["steps"], c["mean"], label=label, linestyle="--" if dashed else "-",
+                    marker="o" if len(c["steps"]) <= 12 else None, markersize=3)
+    if any(x is not None for x in c["lo"]):
+        nan = float("nan")
+        ax.fill_between(c["steps"], [nan if x is None else x for x in c["lo"]],
+                        [nan if x is None else x for x in c["hi"]], alpha=0.15, color=line.get_color())
+
+
+def collect(grid: Grid, *, out_dir: str | None = None, last_n: int = 5, level: float = 0.95) -> dict:
+    """Read every run's metrics, draw one PNG per (model, figure in SERIES and ROUTE_SERIES) with one line per route
+    and key (mean over seeds, shaded `level` Student-t interval over seeds when there are several), compute the
+    reward AUC table (mean and interval over seeds, paired differences against GRPO), and write summary.md and
+    summary.json into out_dir (default grid.output_dir).
+
+    Returns the summary dict: {"plots": {png: [series labels]}, "models": {model: {route: {...final means}}},
+    "curves": {model: {route: {key: curve()}}}, "auc": {model: reward_auc_table()}, "missing": [run names]}.
     """
     import matplotlib
 
@@ -263,17 +383,21 @@ def collect(grid: Grid, *, out_dir: str | None = None, last_n: int = 5) -> dict:
 
     out_dir = out_dir or grid.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    rows: dict[tuple[str, str], list[list[dict]]] = {}
+    rows: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    missing = []
     for run in grid.runs:
         r = read_metrics(os.path.join(run.output_dir, "metrics.jsonl"))
         if r:
-            rows.setdefault((run.model, run.route), []).append(r)
+            rows.setdefault((run.model, run.route), {})[run.seed] = r
+        else:
+            missing.append(run.name)
     models = list(dict.fromkeys(run.model for run in grid.runs))
     routes = list(dict.fromkeys(run.route for run in grid.runs))
-    summary: dict[str, Any] = {"plots": {}, "models": {}, "missing": sorted(
-        run.name for run in grid.runs if not read_metrics(os.path.join(run.output_dir, "metrics.jsonl")))}
+    summary: dict[str, Any] = {"plots": {}, "models": {}, "curves": {}, "auc": {}, "level": level,
+                               "missing": sorted(missing)}
     for model in models:
-        for fig_name, keys in SERIES.items():
+        curves: dict[str, dict[str, dict]] = {}
+        for fig_name, keys in {**SERIES, **ROUTE_SERIES}.items():
             fig, ax = plt.subplots(figsize=(6.4, 4.0))
             labels = []
             for route in routes:
@@ -281,19 +405,18 @@ def collect(grid: Grid, *, out_dir: str | None = None, last_n: int = 5) -> dict:
                 if not seeds_rows:
                     continue
                 for key in keys:
-                    steps, mean, lo, hi = _mean_curve(seeds_rows, key)
-                    if not steps:
+                    c = curve(seeds_rows, key, level)
+                    if not c["steps"]:
                         continue
+                    curves.setdefault(route, {})[key] = c
                     label = f"{route}:{key}" if len(keys) > 1 else route
-                    line, = ax.plot(steps, mean, label=label, linestyle="-" if key == keys[0] else "--")
-                    if len(seeds_rows) > 1:
-                        ax.fill_between(steps, lo, hi, alpha=0.15, color=line.get_color())
+                    _plot(ax, route, key, c, label=label, dashed=key != keys[0])
                     labels.append(label)
             ax.set_xlabel("step")
             ax.set_ylabel(" / ".join(keys))
-            ax.set_title(f"{model}: {fig_name}")
+            ax.set_title(f"{model}: {fig_name} (mean over seeds, {level:.0%} interval)")
             if labels:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             png = os.path.join(out_dir, f"{_safe(model)}_{fig_name}.png")
             fig.tight_layout()
@@ -301,18 +424,27 @@ def collect(grid: Grid, *, out_dir: str | None = None, last_n: int = 5) -> dict:
             plt.close(fig)
             os.replace(png + ".tmp.png", png)
             summary["plots"][os.path.basename(png)] = labels
+        summary["curves"][model] = curves
         table = {}
         for route in routes:
             seeds_rows = rows.get((model, route))
             if not seeds_rows:
                 continue
-            entry = {"seeds": len(seeds_rows), "steps": min(len(r) for r in seeds_rows)}
+            runs_rows = list(seeds_rows.values())
+            entry = {"seeds": len(runs_rows), "steps": min(len(r) for r in runs_rows)}
             for key in ("reward_mean", "pass_rate", "entropy", "response_len", "kl_fkl", "kl_rkl", "exposure"):
                 finals = [sum(x[key] for x in r[-last_n:] if key in x) / max(1, sum(key in x for x in r[-last_n:]))
-                          for r in seeds_rows]
+                          for r in runs_rows]
                 entry[key] = sum(finals) / len(finals)
+            # the probe runs on a few steps only: the mean over all of them, then over seeds
+            for key in ("teacher_pass_rate", "teacher_probe_student_pass_rate"):
+                per_run = [[v for v in (_value(x, key) for x in r) if v is not None] for r in runs_rows]
+                per_run = [sum(v) / len(v) for v in per_run if v]
+                entry[key] = sum(per_run) / len(per_run) if per_run else None
             table[route] = entry
         summary["models"][model] = table
+        summary["auc"][model] = reward_auc_table(
+            {route: rows[(model, route)] for route in routes if (model, route) in rows}, level=level)
     _write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     _write(os.path.join(out_dir, "summary.md"), _summary_markdown(summary, last_n))
     return summary
@@ -328,8 +460,20 @@ def _write(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _fmt(x, spec: str = ".4g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _interval(e: dict, sign: str = "+") -> str:
+    f = sign + ".4f"
+    if e["lo"] is None:
+        return f"{e['mean']:{f}} (n={e['n']}, no interval)"
+    return f"{e['mean']:{f}} [{e['lo']:{f}}, {e['hi']:{f}}]"
+
+
 def _summary_markdown(summary: dict, last_n: int) -> str:
     cols = ["reward_mean", "pass_rate", "entropy", "response_len", "kl_fkl", "kl_rkl", "exposure"]
+    level = summary.get("level", 0.95)
     lines = ["# Scaling experiments", "",
              f"Values are the mean over seeds of each run's mean over its last {last_n} steps.", ""]
     for model, table in summary["models"].items():
@@ -338,6 +482,28 @@ def _summary_markdown(summary: dict, last_n: int) -> str:
         for route, e in table.items():
             lines.append(f"| {route} | {e['seeds']} | {e['steps']} | " + " | ".join(f"{e[c]:.4g}" for c in cols) + " |")
         lines.append("")
+        auc = summary["auc"].get(model)
+        if auc and auc["routes"]:
+            first, last = auc["steps"]
+            lines += [f"Reward AUC: the mean height of each run's `{auc['key']}` curve over steps {first}-{last} "
+                      f"(trapezoid rule), mean over seeds with its {level:.0%} Student-t interval; paired: the mean "
+                      f"over seeds of (route - {auc['baseline']}) at the same seed, with its interval.", "",
+                      f"| route | seeds | reward AUC | paired difference vs {auc['baseline']} | interval excludes 0 |",
+                      "|---|---:|---|---|---|"]
+            for route, e in auc["routes"].items():
+                p = auc["paired"].get(route)
+                diff = _interval(p) if p else "(baseline)" if route == auc["baseline"] else "n/a"
+                ex = ("yes" if p["excludes_zero"] else "no") if p else ""
+                lines.append(f"| {route} | {e['n']} | {_interval(e, '')} | {diff} | {ex} |")
+            lines.append("")
+        if any(e.get("teacher_pass_rate") is not None for e in table.values()):
+            lines += ["Teacher probe (mean over probe steps, then seeds): the policy sampled from the privileged "
+                      "prompt vs. the student's own samples of the same problems.", "",
+                      "| route | teacher_pass_rate | student pass rate (same problems) |", "|---|---:|---:|"]
+            for route, e in table.items():
+                lines.append(f"| {route} | {_fmt(e.get('teacher_pass_rate'))} | "
+                             f"{_fmt(e.get('teacher_probe_student_pass_rate'))} |")
+            lines.append("")
         for png, labels in summary["plots"].items():
             if png.startswith(_safe(model) + "_"):
                 lines.append(f"![{png}]({png})  ")

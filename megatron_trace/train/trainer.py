@@ -30,6 +30,7 @@ from megatron_trace.train.batching import (
 )
 from megatron_trace.train.metrics import MetricsLogger, RunProgress, Timer
 from megatron_trace.train.step import build_model_and_optimizer, forward_backward, optimizer_step, zero_grad
+from megatron_trace.train.teacher_probe import probe_due, probe_teacher
 
 __all__ = ["Trainer"]
 
@@ -300,6 +301,9 @@ class Trainer:
                 batch = self.experience.make(problems, step=step, kl_weight=kl_weight, timer=self.timer,
                                              next_problems=self._next_problems)
                 batch.data_position = self.data_position
+            if probe_due(cfg.teacher.probe_every, step):
+                with self.timer("probe"):  # same weights as the rollouts: before this step's update
+                    batch.metrics.update(probe_teacher(self.experience, problems, step=step))
         batch: RolloutBatch = self._broadcast(batch)
         self.data_position = batch.data_position
         metrics = dict(batch.metrics)
