@@ -122,7 +122,7 @@ class CollectiveCounter:
             setattr(self.dist, name, fn)
 
 
-def run_shard(rank, world, c, dtype=torch.float32, group=None, with_teacher=True):
+def run_shard(rank, world, c, dtype=torch.float32, group=None, with_teacher=True, kernels="eager"):
     V = c["z"].shape[1]
     W = V // world
     sl = slice(rank * W, (rank + 1) * W)
@@ -132,7 +132,8 @@ def run_shard(rank, world, c, dtype=torch.float32, group=None, with_teacher=True
     before = [t.detach().clone() for t in (z, target, rows, reverse)] + ([u.clone()] if with_teacher else [])
     teacher = dict(teacher_logits=u, kl_rows=rows, kl_reverse=reverse, kl_clip=c["clip"]) if with_teacher else {}
     with CollectiveCounter() as fwd_count:
-        stats = token_stats(z, target, vocab_start=rank * W, group=group, chunk_rows=c["chunk_rows"], **teacher)
+        stats = token_stats(z, target, vocab_start=rank * W, group=group, chunk_rows=c["chunk_rows"], kernels=kernels,
+                            **teacher)
     outs = (stats.logprob, stats.entropy, stats.kl)
     grads = []
     with CollectiveCounter() as bwd_count:
@@ -158,15 +159,16 @@ def _tensors(result):
     return {k: [torch.from_numpy(t) for t in v] if k in ("outs", "grads") else v for k, v in result.items()}
 
 
-def rank_main(rank, world, specs, dtypes):
+def rank_main(rank, world, specs, dtypes, kernels="eager"):
     import torch.distributed as dist
     group = dist.new_group(list(range(world)))
     results = []
     for spec in specs:
         c = make_case(*spec)
         for dtype in dtypes:
-            results.append(_portable(run_shard(rank, world, c, dtype, group)))
-        results.append(_portable(run_shard(rank, world, c, torch.float32, group, with_teacher=False)))
+            results.append(_portable(run_shard(rank, world, c, dtype, group, kernels=kernels)))
+        results.append(_portable(run_shard(rank, world, c, torch.float32, group, with_teacher=False,
+                                           kernels=kernels)))
     return results
 
 
@@ -243,31 +245,35 @@ def check_results(per_rank, world, dtypes):
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def test_token_stats_match_float64_reference_at_tp1():
-    """One shard (group=None): values and gradients of logprob, entropy, FKL/RKL (clipped and exact)."""
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_token_stats_match_float64_reference_at_tp1(kernels):
+    """One shard (group=None): values and gradients of logprob, entropy, FKL/RKL (clipped and exact), on the
+    eager kernels and on the torch.compile'd ones."""
     torch.manual_seed(0)
-    results = rank_main_local()
+    results = rank_main_local(kernels)
     check_results([results], 1, DTYPES)
 
 
-def rank_main_local():
+def rank_main_local(kernels="eager"):
     results = []
     for spec in CASES:
         c = make_case(*spec)
         for dtype in DTYPES:
-            results.append(run_shard(0, 1, c, dtype, None))
-        results.append(run_shard(0, 1, c, torch.float32, None, with_teacher=False))
+            results.append(run_shard(0, 1, c, dtype, None, kernels=kernels))
+        results.append(run_shard(0, 1, c, torch.float32, None, with_teacher=False, kernels=kernels))
     return results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, dtypes", [(2, DTYPES), (4, [torch.float32])])
-def test_token_stats_match_float64_reference_across_vocab_shards(world, dtypes):
+@pytest.mark.parametrize("world, dtypes, kernels", [(2, DTYPES, "eager"), (4, [torch.float32], "eager"),
+                                                    (2, [torch.float32], "compiled")])
+def test_token_stats_match_float64_reference_across_vocab_shards(world, dtypes, kernels):
     """TP = 2 and 4 over gloo: same values on every rank, gradient shards assemble to the full-vocab gradient,
     exactly 3 all-reduces (2 without a teacher) in forward, none in backward, inputs untouched. (bf16 storage is
-    checked at TP = 1 and 2; TP = 4 adds nothing dtype-specific.)"""
+    checked at TP = 1 and 2; TP = 4 adds nothing dtype-specific; the compiled kernels, checked in full at TP = 1,
+    run fp32 at TP = 2.)"""
     assert all(spec[2] % world == 0 for spec in CASES)
-    per_rank = dist_harness.run_distributed(rank_main, world, CASES, dtypes)
+    per_rank = dist_harness.run_distributed(rank_main, world, CASES, dtypes, kernels)
     check_results([[_tensors(r) for r in rank] for rank in per_rank], world, dtypes)
 
 
@@ -390,9 +396,94 @@ def test_bad_input_raises_a_clear_error(change, message):
     kwargs.update(change)
     z, t = kwargs.pop("student_logits"), kwargs.pop("target_ids")
     with pytest.raises(ValueError, match=message):
-        token_stats(z, t, **kwargs)
+        token_stats(z, t, check_values=True, **kwargs)
 
 
 def test_kl_rows_required_when_teacher_rows_differ_from_student_rows():
     with pytest.raises(ValueError, match="kl_rows is required"):
         token_stats(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), teacher_logits=torch.randn(2, 6))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the hot path: no host syncs, no recompiles
+# --------------------------------------------------------------------------------------------------------------
+
+SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+
+
+class HostSyncCounter:
+    """Counts calls of the Tensor methods that read a value on the host (a device sync on GPU) while active."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.saved = {}
+
+    def __enter__(self):
+        for name in SYNCING:
+            original = getattr(torch.Tensor, name)
+            self.saved[name] = original
+
+            def counted(t, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        self.saved_nonzero = torch.nonzero
+
+        def nonzero(*args, **kwargs):
+            self.calls.append("torch.nonzero")
+            return self.saved_nonzero(*args, **kwargs)
+
+        torch.nonzero = nonzero
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.nonzero = self.saved_nonzero
+
+
+def _microbatch_loss(kernels, rows, fused, dtype=torch.float32):
+    """One micro-batch of the routed loss: statistics with teacher rows, a loss of all three, backward."""
+    from megatron_trace.loss.fused_output import fused_output_token_stats
+
+    g = torch.Generator().manual_seed(rows)
+    k = rows // 2
+    target = torch.randint(0, 96, (rows,), generator=g)
+    kl_rows = torch.randperm(rows, generator=g)[:k]
+    reverse = torch.rand(k, generator=g) < 0.5
+    teacher = dict(kl_rows=kl_rows, kl_reverse=reverse, kl_clip=0.05)
+    if fused:
+        h = torch.randn(rows, 8, generator=g, dtype=dtype).requires_grad_()
+        w = torch.randn(96, 8, generator=g, dtype=dtype).requires_grad_()
+        stats = fused_output_token_stats(h, w, target, teacher_hidden=torch.randn(k, 8, generator=g, dtype=dtype),
+                                         vocab_size=90, chunk_rows=4, kernels=kernels, **teacher)
+    else:
+        z = torch.randn(rows, 96, generator=g, dtype=dtype).requires_grad_()
+        stats = token_stats(z, target, teacher_logits=torch.randn(k, 96, generator=g, dtype=dtype), chunk_rows=4,
+                            kernels=kernels, **teacher)
+    (stats.logprob.sum() + stats.kl.sum()).backward()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_no_host_syncs_and_no_recompiles_in_one_microbatch(kernels, fused):
+    """Steady state: after one micro-batch (which compiles), a micro-batch of a different row count runs its loss
+    forward and backward with zero host reads of tensor values and, on the compiled path, no new compile."""
+    from torch._dynamo.utils import counters
+
+    _microbatch_loss(kernels, 10, fused)
+    compiles = sum(counters["stats"].values()) if kernels == "compiled" else 0
+    with HostSyncCounter() as syncs:
+        _microbatch_loss(kernels, 13, fused)
+    assert syncs.calls == [], f"host syncs during one micro-batch: {syncs.calls}"
+    if kernels == "compiled":
+        assert sum(counters["stats"].values()) == compiles, f"recompiled: {dict(counters['stats'])}"
+
+
+def test_sync_counter_sees_a_sync():
+    """Guard for the counter itself."""
+    with HostSyncCounter() as syncs:
+        bool(torch.ones(()) > 0)
+        torch.ones(2).nonzero()
+    assert syncs.calls == ["__bool__", "nonzero"]

@@ -16,6 +16,9 @@ backward:
   2. SUM of the stacked sum-exp of student and teacher rows, the shifted target logit, the first moment
      sum_v exp(z_v - m)(z_v - m) (which gives the entropy: H = log Z - moment / Z), and a target-ownership count;
   3. SUM of the stacked partial KL sums and the per-row clip-correction scalars (teacher rows only).
+One pass over the local logits gives the local maximum m_r and the sums relative to it ("online" max); after the
+MAX all-reduce they are rescaled to the global maximum M on [T]-sized vectors (s = s_r e^(m_r - M),
+moment = e^(m_r - M) (moment_r + (m_r - M) s_r)), so the logits are read once in forward, not twice.
 
 Gradients (g = upstream gradient; a_v = 1 where the vocab term is below the clip, else 0):
   d logprob / dz_j = onehot_j - p_j
@@ -23,28 +26,43 @@ Gradients (g = upstream gradient; a_v = 1 where the vocab term is below the clip
   d FKL / dz_j     = -a_j q_j + p_j S,            S = sum_v a_v q_v                  (= 1 when unclipped: p - q)
   d RKL / dz_j     =  a_j p_j (g_j + 1) - p_j S,  S = sum_v a_v p_v (g_v + 1), g = log p - log q
                                                                                    (unclipped: p (g - RKL))
-S is a global per-row scalar, so it is reduced in the forward's third all-reduce and backward is local.
+S is a global per-row scalar, so it is reduced in the forward's third all-reduce and backward is local. Without an
+entropy gradient (the usual case: entropy is a metric) backward runs the log-prob-only kernel, so entropy costs one
+multiply-add per entry in the forward pass and nothing else.
 
-Math runs in fp32 on bf16/fp16/fp32 inputs (fp64 on fp64 inputs, for gradcheck), over chunks of `chunk_rows` rows,
-and backward recomputes the softmax chunk by chunk. Extra memory is a fixed set of `chunk_rows x V/tp` fp32 buffers
-(2 for the student pass, up to 8 more while teacher rows are processed), reused by every chunk of a call, on top of
-the gradient itself; nothing of size `V/tp` is kept between forward and backward. Inputs are never modified.
+Kernels: the per-chunk math lives in plain functions on tensors (`_row_stats`, `_kl_terms`, `_student_grad`,
+`_kl_grad`). `kernels="compiled"` runs them through torch.compile (inductor: fused C++ loops on CPU, Triton on GPU;
+shapes dynamic, so any row count or shard width reuses the same compiled code; compiled once per process and
+dtype); `kernels="eager"` runs the very same functions op by op; "auto" (default) compiles on CUDA and stays eager
+on CPU, where a compile costs tens of seconds and the tests' vocabularies are tiny.
 
-Precision: log q - log p is formed from the raw logit difference (u - z) minus one per-row constant, so nearly
-agreeing rows keep their small KL; probabilities are exp(z - max) / Z; every vocabulary reduction is torch's
-pairwise sum.
+Host syncs: none. Value checks that need one (targets inside the vocabulary, kl_rows in range, finite logits, one
+owner per target) run only with `check_values=True` (or call `check_token_stats_values` once per step, outside the
+micro-batch loop); shapes, dtypes and devices are always checked (no sync).
+
+Memory: forward and backward run over chunks of `chunk_rows` rows; the kernels' temporaries are `chunk_rows x V/tp`
+and nothing of size `V/tp` is kept between forward and backward (backward recomputes the softmax). bf16/fp16 inputs
+with teacher rows take one extra fp32 `[K, V/tp]` buffer in backward, so a row's log-prob/entropy and KL gradients
+are summed in fp32 and rounded once. Inputs are never modified.
+
+Precision: math in fp32 (fp64 on fp64 inputs); vocabulary sums accumulate in fp64 on CPU (inductor's vectorised
+fp32 sums lose ~1e-5 relative over a 150k-entry row) and in the math dtype on GPU (tree reductions).
+log q - log p is formed from the raw logit difference (u - z) minus one per-row constant, so nearly agreeing rows
+keep their small KL; probabilities are exp(z - max) / Z.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_trace.distributed import collectives
 
-__all__ = ["TokenStats", "token_stats"]
+__all__ = ["TokenStats", "token_stats", "check_token_stats_values", "Kernels"]
+
+Kernels = Literal["auto", "compiled", "eager"]
 
 
 class TokenStats(NamedTuple):
@@ -69,258 +87,354 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> None:
         collectives.all_reduce(tensor, op=op, group=group)
 
 
-class _Workspace:
-    """Named `[rows, V/tp]` scratch buffers, allocated on first use and reused by every chunk of one call.
+# ------------------------------------------------------------------------------------------------------------------
+# per-chunk kernels: pure functions of tensors, run eagerly or through torch.compile
+# ------------------------------------------------------------------------------------------------------------------
 
-    A fresh multi-hundred-MB tensor per chunk costs more in page faults than the arithmetic done in it; reusing a
-    few buffers keeps extra memory at a fixed multiple of `chunk x V/tp` and the time in the math."""
-
-    def __init__(self, rows: int, width: int, device: torch.device):
-        self.rows, self.width, self.device = max(rows, 1), width, device
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or buf.dtype != dtype:
-            buf = self.buffers[name] = torch.empty((self.rows, self.width), dtype=dtype, device=self.device)
-        return buf[:rows]
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    # Vocabulary sums: fp64 accumulation on CPU (see the module docstring), the math dtype on GPU.
+    return torch.float64 if x.device.type == "cpu" else x.dtype
 
 
-class VocabParallelTokenStats:
-    """Pure per-chunk helpers on local shards; each returns partial (pre-reduction) quantities or local gradients.
+def _row_stats(z: torch.Tensor, local_target: torch.Tensor):
+    """Local (this shard's) row statistics of logits z [n, W] relative to the local row maximum m:
+    (m, sum_v e^s, sum_v e^s s, z[target]) with s = z - m, each [n] in the math dtype; z[target] is taken at
+    clamp(local_target, 0, W - 1) (the caller masks rows whose target this shard does not own)."""
+    x = z.to(_math_dtype(z.dtype))
+    m = x.amax(dim=-1)
+    s = x - m.unsqueeze(-1)
+    e = torch.exp(s)
+    acc = _acc_dtype(x)
+    sum_exp = e.sum(dim=-1, dtype=acc).to(x.dtype)
+    moment = (e * s).sum(dim=-1, dtype=acc).to(x.dtype)
+    picked = x.gather(1, local_target.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    return m, sum_exp, moment, picked
 
-    Buffers come from a _Workspace; results named in a docstring live in those buffers until the next call."""
 
-    @staticmethod
-    def sum_exp_and_moment(ws: _Workspace, logits: torch.Tensor, row_max: torch.Tensor,
-                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Partial sum_v e^s and sum_v e^s s of s = logits - row_max, logits [rows, V/tp] -> ([rows], [rows])."""
-        shifted = torch.sub(logits, row_max.unsqueeze(-1), out=ws.get("a", logits.shape[0], dtype))
-        e = torch.exp(shifted, out=ws.get("b", logits.shape[0], dtype))
-        # torch's sum reduces pairwise; a BLAS dot (bmm) accumulates sequentially in fp32 and loses ~1e-4 relative
-        # over a 150k-entry vocabulary row.
-        return e.sum(dim=-1), shifted.mul_(e).sum(dim=-1)
+def _kl_parts(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip):
+    """Per-vocab pieces of the KL of student rows zk and teacher rows u [n, W] (raw logits): (p, weight, ratio_log,
+    terms, kept) -- p the student softmax; weight q (forward rows) / p (reverse rows); ratio_log log q - log p
+    (forward) / log p - log q (reverse); terms = weight * ratio_log (unclipped); kept = terms < clip (the entries
+    whose gradient is not zeroed by the clip). Forward and backward both call this, so the clip decisions agree."""
+    dtype = _math_dtype(zk.dtype)
+    x, y = zk.to(dtype), u.to(dtype)  # u - z in fp32, not in bf16
+    # log q - log p = (u - z) - [(u_max - z_max) + (log Z_u - log Z_z)]: subtracting raw logits first keeps the
+    # precision when teacher and student nearly agree (the large row offsets cancel in one constant).
+    offset = (u_max - z_max) + (torch.log(u_sum) - torch.log(z_sum))
+    log_ratio = (y - x) - offset.unsqueeze(-1)
+    # exp(z - max) / Z rather than exp(z - log-sum-exp): large probabilities keep ~1 ulp of relative precision.
+    p = torch.exp(x - z_max.unsqueeze(-1)) / z_sum.unsqueeze(-1)
+    q = torch.exp(y - u_max.unsqueeze(-1)) / u_sum.unsqueeze(-1)
+    rev = reverse.unsqueeze(-1)
+    weight = torch.where(rev, p, q)
+    ratio_log = torch.where(rev, -log_ratio, log_ratio)
+    terms = weight * ratio_log
+    kept = terms < clip
+    return p, weight, ratio_log, terms, kept
 
-    @staticmethod
-    def sum_exp(ws: _Workspace, logits: torch.Tensor, row_max: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Partial sum_v exp(logits - row_max) [rows]."""
-        e = torch.sub(logits, row_max.unsqueeze(-1), out=ws.get("a", logits.shape[0], dtype)).exp_()
-        return e.sum(dim=-1)
 
-    @staticmethod
-    def kl_terms(ws: _Workspace, z: torch.Tensor, z_rows: torch.Tensor, u: torch.Tensor, z_max: torch.Tensor,
-                 z_sum: torch.Tensor, u_max: torch.Tensor, u_sum: torch.Tensor, reverse: torch.Tensor,
-                 clip: float | None, dtype: torch.dtype):
-        """Per-vocab KL terms of student rows z[z_rows] and teacher rows u [n, V/tp] (raw logits).
+def _kl_terms(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip):
+    """Partial (clipped) KL and clip correction S of n teacher rows: ([n], [n]). clip: 0-d tensor (inf = none)."""
+    p, weight, ratio_log, terms, kept = _kl_parts(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip)
+    acc = _acc_dtype(p)
+    kl = torch.minimum(terms, clip).sum(dim=-1, dtype=acc).to(p.dtype)
+    factor = torch.where(reverse.unsqueeze(-1), ratio_log + 1.0, torch.ones_like(ratio_log))
+    correction = torch.where(kept, weight * factor, torch.zeros_like(weight)).sum(dim=-1, dtype=acc).to(p.dtype)
+    return kl, correction
 
-        Returns (terms, p, weight, ratio_log, clipped), each [n, V/tp]: p = softmax of the student rows;
-        weight = q (forward rows) or p (reverse rows); ratio_log = log q - log p (forward) or log p - log q
-        (reverse); terms = weight * ratio_log clamped at `clip` from above; clipped = bool, terms at or above the
-        clip, whose gradient is zero (None when clip is None). Forward and backward both call this, so the clip
-        decisions agree bit for bit.
-        """
-        n = z_rows.shape[0]
-        zk = torch.index_select(z, 0, z_rows, out=ws.get("zk", n, z.dtype))
-        if zk.dtype != dtype:  # u - z must be formed in fp32, not in bf16
-            zk = ws.get("zk32", n, dtype).copy_(zk)
-        if u.dtype != dtype:
-            u = ws.get("u32", n, dtype).copy_(u)
-        # log q - log p = (u - z) - [(u_max - z_max) + (log Z_u - log Z_z)]: subtracting raw logits first keeps
-        # the precision when teacher and student nearly agree (the large row offsets cancel in one constant).
-        offset = (u_max - z_max) + (torch.log(u_sum) - torch.log(z_sum))
-        ratio_log = torch.sub(u, zk, out=ws.get("ratio", n, dtype)).sub_(offset.unsqueeze(-1))
-        # exp(z - max) / Z rather than exp(z - log-sum-exp): large probabilities keep ~1 ulp of relative precision
-        # instead of inheriting the rounding of a log-prob of magnitude log V.
-        p = torch.sub(zk, z_max.unsqueeze(-1), out=ws.get("p", n, dtype)).exp_().div_(z_sum.unsqueeze(-1))
-        q = torch.sub(u, u_max.unsqueeze(-1), out=ws.get("q", n, dtype)).exp_().div_(u_sum.unsqueeze(-1))
-        rev = reverse.unsqueeze(-1)
-        weight = torch.where(rev, p, q, out=ws.get("w", n, dtype))
-        ratio_log.mul_(torch.where(rev, -1.0, 1.0).to(dtype))  # reverse rows: log p - log q
-        terms = torch.mul(weight, ratio_log, out=q)  # q is no longer needed
-        clipped = None
-        if clip is not None:
-            clipped = torch.ge(terms, clip, out=ws.get("clipped", n, torch.bool))
-            terms.clamp_(max=clip)
-        return terms, p, weight, ratio_log, clipped
 
-    @staticmethod
-    def weighted_factor(ws: _Workspace, weight: torch.Tensor, ratio_log: torch.Tensor, clipped: torch.Tensor | None,
-                        reverse: torch.Tensor, name: str) -> torch.Tensor:
-        """[n, V/tp] a_v q_v on forward rows, a_v p_v (g_v + 1) on reverse rows (g = log p - log q; a = not
-        clipped)."""
-        rev = reverse.to(ratio_log.dtype).unsqueeze(-1)
-        out = torch.mul(ratio_log, rev, out=ws.get(name, ratio_log.shape[0], ratio_log.dtype)).add_(1.0)
-        out.mul_(weight)
-        if clipped is not None:
-            out.masked_fill_(clipped, 0.0)
-        return out
+def _kl_grad(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip, correction, upstream):
+    """upstream * d kl / d z of n teacher rows, [n, W] in the math dtype: forward rows -(a q - p S), reverse rows
+    a p (g + 1) - p S."""
+    p, weight, ratio_log, _, kept = _kl_parts(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip)
+    rev = reverse.unsqueeze(-1)
+    factor = torch.where(rev, ratio_log + 1.0, torch.ones_like(ratio_log))
+    grad = torch.where(kept, weight * factor, torch.zeros_like(weight)) - p * correction.unsqueeze(-1)
+    sign = torch.where(reverse, 1.0, -1.0).to(p.dtype)
+    return grad * (sign * upstream.to(p.dtype)).unsqueeze(-1)
 
-    @staticmethod
-    def clip_correction(ws, weight, ratio_log, clipped, reverse) -> torch.Tensor:
-        """Partial S [n]: sum_v a_v q_v (forward rows) or sum_v a_v p_v (g_v + 1) (reverse rows)."""
-        return VocabParallelTokenStats.weighted_factor(ws, weight, ratio_log, clipped, reverse, "f").sum(dim=-1)
 
-    @staticmethod
-    def kl_grad(ws, p, weight, ratio_log, clipped, reverse, correction, upstream) -> torch.Tensor:
-        """upstream * d kl / d z  [n, V/tp]: forward -(a q - p S); reverse a p (g + 1) - p S."""
-        grad = VocabParallelTokenStats.weighted_factor(ws, weight, ratio_log, clipped, reverse, "f")
-        grad.sub_(p.mul_(correction.unsqueeze(-1)))  # p is not needed afterwards
-        sign = torch.where(reverse, 1.0, -1.0).to(grad.dtype)
-        return grad.mul_((sign * upstream.to(grad.dtype)).unsqueeze(-1))
+def _student_grad(out, z, z_max, alpha, beta, local_target, g_lp, extra, extra_rows):
+    """Writes upstream * d(logprob, entropy) / dz of rows z [n, W] into `out` [n, W] (any float dtype):
+    e_j (alpha s_j + beta) + g_lp [j == target], e = exp(s), s = z - max (alpha None: no entropy gradient, the
+    log-prob-only kernel). extra [R, W] fp32 and extra_rows [n] (or None): rows of extra added before the single
+    rounding into `out` (the KL gradient of bf16/fp16 inputs)."""
+    x = z.to(_math_dtype(z.dtype))
+    s = x - z_max.unsqueeze(-1)
+    e = torch.exp(s)
+    if alpha is None:
+        g = e * beta.unsqueeze(-1)
+    else:
+        g = e * (alpha.unsqueeze(-1) * s + beta.unsqueeze(-1))
+    cols = torch.arange(z.shape[1], device=z.device)
+    # local_target outside [0, W) (another shard's target) never matches a column
+    g = g + torch.where(cols.unsqueeze(0) == local_target.unsqueeze(-1), g_lp.unsqueeze(-1), torch.zeros_like(g))
+    if extra is not None:
+        g = g + extra.index_select(0, extra_rows)
+    out.copy_(g)
+
+
+_KERNELS = {f.__name__: f for f in (_row_stats, _kl_terms, _kl_grad, _student_grad)}
+_COMPILED: dict[str, Callable] = {}
+
+
+def _kernel(name: str, compiled: bool) -> Callable:
+    """The kernel `name`, compiled once per process (torch.compile caches the code per dtype; dynamic=True so row
+    counts and shard widths do not recompile)."""
+    fn = _KERNELS[name]
+    if not compiled:
+        return fn
+    c = _COMPILED.get(name)
+    if c is None:
+        c = _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return c
+
+
+def chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """[(start, end)] covering range(n) in pieces of `size` rows; a single trailing row joins the piece before it,
+    so no piece has one row unless n == 1 or size == 1 (a compiled kernel specialises on size 1: a second
+    compile)."""
+    bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
+    if size > 1 and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def _use_compiled(kernels: str, device: torch.device) -> bool:
+    if kernels == "auto":
+        return device.type == "cuda"
+    if kernels not in ("compiled", "eager"):
+        raise ValueError(f"kernels must be 'auto', 'compiled' or 'eager', got {kernels!r}")
+    return kernels == "compiled"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the chunked forward and backward, shared with the fused output layer (loss/fused_output.py)
+# ------------------------------------------------------------------------------------------------------------------
+
+class LogitSource:
+    """Where the chunked math reads its logits. The plain version slices stored logits; the fused output layer
+    (loss/fused_output.py) computes them chunk by chunk from hidden states and sinks gradients into matmuls.
+
+    rows: T student rows; k_rows: K teacher rows; width: V/tp; dtype: the logits' dtype; device.
+    """
+
+    rows: int
+    k_rows: int
+    width: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def student(self, s: int, e: int) -> torch.Tensor:
+        """Student logits of rows s:e, [e - s, W]."""
+        raise NotImplementedError
+
+    def student_at(self, idx: torch.Tensor) -> torch.Tensor:
+        """Student logits of rows idx [n], [n, W]."""
+        raise NotImplementedError
+
+    def teacher(self, s: int, e: int) -> torch.Tensor:
+        """Teacher logits of teacher rows s:e, [e - s, W] (no grad)."""
+        raise NotImplementedError
+
+
+class StoredLogits(LogitSource):
+    def __init__(self, z: torch.Tensor, u: torch.Tensor):
+        self.z, self.u = z, u
+        self.rows, self.width = z.shape
+        self.k_rows = u.shape[0]
+        self.dtype, self.device = z.dtype, z.device
+
+    def student(self, s, e):
+        return self.z[s:e]
+
+    def student_at(self, idx):
+        return self.z.index_select(0, idx)
+
+    def teacher(self, s, e):
+        return self.u[s:e]
+
+
+def stats_forward(src: LogitSource, target, kl_rows, kl_reverse, vocab_start: int, clip: torch.Tensor, group,
+                  chunk_rows: int, compiled: bool, check_values: bool = False):
+    """The three-all-reduce forward. Returns (logprob [T], entropy [T], kl [K], saved) where saved holds the
+    [T]/[K] row statistics backward needs (z_max, z_sum, entropy, u_max, u_sum, correction)."""
+    dtype = _math_dtype(src.dtype)
+    rows, k_rows, width, device = src.rows, src.k_rows, src.width, src.device
+    row_stats = _kernel("_row_stats", compiled)
+
+    # one pass over every row: local max, and sums relative to it
+    local = torch.empty(4, rows + k_rows, dtype=dtype, device=device)  # [max | sum-exp | moment | target logit]
+    local_target = target - vocab_start
+    no_target = torch.full((min(chunk_rows, k_rows),), -1, dtype=torch.long, device=device)
+    for s, e in chunks(rows, chunk_rows):
+        for i, v in enumerate(row_stats(src.student(s, e), local_target[s:e])):
+            local[i, s:e] = v
+    for s, e in chunks(k_rows, chunk_rows):
+        m, sum_exp, _, _ = row_stats(src.teacher(s, e), no_target[:e - s])
+        local[0, rows + s:rows + e], local[1, rows + s:rows + e] = m, sum_exp
+
+    # 1. MAX
+    maxima = local[0].clone()
+    _all_reduce(maxima, dist.ReduceOp.MAX, group)
+    if check_values:
+        _check_finite(maxima, rows)
+    # 2. SUM: [sum-exp z | moment z | shifted target logit | target owners | sum-exp u], rescaled to the global max
+    scale = torch.exp(local[0] - maxima)
+    sums = torch.empty(4 * rows + k_rows, dtype=dtype, device=device)
+    z_sum, z_moment, target_logit, owners, u_sum = sums.split([rows, rows, rows, rows, k_rows])
+    torch.mul(local[1, :rows], scale[:rows], out=z_sum)
+    torch.mul(scale[:rows], local[2, :rows] + (local[0, :rows] - maxima[:rows]) * local[1, :rows], out=z_moment)
+    owned = (local_target >= 0) & (local_target < width)
+    torch.where(owned, local[3, :rows] - maxima[:rows], torch.zeros((), dtype=dtype, device=device),
+                out=target_logit)
+    owners.copy_(owned)
+    torch.mul(local[1, rows:], scale[rows:], out=u_sum)
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    if check_values:
+        _check_owners(owners, target)
+    z_max, u_max = maxima[:rows], maxima[rows:]
+    z_log_sum = torch.log(z_sum)
+    logprob = target_logit - z_log_sum
+    entropy = z_log_sum - z_moment / z_sum  # H = log Z - E_p[z - max]: two non-negative terms, no cancellation
+
+    # 3. SUM (teacher rows only): [partial KL | clip correction S]
+    kl_parts = torch.zeros(2, k_rows, dtype=dtype, device=device)
+    kl_terms = _kernel("_kl_terms", compiled)
+    for s, e in chunks(k_rows, chunk_rows):
+        idx = kl_rows[s:e]
+        kl_parts[0, s:e], kl_parts[1, s:e] = kl_terms(
+            src.student_at(idx), src.teacher(s, e), z_max.index_select(0, idx), z_sum.index_select(0, idx),
+            u_max[s:e], u_sum[s:e], kl_reverse[s:e], clip)
+    if k_rows:
+        _all_reduce(kl_parts, dist.ReduceOp.SUM, group)
+    saved = (z_max, z_sum, entropy, u_max, u_sum, kl_parts[1])
+    return logprob, entropy, kl_parts[0].clone(), saved
+
+
+def student_grad_coefficients(saved, g_logprob, g_entropy, rows, dtype, device):
+    """Per-row (alpha, beta, g_lp) of the log-prob/entropy gradient e_j (alpha s_j + beta) + g_lp [j == target]:
+    p_j (-g_lp - g_H (log p_j + H)) folded into two row constants. alpha is None without an entropy gradient."""
+    z_max, z_sum, entropy = saved[:3]
+    g_lp = g_logprob.to(dtype) if g_logprob is not None else torch.zeros(rows, dtype=dtype, device=device)
+    if g_entropy is not None:
+        g_h = g_entropy.to(dtype)
+        alpha = -g_h / z_sum
+        beta = (g_h * (torch.log(z_sum) - entropy) - g_lp) / z_sum
+    else:
+        alpha, beta = None, -g_lp / z_sum
+    return alpha, beta, g_lp
+
+
+def student_chunk_grad(out, z, saved, coeffs, local_target, s, e, compiled, extra=None, extra_rows=None):
+    """Writes the log-prob/entropy gradient (+ extra rows) of student rows s:e, logits z [e - s, W], into out."""
+    z_max = saved[0]
+    alpha, beta, g_lp = coeffs
+    _kernel("_student_grad", compiled)(out, z, z_max[s:e], None if alpha is None else alpha[s:e], beta[s:e],
+                                       local_target[s:e], g_lp[s:e], extra, extra_rows)
+
+
+def teacher_chunk_grad(src: LogitSource, saved, kl_rows, kl_reverse, clip, g_kl, s, e, compiled):
+    """upstream * d kl / d z of teacher rows s:e: [e - s, W] in the math dtype, for student rows kl_rows[s:e]."""
+    z_max, z_sum, _, u_max, u_sum, correction = saved
+    idx = kl_rows[s:e]
+    return _kernel("_kl_grad", compiled)(
+        src.student_at(idx), src.teacher(s, e), z_max.index_select(0, idx), z_sum.index_select(0, idx), u_max[s:e],
+        u_sum[s:e], kl_reverse[s:e], clip, correction[s:e], g_kl[s:e])
+
+
+def _check_finite(maxima: torch.Tensor, rows: int) -> None:
+    if not bool(torch.isfinite(maxima).all()):
+        bad = int((~torch.isfinite(maxima)).nonzero()[0])
+        which = f"student row {bad}" if bad < rows else f"teacher row {bad - rows}"
+        raise ValueError(f"token_stats: logits must be finite; {which} has a NaN/inf maximum")
+
+
+def _check_owners(owners: torch.Tensor, target: torch.Tensor) -> None:
+    if owners.numel() and not bool((owners == 1).all()):
+        bad = int((owners != 1).nonzero()[0])
+        raise ValueError(
+            f"token_stats: target id {int(target[bad])} of row {bad} is owned by {int(owners[bad])} vocab "
+            f"shards (expected 1); check vocab_start on every rank")
 
 
 class _TokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, target, u, kl_rows, kl_reverse, vocab_start, clip, group, chunk_rows):
-        helpers = VocabParallelTokenStats
-        dtype = _math_dtype(z.dtype)
-        rows, width = z.shape
-        k_rows = kl_rows.numel()
-        device = z.device
-        ws = _Workspace(min(chunk_rows, max(rows, k_rows)), width, device)
-
-        # 1. MAX: row maxima of student and teacher rows (max is exact in the input dtype; no buffer).
-        maxima = torch.cat([z.amax(dim=-1).to(dtype), u.amax(dim=-1).to(dtype)])
-        _all_reduce(maxima, dist.ReduceOp.MAX, group)
-        if not bool(torch.isfinite(maxima).all()):
-            bad = int((~torch.isfinite(maxima)).nonzero()[0])
-            which = f"student row {bad}" if bad < rows else f"teacher row {bad - rows}"
-            raise ValueError(f"token_stats: logits must be finite; {which} has a NaN/inf maximum")
-        z_max, u_max = maxima[:rows], maxima[rows:]
-
-        # 2. SUM: [sum-exp z | moment z | shifted target logit | target owners | sum-exp u]
-        sums = torch.zeros(4 * rows + k_rows, dtype=dtype, device=device)
-        z_sum, z_moment, target_logit, owners, u_sum = sums.split([rows, rows, rows, rows, k_rows])
-        local_target = target - vocab_start
-        owned = (local_target >= 0) & (local_target < width)
-        picked = z.gather(1, local_target.clamp(0, width - 1).unsqueeze(1)).squeeze(1).to(dtype)
-        target_logit.copy_(torch.where(owned, picked - z_max, torch.zeros_like(picked)))
-        owners.copy_(owned.to(dtype))
-        for s in range(0, rows, chunk_rows):
-            e = min(s + chunk_rows, rows)
-            z_sum[s:e], z_moment[s:e] = helpers.sum_exp_and_moment(ws, z[s:e], z_max[s:e], dtype)
-        for s in range(0, k_rows, chunk_rows):
-            e = min(s + chunk_rows, k_rows)
-            u_sum[s:e] = helpers.sum_exp(ws, u[s:e], u_max[s:e], dtype)
-        _all_reduce(sums, dist.ReduceOp.SUM, group)
-        if rows and not bool((owners == 1).all()):
-            bad = int((owners != 1).nonzero()[0])
-            raise ValueError(
-                f"token_stats: target id {int(target[bad])} of row {bad} is owned by {int(owners[bad])} vocab "
-                f"shards (expected 1); check vocab_start on every rank")
-        z_log_sum = torch.log(z_sum)
-        logprob = target_logit - z_log_sum
-        entropy = z_log_sum - z_moment / z_sum  # H = log Z - E_p[z - max]: two non-negative terms, no cancellation
-
-        # 3. SUM (teacher rows only): [partial KL | clip correction S]
-        kl_parts = torch.zeros(2 * k_rows, dtype=dtype, device=device)
-        kl, correction = kl_parts.split([k_rows, k_rows])
-        for s in range(0, k_rows, chunk_rows):
-            e = min(s + chunk_rows, k_rows)
-            idx = kl_rows[s:e]
-            terms, _, weight, ratio_log, clipped = helpers.kl_terms(
-                ws, z, idx, u[s:e], z_max[idx], z_sum[idx], u_max[s:e], u_sum[s:e], kl_reverse[s:e], clip, dtype)
-            kl[s:e] = terms.sum(dim=-1)
-            correction[s:e] = helpers.clip_correction(ws, weight, ratio_log, clipped, kl_reverse[s:e])
-        del ws
-        if k_rows:
-            _all_reduce(kl_parts, dist.ReduceOp.SUM, group)
-
-        ctx.save_for_backward(z, target, u, kl_rows, kl_reverse, z_max, z_sum, entropy, u_max, u_sum, correction)
-        ctx.vocab_start, ctx.clip, ctx.chunk_rows = vocab_start, clip, chunk_rows
+    def forward(ctx, z, target, u, kl_rows, kl_reverse, vocab_start, clip, group, chunk_rows, compiled,
+                check_values):
+        src = StoredLogits(z, u)
+        logprob, entropy, kl, saved = stats_forward(src, target, kl_rows, kl_reverse, vocab_start, clip, group,
+                                                    chunk_rows, compiled, check_values)
+        ctx.save_for_backward(z, target, u, kl_rows, kl_reverse, clip, *saved)
+        ctx.vocab_start, ctx.chunk_rows, ctx.compiled = vocab_start, chunk_rows, compiled
         ctx.set_materialize_grads(False)
-        return logprob, entropy, kl.clone()
+        return logprob, entropy, kl
 
     @staticmethod
     def backward(ctx, g_logprob, g_entropy, g_kl):
-        z, target, u, kl_rows, kl_reverse, z_max, z_sum, entropy, u_max, u_sum, correction = ctx.saved_tensors
-        helpers = VocabParallelTokenStats
+        z, target, u, kl_rows, kl_reverse, clip, *saved = ctx.saved_tensors
         use_kl = g_kl is not None and kl_rows.numel() > 0
+        nones = (None,) * 10
         if g_logprob is None and g_entropy is None and not use_kl:
-            return (None,) * 9
+            return (None,) + nones
         dtype = _math_dtype(z.dtype)
         rows, width = z.shape
-        chunk_rows = ctx.chunk_rows
-        ws = _Workspace(min(chunk_rows, rows), width, z.device)
+        k_rows = kl_rows.numel()
+        chunk, compiled = ctx.chunk_rows, ctx.compiled
+        src = StoredLogits(z, u)
         grad = torch.empty_like(z)
-        z_log_sum = torch.log(z_sum)
-
-        # Per row, the logprob/entropy gradient is e_j * (alpha s_j + beta) (+ g_lp at the target), with
-        # e = exp(s), s = z - max: p_j (-g_lp - g_H (log p_j + H)) folded into two row constants.
-        g_lp = g_logprob.to(dtype) if g_logprob is not None else None
-        if g_entropy is not None:
-            g_h = g_entropy.to(dtype)
-            alpha = -g_h / z_sum
-            beta = g_h * (z_log_sum - entropy)
-            beta = (beta - g_lp if g_lp is not None else beta) / z_sum
-        elif g_lp is not None:
-            alpha, beta = None, -g_lp / z_sum
         local_target = target - ctx.vocab_start
-        owned = (local_target >= 0) & (local_target < width)
-        # Teacher rows grouped by the student chunk they fall in, so each chunk's gradient is summed in fp32.
-        if use_kl:
-            order = torch.argsort(kl_rows, stable=True)
-            bounds = torch.searchsorted(kl_rows[order], torch.arange(0, rows + chunk_rows, chunk_rows,
-                                                                     device=z.device)).tolist()
-
-        for ci, s in enumerate(range(0, rows, chunk_rows)):
-            e = min(s + chunk_rows, rows)
-            n = e - s
-            direct = grad.dtype == dtype  # else sum in an fp32 buffer and round once into the bf16/fp16 gradient
-            out = grad[s:e] if direct else ws.get("g", n, dtype)
-            if g_lp is None and g_entropy is None:
-                out.zero_()
+        need_student = g_logprob is not None or g_entropy is not None
+        coeffs = student_grad_coefficients(saved, g_logprob, g_entropy, rows, dtype, z.device)
+        direct = grad.dtype == dtype  # else the KL rows are summed in fp32 and rounded once with the rest
+        acc = acc_rows = None
+        if use_kl and not direct:
+            # slot[k]: the first teacher row of student row kl_rows[k] (rows with two teacher rows share a slot);
+            # acc_rows[t]: student row t's slot, K (a zero row) when it has none. No host sync.
+            order = torch.arange(k_rows, device=z.device)
+            first = torch.full((rows,), k_rows, dtype=torch.long, device=z.device)
+            first.scatter_reduce_(0, kl_rows, order, reduce="amin")
+            slot = first.index_select(0, kl_rows)
+            acc = torch.zeros(k_rows + 1, width, dtype=dtype, device=z.device)
+            for s, e in chunks(k_rows, chunk):
+                acc.index_add_(0, slot[s:e], teacher_chunk_grad(src, saved, kl_rows, kl_reverse, clip, g_kl, s,
+                                                                e, compiled))
+            acc_rows = first
+        for s, e in chunks(rows, chunk):
+            if need_student:
+                student_chunk_grad(grad[s:e], z[s:e], saved, coeffs, local_target, s, e, compiled, acc,
+                                   None if acc_rows is None else acc_rows[s:e])
+            elif acc is not None:  # KL gradient only
+                grad[s:e].copy_(acc.index_select(0, acc_rows[s:e]))
             else:
-                shifted = torch.sub(z[s:e], z_max[s:e].unsqueeze(-1), out=ws.get("a", n, dtype))
-                if alpha is None:
-                    torch.mul(shifted.exp_(), beta[s:e].unsqueeze(-1), out=out)
-                else:
-                    exp = torch.exp(shifted, out=ws.get("b", n, dtype))
-                    coef = shifted.mul_(alpha[s:e].unsqueeze(-1)).add_(beta[s:e].unsqueeze(-1))
-                    torch.mul(exp, coef, out=out)
-            if g_lp is not None:
-                hit = owned[s:e].nonzero().squeeze(-1)
-                out.index_put_((hit, local_target[s:e][hit]), g_lp[s:e][hit], accumulate=True)
-            if use_kl:
-                lo, hi = bounds[ci], bounds[ci + 1]
-                for a in range(lo, hi, chunk_rows):
-                    idx = order[a:min(a + chunk_rows, hi)]
-                    src = kl_rows[idx]
-                    uk = torch.index_select(u, 0, idx, out=ws.get("u", idx.numel(), u.dtype))
-                    _, pk, weight, ratio_log, clipped = helpers.kl_terms(
-                        ws, z, src, uk, z_max[src], z_sum[src], u_max[idx], u_sum[idx], kl_reverse[idx], ctx.clip,
-                        dtype)
-                    gk = helpers.kl_grad(ws, pk, weight, ratio_log, clipped, kl_reverse[idx], correction[idx],
-                                         g_kl[idx])
-                    out.index_add_(0, src - s, gk)
-            if not direct:
-                grad[s:e].copy_(out)
-        return grad, None, None, None, None, None, None, None, None
+                grad[s:e].zero_()
+        if use_kl and direct:
+            for s, e in chunks(k_rows, chunk):
+                grad.index_add_(0, kl_rows[s:e], teacher_chunk_grad(src, saved, kl_rows, kl_reverse, clip, g_kl,
+                                                                    s, e, compiled))
+        return (grad,) + nones
 
 
-def _check_inputs(z, target, u, kl_rows, kl_reverse, vocab_start, group, chunk_rows):
+def check_shapes(z, target, u, kl_rows, kl_reverse, vocab_start, group, chunk_rows, what="student_logits"):
+    """Shape, dtype and device checks of token_stats' inputs (no host sync). z may be any [T, W] tensor."""
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
-        raise ValueError(f"student_logits must be [T, V/tp], got {getattr(z, 'shape', type(z))}")
+        raise ValueError(f"{what} must be [T, V/tp], got {getattr(z, 'shape', type(z))}")
     if not z.is_floating_point():
-        raise ValueError(f"student_logits must be floating point, got {z.dtype}")
+        raise ValueError(f"{what} must be floating point, got {z.dtype}")
     rows, width = z.shape
     if width == 0:
-        raise ValueError("student_logits has an empty vocabulary shard (V/tp = 0)")
+        raise ValueError(f"{what} has an empty vocabulary shard (V/tp = 0)")
     if not isinstance(target, torch.Tensor) or target.shape != (rows,):
         raise ValueError(f"target_ids must be [T] = [{rows}], got {tuple(getattr(target, 'shape', ()))}")
     if target.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"target_ids must be an integer tensor, got {target.dtype}")
-    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     world = dist.get_world_size(group) if group is not None else 1
     vocab = width * world  # Megatron shards the (padded) vocabulary in equal slices
     if not 0 <= vocab_start <= vocab - width:
         raise ValueError(f"vocab_start={vocab_start} is outside [0, {vocab - width}] for shards of width {width} "
                          f"and tp={world}")
-    if rows and bool(((target < 0) | (target >= vocab)).any()):
-        bad = int(((target < 0) | (target >= vocab)).nonzero()[0])
-        raise ValueError(f"target_ids[{bad}] = {int(target[bad])} is outside the vocabulary [0, {vocab}) "
-                         f"(V/tp={width}, tp={world})")
     if u is None:
         if kl_rows is not None or kl_reverse is not None:
             raise ValueError("kl_rows/kl_reverse given without teacher_logits")
@@ -338,18 +452,45 @@ def _check_inputs(z, target, u, kl_rows, kl_reverse, vocab_start, group, chunk_r
     if kl_rows.shape != (k_rows,) or kl_rows.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"kl_rows must be an integer [K] = [{k_rows}] tensor (one per teacher row), got "
                          f"{kl_rows.dtype} {tuple(kl_rows.shape)}")
-    if k_rows and bool(((kl_rows < 0) | (kl_rows >= rows)).any()):
-        bad = int(((kl_rows < 0) | (kl_rows >= rows)).nonzero()[0])
-        raise ValueError(f"kl_rows[{bad}] = {int(kl_rows[bad])} is out of range for T={rows} student rows")
     if kl_reverse.shape != (k_rows,) or kl_reverse.dtype != torch.bool:
         raise ValueError(f"kl_reverse must be a bool [K] = [{k_rows}] tensor, got {kl_reverse.dtype} "
                          f"{tuple(kl_reverse.shape)}")
 
 
+def check_token_stats_values(target_ids: torch.Tensor, vocab: int, kl_rows: torch.Tensor | None = None,
+                             rows: int | None = None) -> None:
+    """The checks that read tensor values (host syncs): every target id in [0, vocab), every kl_rows entry in
+    [0, rows). Run once per step outside the micro-batch loop, or via token_stats(check_values=True)."""
+    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
+        bad = int(((target_ids < 0) | (target_ids >= vocab)).nonzero()[0])
+        raise ValueError(f"target_ids[{bad}] = {int(target_ids[bad])} is outside the vocabulary [0, {vocab})")
+    if kl_rows is not None and kl_rows.numel():
+        rows = target_ids.shape[0] if rows is None else rows
+        if bool(((kl_rows < 0) | (kl_rows >= rows)).any()):
+            bad = int(((kl_rows < 0) | (kl_rows >= rows)).nonzero()[0])
+            raise ValueError(f"kl_rows[{bad}] = {int(kl_rows[bad])} is out of range for T={rows} student rows")
+
+
+def prepare_teacher_args(rows: int, teacher, kl_rows, kl_reverse, kl_clip, device, teacher_name="teacher_logits"):
+    """Defaults of kl_rows (arange(T) when K == T) / kl_reverse (all forward) and the clip as a 0-d tensor
+    (inf = exact KL). Returns (kl_rows, kl_reverse, clip)."""
+    if teacher is not None:
+        if kl_rows is None:
+            if teacher.dim() != 2 or teacher.shape[0] != rows:
+                raise ValueError(f"kl_rows is required unless {teacher_name} has one row per student row "
+                                 f"({teacher_name} {tuple(teacher.shape)}, {rows} student rows)")
+            kl_rows = torch.arange(rows, device=device)
+        if kl_reverse is None and teacher.dim() == 2:
+            kl_reverse = torch.zeros(teacher.shape[0], dtype=torch.bool, device=device)
+    if kl_clip is not None and not kl_clip > 0:
+        raise ValueError(f"kl_clip must be a positive number of nats or None, got {kl_clip!r}")
+    return kl_rows, kl_reverse, float("inf") if kl_clip is None else float(kl_clip)
+
+
 def token_stats(student_logits: torch.Tensor, target_ids: torch.Tensor, *, vocab_start: int = 0, group=None,
                 teacher_logits: torch.Tensor | None = None, kl_rows: torch.Tensor | None = None,
                 kl_reverse: torch.Tensor | None = None, kl_clip: float | None = None,
-                chunk_rows: int = 1024) -> TokenStats:
+                chunk_rows: int = 1024, kernels: Kernels = "auto", check_values: bool = False) -> TokenStats:
     """Log-prob of the targets, entropy and (clipped) KL to a teacher, from vocabulary-parallel logits.
 
     student_logits: [T, V/tp] this rank's vocab slice (bf16/fp16/fp32; fp64 computes in fp64), requires grad.
@@ -360,28 +501,28 @@ def token_stats(student_logits: torch.Tensor, target_ids: torch.Tensor, *, vocab
         default arange(T) when K == T); `kl_reverse` [K] bool: False = forward KL(teacher || student), True =
         reverse KL(student || teacher) (default all False).
     kl_clip: clamp every per-vocab-entry KL term from above at this value (nats); None = exact KL.
-    chunk_rows: rows processed at a time; extra memory is a few chunk_rows x V/tp fp32 buffers.
+    chunk_rows: rows processed at a time; the kernels' temporaries are a few chunk_rows x V/tp buffers.
+    kernels: "compiled" (torch.compile), "eager" (the same functions op by op), "auto" (compiled on CUDA).
+    check_values: also check the values (targets in the vocabulary, kl_rows in range, finite logits, one owner
+        per target); costs host syncs, so the hot path leaves it off (see check_token_stats_values).
 
     Returns TokenStats(logprob [T], entropy [T], kl [K]) in fp32 (fp64 for fp64 input); kl is empty without a
     teacher. All collectives are issued in forward (3 with a teacher, 2 without); every rank of `group` must call
     with the same T, K, targets, kl_rows and kl_reverse.
     """
-    if teacher_logits is not None:
-        if kl_rows is None:
-            if teacher_logits.dim() != 2 or teacher_logits.shape[0] != student_logits.shape[0]:
-                raise ValueError(f"kl_rows is required unless teacher_logits has one row per student row "
-                                 f"(teacher {tuple(teacher_logits.shape)}, student {tuple(student_logits.shape)})")
-            kl_rows = torch.arange(student_logits.shape[0], device=student_logits.device)
-        if kl_reverse is None and teacher_logits.dim() == 2:
-            kl_reverse = torch.zeros(teacher_logits.shape[0], dtype=torch.bool, device=student_logits.device)
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kl_clip must be a positive number of nats or None, got {kl_clip!r}")
-    _check_inputs(student_logits, target_ids, teacher_logits, kl_rows, kl_reverse, vocab_start, group, chunk_rows)
+    z = student_logits
+    kl_rows, kl_reverse, clip = prepare_teacher_args(z.shape[0] if z.dim() else 0, teacher_logits, kl_rows,
+                                                     kl_reverse, kl_clip, z.device)
+    check_shapes(z, target_ids, teacher_logits, kl_rows, kl_reverse, vocab_start, group, chunk_rows)
+    compiled = _use_compiled(kernels, z.device)
+    if check_values:
+        world = dist.get_world_size(group) if group is not None else 1
+        check_token_stats_values(target_ids, z.shape[1] * world, kl_rows, z.shape[0])
     if teacher_logits is None:
-        teacher_logits = student_logits.new_empty((0, student_logits.shape[1])).detach()
-        kl_rows = torch.zeros(0, dtype=torch.long, device=student_logits.device)
-        kl_reverse = torch.zeros(0, dtype=torch.bool, device=student_logits.device)
-    clip = None if kl_clip is None else float(kl_clip)
-    logprob, entropy, kl = _TokenStats.apply(student_logits, target_ids, teacher_logits, kl_rows.long(), kl_reverse,
-                                             int(vocab_start), clip, group, chunk_rows)
+        teacher_logits = z.new_empty((0, z.shape[1])).detach()
+        kl_rows = torch.zeros(0, dtype=torch.long, device=z.device)
+        kl_reverse = torch.zeros(0, dtype=torch.bool, device=z.device)
+    clip_t = torch.full((), clip, dtype=_math_dtype(z.dtype), device=z.device)  # a fill, not a host copy
+    logprob, entropy, kl = _TokenStats.apply(z, target_ids.long(), teacher_logits, kl_rows.long(), kl_reverse,
+                                             int(vocab_start), clip_t, group, chunk_rows, compiled, check_values)
     return TokenStats(logprob, entropy, kl)

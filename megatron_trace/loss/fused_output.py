@@ -1,0 +1,189 @@
+"""The output layer fused into the token statistics: logits are computed chunk by chunk and never stored.
+
+    logits = hidden @ weight^T          hidden [T, H], weight [V/tp, H] (this rank's vocab shard), logits [T, V/tp]
+
+`fused_output_token_stats(hidden, weight, targets, ...)` returns the same TokenStats as
+`token_stats(hidden @ weight.T, targets, ...)` (loss/vocab_parallel.py: the same kernels, the same three
+all-reduces), but holds at most one `[chunk_rows, V/tp]` block of logits (plus the kernels' temporaries of the
+same size) at a time, for the student rows and for the span-sparse teacher rows (teacher_hidden [K, H] x
+teacher_weight). Backward recomputes each block and turns its logit gradient at once into the hidden-state and
+weight gradients (two matmuls), so neither `[T, V/tp]` logits nor their gradient ever exist.
+
+Cost: the matmuls are recomputed -- student rows 2x + once per teacher row, teacher rows 2x in forward and once in
+backward -- in exchange for never storing `T x V/tp` values (at Qwen3's 152k vocabulary, 4 GB per 8k fp32 rows
+per TP rank, twice with the gradient).
+
+Tensor parallelism: `weight` is the rank's slice of the ColumnParallelLinear output layer (or of the tied word
+embedding, the same `[V/tp, H]` layout); the hidden-state gradient returned is this shard's partial sum, which the
+caller all-reduces over the TP group as megatron's output layer does (copy_to_tensor_model_parallel_region around
+the input: see train/fused_output_layer.py).
+
+Vocabulary padding: columns with global id >= vocab_size (Megatron pads the vocabulary to a multiple of
+128 x tp) get logit -1e9, so they take no probability mass (exp underflows to exactly 0) and no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_trace.loss.vocab_parallel import (Kernels, LogitSource, TokenStats, _math_dtype, _use_compiled,
+                                                check_shapes, check_token_stats_values, chunks,
+                                                prepare_teacher_args, stats_forward, student_chunk_grad,
+                                                student_grad_coefficients, teacher_chunk_grad)
+
+__all__ = ["fused_output_token_stats", "PAD_LOGIT"]
+
+PAD_LOGIT = -1e9  # logit of padded vocabulary columns: no mass, no NaN in p log p
+
+
+class HiddenLogits(LogitSource):
+    """Logit blocks computed on demand from hidden states and the output weight shard."""
+
+    def __init__(self, h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, valid: int):
+        self.h, self.w, self.th, self.tw, self.valid = h, w, th, tw, valid
+        self.rows, self.k_rows, self.width = h.shape[0], th.shape[0], w.shape[0]
+        self.dtype, self.device = h.dtype, h.device
+
+    def _logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        z = h @ w.t()
+        if self.valid < self.width:
+            z[:, self.valid:] = PAD_LOGIT
+        return z
+
+    def student(self, s, e):
+        return self._logits(self.h[s:e], self.w)
+
+    def student_at(self, idx):
+        return self._logits(self.h.index_select(0, idx), self.w)
+
+    def teacher(self, s, e):
+        return self._logits(self.th[s:e], self.tw)
+
+
+class _FusedOutputStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, target, th, tw, kl_rows, kl_reverse, vocab_start, valid, clip, group, chunk_rows,
+                compiled, check_values):
+        src = HiddenLogits(h, w, th, tw, valid)
+        with torch.no_grad():
+            logprob, entropy, kl, saved = stats_forward(src, target, kl_rows, kl_reverse, vocab_start, clip, group,
+                                                        chunk_rows, compiled, check_values)
+        ctx.save_for_backward(h, w, target, th, tw, kl_rows, kl_reverse, clip, *saved)
+        ctx.vocab_start, ctx.valid, ctx.chunk_rows, ctx.compiled = vocab_start, valid, chunk_rows, compiled
+        ctx.set_materialize_grads(False)
+        return logprob, entropy, kl
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy, g_kl):
+        h, w, target, th, tw, kl_rows, kl_reverse, clip, *saved = ctx.saved_tensors
+        nones = (None,) * 12
+        use_kl = g_kl is not None and kl_rows.numel() > 0
+        need_student = g_logprob is not None or g_entropy is not None
+        if not need_student and not use_kl:
+            return (None, None) + nones
+        dtype = _math_dtype(h.dtype)
+        rows, width = h.shape[0], w.shape[0]
+        chunk, compiled = ctx.chunk_rows, ctx.compiled
+        src = HiddenLogits(h, w, th, tw, ctx.valid)
+        # fp32 accumulators (fp64 for fp64 inputs); every block's logit gradient goes into them at once
+        grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device)
+        grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device)
+
+        def sink(g: torch.Tensor, rows_h: torch.Tensor, at) -> None:
+            g = g.to(h.dtype)  # the matmuls run in the input dtype, as the output layer's own backward does
+            gh = g @ w
+            if isinstance(at, slice):
+                grad_h[at] += gh
+            else:
+                grad_h.index_add_(0, at, gh.to(dtype))
+            grad_w.add_(g.t() @ rows_h)
+
+        with torch.no_grad():
+            if need_student:
+                coeffs = student_grad_coefficients(saved, g_logprob, g_entropy, rows, dtype, h.device)
+                local_target = target - ctx.vocab_start
+                block = torch.empty(min(chunk + 1, rows), width, dtype=dtype, device=h.device)
+                for s, e in chunks(rows, chunk):
+                    out = block[:e - s]
+                    student_chunk_grad(out, src.student(s, e), saved, coeffs, local_target, s, e, compiled)
+                    sink(out, h[s:e], slice(s, e))
+            if use_kl:
+                for s, e in chunks(kl_rows.numel(), chunk):
+                    idx = kl_rows[s:e]
+                    gk = teacher_chunk_grad(src, saved, kl_rows, kl_reverse, clip, g_kl, s, e, compiled)
+                    sink(gk, h.index_select(0, idx), idx)
+        return (grad_h.to(h.dtype) if ctx.needs_input_grad[0] else None,
+                grad_w.to(w.dtype) if ctx.needs_input_grad[1] else None) + nones
+
+
+def fused_output_token_stats(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
+                             vocab_start: int = 0, group=None, vocab_size: int | None = None,
+                             teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                             kl_rows: torch.Tensor | None = None, kl_reverse: torch.Tensor | None = None,
+                             kl_clip: float | None = None, chunk_rows: int = 512, kernels: Kernels = "auto",
+                             check_values: bool = False) -> TokenStats:
+    """token_stats of the logits `hidden @ weight.T`, computed block by block (the logits are never stored).
+
+    hidden: [T, H] final hidden states of the scored rows (requires grad; replicated over the TP group).
+    weight: [V/tp, H] this rank's output-layer (or tied embedding) shard; vocab_start its first global id.
+    target_ids: [T] global ids. vocab_size: the real vocabulary (columns at or beyond it are padding, logit -1e9);
+        default: no padding.
+    teacher_hidden: [K, H] the teacher's final hidden states of its span rows (no grad); teacher_weight:
+        [V/tp, H] the teacher's output weight shard (default: `weight`, detached -- the live policy as teacher).
+    kl_rows, kl_reverse, kl_clip, group, kernels, check_values: as in token_stats.
+    chunk_rows: rows per logit block; extra memory is a few chunk_rows x V/tp fp32 blocks.
+
+    Returns TokenStats(logprob [T], entropy [T], kl [K]) (fp32; fp64 for fp64 inputs). The gradient reaching
+    `hidden` is this vocab shard's part: under TP the caller all-reduces it (megatron's output layer does the same).
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating 2-D tensor, got {getattr(t, 'shape', type(t))}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size {hidden.shape[1]} != output weight's {weight.shape[1]} (weight is "
+                         f"[V/tp, H])")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype}, weight {weight.dtype}; the output layer needs one dtype")
+    rows, width = hidden.shape[0], weight.shape[0]
+    if teacher_hidden is not None:
+        if teacher_weight is None:
+            teacher_weight = weight.detach()
+        if teacher_hidden.requires_grad or teacher_weight.requires_grad:
+            raise ValueError("teacher_hidden/teacher_weight must not require grad (the teacher is a constant)")
+        if teacher_hidden.dim() != 2 or teacher_hidden.shape[1] != hidden.shape[1]:
+            raise ValueError(f"teacher_hidden must be [K, H={hidden.shape[1]}], got {tuple(teacher_hidden.shape)}")
+        if teacher_weight.shape != weight.shape:
+            raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} != weight {tuple(weight.shape)}")
+        teacher_hidden, teacher_weight = teacher_hidden.to(hidden.dtype), teacher_weight.to(hidden.dtype)
+    elif teacher_weight is not None:
+        raise ValueError("teacher_weight given without teacher_hidden")
+    kl_rows, kl_reverse, clip = prepare_teacher_args(rows, teacher_hidden, kl_rows, kl_reverse, kl_clip,
+                                                     hidden.device, "teacher_hidden")
+    # the logits' shapes, as token_stats would see them (meta tensors: no compute)
+    meta_z = torch.empty((rows, width), dtype=hidden.dtype, device="meta")
+    meta_u = None if teacher_hidden is None else torch.empty((teacher_hidden.shape[0], width), dtype=hidden.dtype,
+                                                             device="meta")
+    check_shapes(meta_z, target_ids, meta_u, kl_rows, kl_reverse, vocab_start, group, chunk_rows, what="logits")
+    if target_ids.device != hidden.device:
+        raise ValueError(f"target_ids on {target_ids.device}, hidden on {hidden.device}")
+    world = dist.get_world_size(group) if group is not None else 1
+    padded = width * world
+    if vocab_size is None:
+        vocab_size = padded
+    if not 0 < vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size} must be in (0, {padded}] (V/tp={width} x tp={world})")
+    valid = max(0, min(width, vocab_size - vocab_start))
+    if check_values:
+        check_token_stats_values(target_ids, vocab_size, kl_rows, rows)
+    if teacher_hidden is None:
+        teacher_hidden = hidden.new_empty((0, hidden.shape[1]))
+        teacher_weight = weight.detach()
+        kl_rows = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        kl_reverse = torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    clip_t = torch.full((), clip, dtype=_math_dtype(hidden.dtype), device=hidden.device)
+    compiled = _use_compiled(kernels, hidden.device)
+    logprob, entropy, kl = _FusedOutputStats.apply(
+        hidden, weight, target_ids.long(), teacher_hidden, teacher_weight, kl_rows.long(), kl_reverse,
+        int(vocab_start), valid, clip_t, group, chunk_rows, compiled, check_values)
+    return TokenStats(logprob, entropy, kl)
