@@ -1,28 +1,31 @@
-"""Forward+backward time and peak memory of the routed loss statistics, three ways, on local gloo ranks.
+"""Forward+backward time and peak memory of the routed loss, against Megatron-Core's own vocab-parallel
+cross-entropy, all methods in the same processes on the same inputs (local gloo ranks, fp32, one thread per rank).
 
-  (a) fused:    megatron_trace.loss.vocab_parallel.token_stats (3 all-reduces, chunked, recompute in backward)
-  (b) naive:    all-gather the vocabulary, torch log_softmax / entropy / KL with autograd on the full rows
-  (c) separate: three vocab-parallel autograd functions (logprob, entropy, KL), each with its own collectives
+Methods (each computes, then backpropagates, a random weighting of its outputs):
+  megatron      megatron.core.tensor_parallel.vocab_parallel_cross_entropy: the log-prob only (the reference)
+  lp            token_stats, log-prob gradient only (entropy computed for metrics, no gradient)   compiled kernels
+  lp_eager      the same, eager kernels (the fallback)
+  full          token_stats: log-prob + entropy + clipped (c = 0.05) forward/reverse KL on --kl-frac of the rows
+  full_eager    the same, eager kernels
+  separate      three vocab-parallel autograd functions (logprob, entropy, KL), each with its own collectives
+  naive         all-gather the vocabulary, torch log_softmax / entropy / KL with autograd on the full rows
+  out_stored    output layer (hidden [T, H] x weight [V/tp, H], and the teacher's on its K rows) then `full`
+  out_fused     loss.fused_output.fused_output_token_stats: the same outputs, logits never stored
 
-Every method computes logprob [T], entropy [T] and the clipped (c = 0.05) forward/reverse KL of K = kl_frac * T rows
-and backpropagates a random weighting of all three. Each (method, tp) runs in fresh processes:
-- time: median over --repeats of fwd+bwd wall time on rank 0 (after one untimed run);
-- memory: per-rank peak RSS during the first fwd+bwd minus RSS just before it (`resource.getrusage` ru_maxrss,
-  a fresh process each time, so the peak belongs to that method), max over ranks. The inputs are allocated before
-  the baseline; the gradient of the student logits is part of the delta for every method.
+- time: median over --repeats of fwd+bwd wall time on rank 0, after one untimed run (which compiles);
+- memory: per-rank peak RSS during the untimed run minus RSS just before it (the peak is reset per method via
+  /proc/self/clear_refs), max over ranks; inputs are allocated before, outputs and gradients are part of it;
 - collectives: calls counted through wrappers of torch.distributed's collectives during one fwd+bwd.
-A checksum line per method shows they compute the same numbers.
+The `|d lp|` column is the largest difference of the method's log-prob from Megatron's (-loss).
 
-Usage: python benchmarks/bench_routed_loss.py [--rows 4096] [--vocab 151936] [--tp 1 2] [--methods fused naive
-separate] [--repeats 3] [--naive-rows N]   (--naive-rows runs (b) and a same-size (a) at N rows where the full
-vocabulary does not fit in memory)
+Usage: python benchmarks/bench_routed_loss.py [--rows 1024 4096] [--vocab 151936] [--tp 2] [--hidden 128]
+       [--methods megatron lp full out_stored out_fused] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import dist_harness  # noqa: E402
 
+from megatron_trace.loss.fused_output import fused_output_token_stats  # noqa: E402
 from megatron_trace.loss.vocab_parallel import token_stats  # noqa: E402
 
 CLIP = 0.05
@@ -172,19 +176,76 @@ def separate_step(z, target, u, rows, reverse, weights, vocab_start, group):
     return (logprob.detach(), entropy.detach(), kl.detach()), z.grad
 
 
-def fused_step(z, target, u, rows, reverse, weights, vocab_start, group, chunk_rows=1024):
-    stats = token_stats(z, target, vocab_start=vocab_start, group=group, teacher_logits=u, kl_rows=rows,
-                        kl_reverse=reverse, kl_clip=CLIP, chunk_rows=chunk_rows)
-    loss = (stats.logprob * weights[0]).sum() + (stats.entropy * weights[1]).sum() + (stats.kl * weights[2]).sum()
+def megatron_step(z, target, u, rows, reverse, weights, vocab_start, group, **_):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    x = z.detach().clone().requires_grad_()  # megatron works in place on fp32 logits
+    loss = vocab_parallel_cross_entropy(x.unsqueeze(1), target.unsqueeze(1)).squeeze(1)
+    (-(loss * weights[0]).sum()).backward()
+    return (-loss.detach(),), x.grad
+
+
+def token_stats_step(z, target, u, rows, reverse, weights, vocab_start, group, *, teacher, entropy_grad,
+                     kernels, chunk_rows):
+    kw = dict(teacher_logits=u, kl_rows=rows, kl_reverse=reverse, kl_clip=CLIP) if teacher else {}
+    stats = token_stats(z, target, vocab_start=vocab_start, group=group, chunk_rows=chunk_rows, kernels=kernels,
+                        **kw)
+    loss = (stats.logprob * weights[0]).sum()
+    if entropy_grad:
+        loss = loss + (stats.entropy * weights[1]).sum()
+    if teacher:
+        loss = loss + (stats.kl * weights[2]).sum()
     loss.backward()
     return (stats.logprob.detach(), stats.entropy.detach(), stats.kl.detach()), z.grad
 
 
-STEPS = {"fused": fused_step, "naive": naive_step, "separate": separate_step}
+def out_stored_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, kernels, chunk_rows, **_):
+    z = h @ w.t()
+    with torch.no_grad():
+        u = th @ w.t()
+    stats = token_stats(z, target, vocab_start=vocab_start, group=group, teacher_logits=u, kl_rows=rows,
+                        kl_reverse=reverse, kl_clip=CLIP, chunk_rows=chunk_rows, kernels=kernels)
+    loss = (stats.logprob * weights[0]).sum() + (stats.entropy * weights[1]).sum() + (stats.kl * weights[2]).sum()
+    loss.backward()
+    return (stats.logprob.detach(), stats.entropy.detach(), stats.kl.detach()), w.grad
+
+
+def out_fused_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, kernels, fused_chunk_rows, **_):
+    stats = fused_output_token_stats(h, w, target, vocab_start=vocab_start, group=group, teacher_hidden=th,
+                                     kl_rows=rows, kl_reverse=reverse, kl_clip=CLIP, chunk_rows=fused_chunk_rows,
+                                     kernels=kernels)
+    loss = (stats.logprob * weights[0]).sum() + (stats.entropy * weights[1]).sum() + (stats.kl * weights[2]).sum()
+    loss.backward()
+    return (stats.logprob.detach(), stats.entropy.detach(), stats.kl.detach()), w.grad
+
+
+def _plain(step):
+    def run(z, target, u, rows, reverse, weights, vocab_start, group, **_):
+        return step(z, target, u, rows, reverse, weights, vocab_start, group)
+    return run
+
+
+def _ts(**fixed):
+    def run(z, target, u, rows, reverse, weights, vocab_start, group, *, chunk_rows, **_):
+        return token_stats_step(z, target, u, rows, reverse, weights, vocab_start, group, chunk_rows=chunk_rows,
+                                **fixed)
+    return run
+
+
+STEPS = {
+    "megatron": megatron_step,
+    "lp": _ts(teacher=False, entropy_grad=False, kernels="compiled"),
+    "lp_eager": _ts(teacher=False, entropy_grad=False, kernels="eager"),
+    "full": _ts(teacher=True, entropy_grad=True, kernels="compiled"),
+    "full_eager": _ts(teacher=True, entropy_grad=True, kernels="eager"),
+    "separate": _plain(separate_step),
+    "naive": _plain(naive_step),
+}
+OUTPUT_STEPS = {"out_stored": out_stored_step, "out_fused": out_fused_step}
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# one (method, tp) measurement on every rank
+# every method on every rank, in one process per rank
 # ------------------------------------------------------------------------------------------------------------------
 
 def _rss() -> int:
@@ -192,111 +253,148 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
 
 
-def worker(rank, world, method, rows, vocab, kl_frac, repeats, chunk_rows):
+def _peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def worker(rank, world, methods, rows, vocab, hidden, kl_frac, repeats, chunk_rows, fused_chunk_rows):
+    from megatron_trace.distributed import initialize_distributed
+
     torch.set_num_threads(1)
-    group = dist.group.WORLD
+    initialize_distributed(tp=world)
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
     width = vocab // world
-    g = torch.Generator().manual_seed(1234)  # same targets / rows on every rank
+    g = torch.Generator().manual_seed(1234)  # same targets / rows / hidden states on every rank
     target = torch.randint(0, vocab, (rows,), generator=g)
     k = int(rows * kl_frac)
     kl_rows = torch.randperm(rows, generator=g)[:k].sort().values
     reverse = torch.rand(k, generator=g) < 0.5
     weights = [torch.randn(rows, generator=g), torch.randn(rows, generator=g), torch.randn(k, generator=g)]
     gs = torch.Generator().manual_seed(99 + rank)  # each rank its own vocab slice
-    z = (torch.randn(rows, width, generator=gs) * 3.0).requires_grad_()
-    u = z.detach()[kl_rows] + torch.randn(k, width, generator=gs) * 1.0
-    step = STEPS[method]
-    kwargs = dict(chunk_rows=chunk_rows) if method == "fused" else {}
+    inputs = {}
+    if any(m in STEPS for m in methods):
+        z = (torch.randn(rows, width, generator=gs) * 3.0).requires_grad_()
+        u = z.detach()[kl_rows] + torch.randn(k, width, generator=gs) * 1.0
+        inputs["logits"] = (z, u)
+    if any(m in OUTPUT_STEPS for m in methods):
+        h = torch.randn(rows, hidden, generator=g).requires_grad_()
+        w = (torch.randn(width, hidden, generator=gs) * (3.0 / hidden ** 0.5)).requires_grad_()
+        th = h.detach()[kl_rows] + torch.randn(k, hidden, generator=g) * 0.3
+        inputs["hidden"] = (h, w, th)
+    kw = dict(chunk_rows=chunk_rows, fused_chunk_rows=fused_chunk_rows)
+
+    def call(method):
+        if method in STEPS:
+            z, u = inputs["logits"]
+            out = STEPS[method](z, target, u, kl_rows, reverse, weights, rank * width, group, **kw)
+            z.grad = None
+        else:
+            h, w, th = inputs["hidden"]
+            out = OUTPUT_STEPS[method](h, w, th, target, kl_rows, reverse, weights, rank * width, group, **kw)
+            h.grad = w.grad = None
+        return out
 
     counts = {name: 0 for name in COLLECTIVES}
     saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
     def counting(name):
-        def call(*a, **kw):
+        def fn(*a, **kwargs):
             counts[name] += 1
-            return saved[name](*a, **kw)
-        return call
+            return saved[name](*a, **kwargs)
+        return fn
 
-    dist.barrier()
-    base = _rss()
-    for name in saved:
-        setattr(dist, name, counting(name))
-    outs, grad = step(z, target, u, kl_rows, reverse, weights, rank * width, group, **kwargs)
-    for name in saved:
-        setattr(dist, name, saved[name])
-    peak = _peak_rss() - base
-    checksum = [float(o.double().sum()) for o in outs] + [float(grad.double().norm())]
-    del outs, grad
-    z.grad = None
-    times = []
-    for _ in range(repeats):
+    results = {}
+    for method in methods:
+        for name in counts:
+            counts[name] = 0
         dist.barrier()
-        t0 = time.perf_counter()
-        step(z, target, u, kl_rows, reverse, weights, rank * width, group, **kwargs)
-        times.append(time.perf_counter() - t0)
-        z.grad = None
-    return dict(times=times, peak=peak, counts={k: v for k, v in counts.items() if v}, checksum=checksum)
-
-
-def measure(method, tp, rows, vocab, kl_frac, repeats, chunk_rows):
-    results = dist_harness.run_distributed(worker, tp, method, rows, vocab, kl_frac, repeats, chunk_rows,
-                                           timeout=3600)
-    return dict(time=statistics.median(results[0]["times"]), times=results[0]["times"],
-                peak=max(r["peak"] for r in results), counts=results[0]["counts"], checksum=results[0]["checksum"])
+        base = _rss()
+        _reset_peak()
+        for name in saved:
+            setattr(dist, name, counting(name))
+        outs, _ = call(method)
+        for name in saved:
+            setattr(dist, name, saved[name])
+        peak = _peak() - base
+        logprob = outs[0].clone()
+        del outs
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            call(method)
+            times.append(time.perf_counter() - t0)
+        results[method] = dict(times=times, peak=peak, counts={k: v for k, v in counts.items() if v},
+                               logprob=logprob)
+    # agreement with megatron's log-prob (same logits) and between the two output-layer methods
+    ref = {"megatron": [m for m in methods if m in STEPS], "out_stored": [m for m in methods if m in OUTPUT_STEPS]}
+    for base_name, members in ref.items():
+        if base_name in results:
+            for m in members:
+                results[m]["diff"] = float((results[m]["logprob"] - results[base_name]["logprob"]).abs().max())
+    for r in results.values():
+        del r["logprob"]
+    return results
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--hidden", type=int, default=128, help="H of the output-layer methods")
     ap.add_argument("--kl-frac", type=float, default=0.25)
-    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--methods", nargs="+", default=["fused", "naive", "separate"], choices=list(STEPS))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tp", type=int, nargs="+", default=[2])
+    ap.add_argument("--methods", nargs="+", default=["megatron", "lp", "full", "out_stored", "out_fused"],
+                    choices=list(STEPS) + list(OUTPUT_STEPS))
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk-rows", type=int, default=1024)
-    ap.add_argument("--naive-rows", type=int, default=None,
-                    help="rows for (b) and a same-size (a) when the full vocabulary does not fit at --rows")
+    ap.add_argument("--fused-chunk-rows", type=int, default=256)
     args = ap.parse_args()
 
-    print(f"T={args.rows} V={args.vocab} K={int(args.rows * args.kl_frac)} ({args.kl_frac:.0%} KL rows, clip {CLIP}),"
-          f" fp32, gloo, {args.repeats} timed repeats, chunk_rows={args.chunk_rows}, torch threads/rank=1")
+    print(f"V={args.vocab}, KL rows {args.kl_frac:.0%} (clip {CLIP}), H={args.hidden} (output-layer methods), "
+          f"fp32, gloo, median of {args.repeats}, chunk_rows={args.chunk_rows} "
+          f"(fused output: {args.fused_chunk_rows}), torch threads/rank=1", flush=True)
     table = []
     for tp in args.tp:
-        plan = []
-        for method in args.methods:
-            rows = args.rows
-            if method == "naive" and args.naive_rows:
-                rows = args.naive_rows
-            plan.append((method, rows))
-        if "naive" in args.methods and args.naive_rows and "fused" in args.methods:
-            plan.append(("fused", args.naive_rows))
-        seen = {}
-        for method, rows in plan:
-            r = measure(method, tp, rows, args.vocab, args.kl_frac, args.repeats, args.chunk_rows)
-            seen[(method, rows)] = r
-            print(f"  tp={tp} {method:8s} T={rows}: times {['%.2f' % t for t in r['times']]} s, "
-                  f"checksum {['%.6g' % c for c in r['checksum']]}", flush=True)
-        for (method, rows), r in seen.items():
-            ref = seen.get(("naive", rows))
-            table.append((tp, method, rows, r, ref))
+        for rows in args.rows:
+            per_rank = dist_harness.run_distributed(worker, tp, args.methods, rows, args.vocab, args.hidden,
+                                                    args.kl_frac, args.repeats, args.chunk_rows,
+                                                    args.fused_chunk_rows, timeout=7200)
+            for method in args.methods:
+                r0 = per_rank[0][method]
+                r = dict(time=statistics.median(r0["times"]), times=r0["times"], counts=r0["counts"],
+                         peak=max(pr[method]["peak"] for pr in per_rank), diff=r0.get("diff"))
+                print(f"  tp={tp} T={rows} {method:10s} times {['%.3f' % t for t in r['times']]} s", flush=True)
+                table.append((tp, rows, method, r))
 
     print()
-    print(f"| TP | method | T | fwd+bwd median (s) | peak extra RSS / rank (GiB) | collectives / call "
-          f"| time vs naive | memory vs naive |")
-    print("|---|---|---|---|---|---|---|---|")
-    for tp, method, rows, r, ref in table:
-        coll = ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items())) or "0"
-        if ref is not None:
-            t_ratio = f"{ref['time'] / r['time']:.2f}x faster" if method != "naive" else "1"
-            m_ratio = f"{r['peak'] / ref['peak']:.2f}x" if method != "naive" else "1"
+    print("| TP | T | method | fwd+bwd median (s) | vs megatron | peak extra RSS / rank (GiB) | vs out_stored "
+          "| collectives / call | max abs d logprob vs reference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    by_key = {(tp, rows, m): r for tp, rows, m, r in table}
+    for tp, rows, method, r in table:
+        meg = by_key.get((tp, rows, "megatron"))
+        stored = by_key.get((tp, rows, "out_stored"))
+        vs_meg = f"{r['time'] / meg['time']:.2f}x" if meg is not None and method in STEPS else "-"
+        if stored is not None and method in OUTPUT_STEPS:
+            vs_stored = f"time {r['time'] / stored['time']:.2f}x, memory {r['peak'] / max(stored['peak'], 1):.2f}x"
         else:
-            t_ratio = m_ratio = "-"
-        print(f"| {tp} | {method} | {rows} | {r['time']:.2f} | {r['peak'] / 2**30:.2f} | {coll} | {t_ratio} "
-              f"| {m_ratio} |")
+            vs_stored = "-"
+        coll = ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items())) or "0"
+        diff = "-" if r["diff"] is None else f"{r['diff']:.1e}"
+        print(f"| {tp} | {rows} | {method} | {r['time']:.3f} | {vs_meg} | {r['peak'] / 2**30:.2f} | {vs_stored} "
+              f"| {coll} | {diff} |")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,23 @@ def _loss_fn(logits, mb):
     return loss, {"loss": loss.item()}
 
 
+def _fused_loss_fn(hidden, mb):
+    """The same loss with the output layer fused into it (loss.fused_output_layer): the model returns hidden states
+    and the output weight shard; logits are never materialised. No vocabulary-padding mask (vocab_size=None), as
+    the reference scores the padded columns too."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_trace.loss.fused_output import fused_output_token_stats
+    from megatron_trace.train.output_layer import OUTPUT_WEIGHT
+
+    weight = mb[OUTPUT_WEIGHT]
+    stats = fused_output_token_stats(hidden.reshape(-1, hidden.shape[-1]), weight, mb["labels"].reshape(-1),
+                                     vocab_start=ps.get_tensor_model_parallel_rank() * weight.shape[0],
+                                     group=ps.get_tensor_model_parallel_group(), chunk_rows=5)
+    loss = -(stats.logprob * mb["loss_mask"].reshape(-1)).sum() / mb["global_tokens"]
+    return loss, {"loss": loss.item()}
+
+
 def _global_params(model) -> dict:
     """This rank's parameters by Megatron name with the GLOBAL layer index, as numpy (pickled by value)."""
     params = {}
@@ -75,12 +92,15 @@ def _global_params(model) -> dict:
     return params
 
 
-def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int, recompute: str | None = None) -> dict:
+def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int, recompute: str | None = None,
+                fused_output_layer: bool = False) -> dict:
     from megatron_trace.checkpoint.hf_mapping import load_hf_state_into_model
     from megatron_trace.distributed import destroy_distributed, initialize_distributed
     from megatron_trace.models import qwen3_transformer_config
+    from megatron_trace.train.output_layer import output_hidden_states
     from megatron_trace.train.step import build_model_and_optimizer, forward_backward, optimizer_step, zero_grad
 
+    loss_fn, context = (_fused_loss_fn, output_hidden_states) if fused_output_layer else (_loss_fn, None)
     layout = initialize_distributed(tp=tp, pp=pp, seed=3)
     try:
         cfg = _hf_config(name)
@@ -99,16 +119,16 @@ def _run_layout(name: str, tp: int, pp: int, micro_batch_size: int, recompute: s
         out = dict(layout=layout, losses=[], grad_norms=[], forward_only=None, initial_params=initial)
         for step in range(STEPS):
             zero_grad(chunks, optimizer)
-            metrics = forward_backward(chunks, microbatches, _loss_fn, seq_length=SEQ,
-                                       micro_batch_size=micro_batch_size)
+            metrics = forward_backward(chunks, microbatches, loss_fn, seq_length=SEQ,
+                                       micro_batch_size=micro_batch_size, model_context=context)
             ok, grad_norm, _ = optimizer_step(optimizer)
             assert ok
             out["losses"].append([m["loss"] for m in metrics])
             out["grad_norms"].append(grad_norm)
         # forward only: the losses of the updated model, no gradient
         zero_grad(chunks, optimizer)
-        metrics = forward_backward(chunks, microbatches, _loss_fn, seq_length=SEQ,
-                                   micro_batch_size=micro_batch_size, forward_only=True)
+        metrics = forward_backward(chunks, microbatches, loss_fn, seq_length=SEQ,
+                                   micro_batch_size=micro_batch_size, forward_only=True, model_context=context)
         out["forward_only"] = [m["loss"] for m in metrics]
         out["grads_after_forward_only"] = max(float(p.main_grad.abs().max()) for p in chunks[0].parameters())
 
@@ -140,12 +160,17 @@ def dp2_tp2_pp2():
     return run_distributed(_ranks, 8, [(n, 2, 2, 1) for n in CONFIGS], timeout=500)
 
 
-def _check_against_reference(results: list, reference: dict, dp: int) -> None:
+@pytest.fixture(scope="module")
+def tp2_pp2_fused():
+    return run_distributed(_ranks, 4, [(n, 2, 2, 1, None, True) for n in CONFIGS], timeout=400)
+
+
+def _check_against_reference(results: list, reference: dict, dp: int, variant: tuple = ()) -> None:
     from megatron_trace.checkpoint.hf_mapping import EMBEDDING, OUTPUT_LAYER, merge_tp_shards
 
     for name in CONFIGS:
         ref = reference[(name, 1, 1)]
-        runs = [r[(name, 2, 2)] for r in results]
+        runs = [r[(name, 2, 2, *variant)] for r in results]
         for run in runs:
             assert (run["layout"].tp, run["layout"].pp, run["layout"].dp) == (2, 2, dp)
         last = [run for run in runs if run["layout"].is_last_stage]
@@ -203,6 +228,12 @@ def test_activation_recompute_changes_nothing_but_memory(reference, recompute):
 
 def test_tp2_pp2_step_equals_single_process(tp2_pp2, reference):
     _check_against_reference(tp2_pp2, reference, dp=1)
+
+
+def test_fused_output_layer_tp2_pp2_step_equals_single_process(tp2_pp2_fused, reference):
+    """loss.fused_output_layer under TP on the last PP stage, tied and untied embeddings: the output layer computed
+    inside the loss gives the same losses, gradient norms and updated weights as logits then cross-entropy."""
+    _check_against_reference(tp2_pp2_fused, reference, dp=1, variant=(None, True))
 
 
 def test_dp2_tp2_pp2_step_equals_single_process(dp2_tp2_pp2, reference):

@@ -44,7 +44,7 @@ def _samples():
     return out
 
 
-def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass):
+def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass, fused_output_layer=False):
     from megatron_trace.config import load_config
     from megatron_trace.sync.weight_bridge import export_hf_buckets
     from megatron_trace.train.trainer import Trainer
@@ -55,7 +55,7 @@ def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass):
                              "loss.eps_low=0.2", "loss.eps_high=0.28", "optim.lr=0.01", "optim.clip_grad=100.0",
                              "optim.adam_eps=0.01",  # Adam step 1 is lr*g/(|g|+eps): keep it smooth in g
                              f"optim.micro_batch_size={mbs}", f"teacher.microbatches_per_pass={per_pass}",
-                             "checkpoint.resume=none",
+                             "checkpoint.resume=none", f"loss.fused_output_layer={str(fused_output_layer).lower()}",
                              f"logging.output_dir=/tmp/trace_step_{world_size}", "logging.tensorboard=false"])
     trainer = Trainer(cfg, start_rollout=False)
     metrics = trainer.update(_samples(), KL_WEIGHT)
@@ -85,6 +85,12 @@ def single(hf_dir):
 def tp2_pp2(hf_dir):
     # 3 micro-batches, teacher logits one micro-batch at a time (the DP all-reduce after the last group only).
     return run_distributed(_update, 4, hf_dir, 2, 2, 2, 1, init_gloo=False, timeout=400)[0]
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2_fused(hf_dir):
+    # loss.fused_output_layer: the output layer runs inside the loss for the student and the teacher's span rows.
+    return run_distributed(_update, 4, hf_dir, 2, 2, 2, 1, True, init_gloo=False, timeout=400)[0]
 
 
 def _reference_loss(hf_dir: str) -> dict:
@@ -136,11 +142,20 @@ def test_routed_loss_on_the_last_stage_equals_a_float64_recomputation(hf_dir, si
 
 
 def test_trace_step_at_tp2_pp2_equals_tp1(hf_dir, single, tp2_pp2):
+    _assert_same_step(hf_dir, single, tp2_pp2)
+
+
+def test_fused_output_layer_step_at_tp2_pp2_equals_the_materialised_tp1_step(hf_dir, single, tp2_pp2_fused):
+    """The fused output layer (logits never stored) under TP on the last PP stage: same metrics and updated
+    weights (the output layer's and every layer below it, through the hidden-state gradient's TP all-reduce)."""
+    _assert_same_step(hf_dir, single, tp2_pp2_fused)
+
+
+def _assert_same_step(hf_dir, a, b):
     import os
 
     from safetensors.torch import load_file
 
-    a, b = single, tp2_pp2
     for key in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm"):
         assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
     assert a["weights"].keys() == b["weights"].keys()

@@ -65,6 +65,9 @@ class LossConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (no GRPO signal)
     overlong_buffer: Optional[int] = None  # DAPO soft overlong penalty over the last N tokens; None = off
     overlong_penalty: float = 1.0
+    # Run the output layer inside the loss, chunk by chunk (loss/fused_output.py): [rows, vocab/tp] logits are
+    # never stored, for the student nor the teacher's span rows; the matmuls are recomputed in exchange.
+    fused_output_layer: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.w0, bool) or not (isinstance(self.w0, (int, float)) and math.isfinite(self.w0)

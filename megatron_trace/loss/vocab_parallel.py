@@ -57,6 +57,7 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.fx.experimental._config  # noqa: F401 (use_duck_shape, patched around compiled calls)
 
 from megatron_trace.distributed import collectives
 
@@ -186,8 +187,22 @@ def _kernel(name: str, compiled: bool) -> Callable:
         return fn
     c = _COMPILED.get(name)
     if c is None:
-        c = _COMPILED[name] = torch.compile(fn, dynamic=True)
+        c = _COMPILED[name] = _compile(fn)
     return c
+
+
+def _compile(fn: Callable) -> Callable:
+    compiled = torch.compile(fn, dynamic=True)
+
+    def run(*args):
+        # Detached arguments: no autograd graph is traced (backward is ours), requires_grad and a view's base
+        # shape are not guarded on. No duck sizing: two sizes that happen to be equal at the first call (K + 1
+        # and a chunk's rows) must not become a guard that recompiles at the next call.
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return run
 
 
 def chunks(n: int, size: int) -> list[tuple[int, int]]:

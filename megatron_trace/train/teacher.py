@@ -95,10 +95,6 @@ class Teacher:
                ) -> list[torch.Tensor | None]:
         """Teacher logits for each micro-batch's `teacher_rows`: a list of `[K_i, vocab/tp]` tensors on the last
         pipeline stage, a list of None elsewhere. Forward only, no grad."""
-        from megatron.core import parallel_state as ps
-
-        teacher_mbs = [{"tokens": mb["teacher_tokens"], "position_ids": mb["teacher_position_ids"],
-                        "rows": mb["teacher_rows"]} for mb in microbatches]
         sparse = self.sparse_output
 
         def context(model, mb):
@@ -111,6 +107,28 @@ class Teacher:
                 flat = flat.index_select(0, mb["rows"])
             return logits.sum() * 0.0, flat.detach()
 
+        return self._forward(microbatches, context, keep_rows, micro_batch_size, seq_length)
+
+    def hidden_rows(self, microbatches: list[dict], *, micro_batch_size: int, seq_length: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """For `loss.fused_output_layer`: instead of logits, each micro-batch's final hidden states of its
+        `teacher_rows` and the teacher's output weight shard, `([K_i, H], [vocab/tp, H])` (the loss computes the
+        logits chunk by chunk); a list of None off the last pipeline stage. Forward only, no grad."""
+        from megatron_trace.train.output_layer import OUTPUT_WEIGHT, output_hidden_states
+
+        def context(model, mb):
+            return output_hidden_states(model, mb, rows=mb["rows"])
+
+        def keep_rows(hidden: torch.Tensor, mb: dict):
+            return hidden.sum() * 0.0, (hidden.reshape(-1, hidden.shape[-1]).detach(), mb[OUTPUT_WEIGHT].detach())
+
+        return self._forward(microbatches, context, keep_rows, micro_batch_size, seq_length)
+
+    def _forward(self, microbatches, context, keep_rows, micro_batch_size, seq_length) -> list:
+        from megatron.core import parallel_state as ps
+
+        teacher_mbs = [{"tokens": mb["teacher_tokens"], "position_ids": mb["teacher_position_ids"],
+                        "rows": mb["teacher_rows"]} for mb in microbatches]
         was_training = [m.training for m in self.model_chunks]
         for m in self.model_chunks:
             m.eval()

@@ -399,6 +399,12 @@ class Trainer:
 
             def prepare(group: list[dict]) -> None:
                 with self.timer("teacher"):
+                    if cfg.loss.fused_output_layer:  # hidden rows + output weight; the loss makes the logits
+                        for mb, out in zip(group, self.teacher.hidden_rows(
+                                group, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
+                            if out is not None:
+                                mb["teacher_hidden"], mb["teacher_weight"] = out
+                        return
                     for mb, logits in zip(group, self.teacher.logits(
                             group, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
                         if logits is not None:
@@ -419,6 +425,33 @@ class Trainer:
         """Student logits of the response rows with vocabulary padding masked: [T, vocab/tp]."""
         return self._mask_vocab_padding(logits.reshape(-1, logits.shape[-1]).index_select(0, rows))
 
+    def _token_stats(self, output: torch.Tensor, mb: dict, tp_group, *, use_kl: bool = False,
+                     kl_clip: float | None = None):
+        """token_stats of the micro-batch's response rows (and its teacher rows with use_kl). output: the model's
+        logits [b, s, vocab/tp], or under loss.fused_output_layer its hidden states [b, s, H] (the output layer then
+        runs inside the loss; see train/output_layer.py)."""
+        kl = dict(kl_rows=mb["kl_rows"], kl_reverse=mb["kl_reverse"], kl_clip=kl_clip) if use_kl else {}
+        if not self.cfg.loss.fused_output_layer:
+            teacher = dict(teacher_logits=mb["teacher_logits"], **kl) if use_kl else {}
+            return token_stats(self._rows(output, mb["rows"]), mb["targets"], vocab_start=self.vocab_start,
+                               group=tp_group, **teacher)
+        from megatron_trace.loss.fused_output import fused_output_token_stats
+        from megatron_trace.train.output_layer import OUTPUT_WEIGHT
+
+        hidden = output.reshape(-1, output.shape[-1]).index_select(0, mb["rows"])
+        teacher = dict(teacher_hidden=mb["teacher_hidden"], teacher_weight=mb["teacher_weight"], **kl) if use_kl \
+            else {}
+        return fused_output_token_stats(hidden, mb[OUTPUT_WEIGHT], mb["targets"], vocab_start=self.vocab_start,
+                                        group=tp_group, vocab_size=self.vocab_size, **teacher)
+
+    def _output_context(self):
+        """The model_context of forward_backward: under loss.fused_output_layer the model returns hidden states."""
+        if not self.cfg.loss.fused_output_layer:
+            return None
+        from megatron_trace.train.output_layer import output_hidden_states
+
+        return output_hidden_states
+
     def _routed_loss_fn(self, kl_weight: float, with_teacher: bool, num_tokens: float, num_responses: float):
         tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
         recompute_old = self.cfg.rollout.recompute_old_logprobs
@@ -428,13 +461,10 @@ class Trainer:
             rows = mb["rows"]
             if rows.numel() == 0:  # a padding micro-batch
                 return logits.sum() * 0.0, {}
-            z = self._rows(logits, rows)
-            teacher = mb.get("teacher_logits") if with_teacher else None
+            teacher = mb.get("teacher_hidden" if self.cfg.loss.fused_output_layer else "teacher_logits") \
+                if with_teacher else None
             use_kl = teacher is not None and mb["kl_rows"].numel() > 0
-            stats = token_stats(z, mb["targets"], vocab_start=self.vocab_start, group=tp_group,
-                                teacher_logits=teacher if use_kl else None,
-                                kl_rows=mb["kl_rows"] if use_kl else None,
-                                kl_reverse=mb["kl_reverse"] if use_kl else None, kl_clip=kl_clip)
+            stats = self._token_stats(logits, mb, tp_group, use_kl=use_kl, kl_clip=kl_clip)
             # One update per rollout batch: the trainer's recomputed log p_old is this very forward's log-prob
             # under unchanged weights, detached (no second pass needed); with several optimizer steps per batch,
             # log p_old comes from the no-grad forward before the first.
@@ -472,9 +502,11 @@ class Trainer:
             with self.timer("train"):
                 out += forward_backward(self.model, group, loss_fn, seq_length=seq_length,
                                         micro_batch_size=self.cfg.optim.micro_batch_size,
-                                        finalize_grads=index == len(groups) - 1)
+                                        finalize_grads=index == len(groups) - 1,
+                                        model_context=self._output_context())
             for mb in group:
-                mb.pop("teacher_logits", None)
+                for key in ("teacher_logits", "teacher_hidden", "teacher_weight"):
+                    mb.pop(key, None)
         with self.timer("train"):
             ok, grad_norm, _ = optimizer_step(self.optimizer)
         # The loss is computed on the last pipeline stage, identically on its TP ranks: TP rank 0 of the last
@@ -513,8 +545,7 @@ class Trainer:
         def loss_fn(logits, mb):
             if mb["rows"].numel() == 0:
                 return logits.sum() * 0.0, {}
-            stats = token_stats(self._rows(logits, mb["rows"]), mb["targets"], vocab_start=self.vocab_start,
-                                group=tp_group)
+            stats = self._token_stats(logits, mb, tp_group)
             nll = -stats.logprob.sum()
             with torch.no_grad():
                 metrics = {"tokens": nll.new_tensor(float(stats.logprob.numel())), "nll_sum": nll.detach(),
