@@ -199,7 +199,8 @@ def token_stats_step(z, target, u, rows, reverse, weights, vocab_start, group, *
     return (stats.logprob.detach(), stats.entropy.detach(), stats.kl.detach()), z.grad
 
 
-def out_stored_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, kernels, chunk_rows, **_):
+def out_stored_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, chunk_rows,
+                    kernels="compiled", **_):
     z = h @ w.t()
     with torch.no_grad():
         u = th @ w.t()
@@ -210,7 +211,8 @@ def out_stored_step(h, w, th, target, rows, reverse, weights, vocab_start, group
     return (stats.logprob.detach(), stats.entropy.detach(), stats.kl.detach()), w.grad
 
 
-def out_fused_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, kernels, fused_chunk_rows, **_):
+def out_fused_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, fused_chunk_rows,
+                   kernels="compiled", **_):
     stats = fused_output_token_stats(h, w, target, vocab_start=vocab_start, group=group, teacher_hidden=th,
                                      kl_rows=rows, kl_reverse=reverse, kl_clip=CLIP, chunk_rows=fused_chunk_rows,
                                      kernels=kernels)
@@ -337,6 +339,9 @@ def worker(rank, world, methods, rows, vocab, hidden, kl_frac, repeats, chunk_ro
             times.append(time.perf_counter() - t0)
         results[method] = dict(times=times, peak=peak, counts={k: v for k, v in counts.items() if v},
                                logprob=logprob)
+        if rank == 0:  # progress, in case a later method fails
+            print(f"    [rank 0] T={rows} {method}: times {['%.3f' % t for t in times]} s, peak extra RSS "
+                  f"{peak / 2**30:.2f} GiB", flush=True)
     # agreement with megatron's log-prob (same logits) and between the two output-layer methods
     ref = {"megatron": [m for m in methods if m in STEPS], "out_stored": [m for m in methods if m in OUTPUT_STEPS]}
     for base_name, members in ref.items():
