@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from megatron_trace.distributed import collectives
 from megatron_trace.models.qwen3 import unwrap_model
 
 __all__ = ["output_hidden_states", "OUTPUT_WEIGHT"]
@@ -38,7 +39,7 @@ class _AllReduceGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone(memory_format=torch.contiguous_format)
-        torch.distributed.all_reduce(grad, group=ctx.group)
+        collectives.all_reduce(grad, group=ctx.group)
         return grad, None
 
 
