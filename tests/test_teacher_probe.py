@@ -116,3 +116,20 @@ def test_probe_schedule_and_bad_input():
         load_config(os.path.join(ROOT, "examples/configs/tiny_cpu.yaml"), ["teacher.probe_problems=0"])
     with pytest.raises(ValueError, match="2 prompts but 1 reference answers"):
         teacher_pass_rate(None, None, [[1], [2]], ["3"], None, decode=str, timeout_s=1.0)
+
+
+def test_probe_reads_the_first_round_when_dynamic_sampling_refills(setup):
+    cfg, tok, problems = setup
+    cfg.loss.dynamic_sampling, cfg.rollout.max_rounds = True, 2
+    try:
+        engine = ScriptedEngine(tok, problems)
+        maker = ExperienceMaker(cfg, tok, engine, InlineScorer("math"))
+        # problem 1 (0 of 4 right from the student prompt) has no signal and is dropped; a refill round samples
+        # problems 2 and 3
+        maker.make(problems[:2], step=3, kl_weight=0.0, next_problems=lambda n: problems[2:2 + max(n, 2)])
+        assert len(engine.calls) == 2  # the refill round ran
+        out = probe_teacher(maker, problems[:2], step=3)
+    finally:
+        cfg.loss.dynamic_sampling, cfg.rollout.max_rounds = False, 1
+    # the step's own problems 0 and 1: student 1 + 0 of 8, teacher 4 + 3 of 8 (not the refill's 2 + 4 of 8)
+    assert out["teacher_probe_student_pass_rate"] == 1 / 8 and out["teacher_pass_rate"] == 7 / 8

@@ -41,7 +41,7 @@ class ExperienceMaker:
         self.scorer = scorer
         self.annotator = annotator
         self._prompt_cache: dict[str, list[int]] = {}
-        self.last_scores: list[float] = []  # the last make()'s rewards, [P x G] problem-major (teacher probe)
+        self.last_scores: list[float] = []  # the last make()'s first-round rewards, [P x G] problem-major
 
     def close(self) -> None:
         """Stop the reward workers and close the annotator (the engine belongs to the caller)."""
@@ -128,7 +128,8 @@ class ExperienceMaker:
         with phase("reward"):
             scored = self.scorer.score(texts, golds, timeout_s=cfg.reward.timeout_s)
         rewards = torch.tensor(scored.scores, dtype=torch.float32)
-        self.last_scores = list(scored.scores)
+        if round_index == 0:  # the problems given to make(), in order (the teacher probe reads these)
+            self.last_scores = list(scored.scores)
         correct = rewards > 0.5
         lengths = torch.tensor([len(g.token_ids) for _, g in flat], dtype=torch.float32)
         shaped = rewards.clone()

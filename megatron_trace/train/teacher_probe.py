@@ -52,7 +52,7 @@ def teacher_pass_rate(engine: GenerationEngine, scorer, teacher_prompts: Sequenc
 def probe_teacher(maker, problems: Sequence[Problem], *, step: int) -> dict[str, float]:
     """The probe of one step, on the driver. maker: the run's `train.experience.ExperienceMaker`, right after
     `maker.make(problems, ...)` (its engine holds the weights that sampled the step, `maker.last_scores` the
-    step's [P x G] rewards, problem-major); problems: the step's problems, in the order given to `make`.
+    step's first-round [P x G] rewards, problem-major: the problems given to `make`, before any refill round); problems: the step's problems, in the order given to `make`.
 
     Returns {"teacher_pass_rate", "teacher_probe_student_pass_rate", "teacher_probe_problems"}.
     """
@@ -61,6 +61,7 @@ def probe_teacher(maker, problems: Sequence[Problem], *, step: int) -> dict[str,
     G = cfg.rollout.group_size
     probed = list(problems[:k])
     student = list(maker.last_scores[:k * G])
+    # no span, no type: the privileged prompt is the problem and its reference solution only
     if len(student) != k * G:
         raise RuntimeError(f"probe_teacher: the step scored {len(maker.last_scores)} responses, expected at least "
                            f"{k} problems x {G}; call it right after ExperienceMaker.make on the same problems")
@@ -71,7 +72,7 @@ def probe_teacher(maker, problems: Sequence[Problem], *, step: int) -> dict[str,
     sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_response_tokens, n=G,
                               seed=None, logprobs=False)
-    rate = teacher_pass_rate(maker.engine, maker.scorer, [maker.teacher_prompt(p, ()) for p in probed],
+    rate = teacher_pass_rate(maker.engine, maker.scorer, [maker.teacher_prompt(p, correct=True) for p in probed],
                              [p.answer for p in probed], sampling,
                              decode=lambda ids: maker.tokenizer.decode(ids, skip_special_tokens=True),
                              timeout_s=cfg.reward.timeout_s)
