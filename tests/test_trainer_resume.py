@@ -83,9 +83,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, mode):
     assert w_straight == w_split
     if mode == "trace":
         lambdas = [r["lambda"] for r in a]
-        assert lambdas == [0.5, 0.5, 0.5, 0.25, 0.0, 0.0]  # warm-up 2 steps, then 2 steps of linear decay
-        assert all(r.get("span_tokens", 0) == 0 for r in a[4:]), "no KL channel once lambda is 0"
-        assert all("annotate/failed" not in r for r in a[4:]), "no annotation once lambda is 0"
+        # W = 2 steps at w0, then w0 * max(0, 1 - (k - W + 1) / D) with D = 2: 0.25 at k = 2, 0 from k = W + D - 1
+        assert lambdas == [0.5, 0.5, 0.25, 0.0, 0.0, 0.0]
+        assert all(r.get("span_tokens", 0) == 0 for r in a[3:]), "no KL channel once lambda is 0"
+        assert all("annotate/failed" not in r for r in a[3:]), "no annotation once lambda is 0"
 
 
 def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):

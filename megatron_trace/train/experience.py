@@ -57,10 +57,11 @@ class ExperienceMaker:
             self._prompt_cache[problem.id] = ids
         return ids
 
-    def teacher_prompt(self, problem: Problem, *, correct: bool, labels: Sequence[str] = (),
+    def teacher_prompt(self, problem: Problem, labels: Sequence[str] = (), *, correct: bool = True,
                        types: Sequence[str] = ()) -> list[int]:
         """The privileged prompt: reference solution plus the coarse types (label_mode type) or free-text labels
-        (free_text) of the response's surviving spans, under the key (correct) or error (incorrect) heading."""
+        (free_text) of the response's surviving spans, under the key (correct) or error (incorrect) heading.
+        With neither (the teacher probe): the problem and the reference solution only."""
         if self.cfg.annotate.label_mode == "type":
             kinds = unique_in_order(types)
             sections = {"key_types": kinds} if correct else {"error_types": kinds}
