@@ -128,6 +128,7 @@ def _serve_rollout(argv):
             return VLLMEngine(cfg)
 
     with mock.patch("megatron_trace.rollout.engine.VLLMEngine", engine), mock.patch("uvicorn.run"), \
+            mock.patch.object(server._BoundedShutdownServer, "run"), \
             mock.patch("megatron_trace.data.tokenizer.load_tokenizer"), mock.patch.object(server, "build_app"):
         server.main(argv)
     return built

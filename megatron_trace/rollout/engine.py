@@ -32,6 +32,7 @@ from megatron_trace.rollout.types import (
 
 logger = logging.getLogger(__name__)
 
+
 def _norm_metas(metas) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in metas]
 
@@ -192,7 +193,8 @@ class VLLMEngine:
         with open(os.path.join(cfg.model_dir, "config.json")) as f:
             hf_config = json.load(f)
         self.tied = bool(hf_config.get("tie_word_embeddings", False))
-        self.vocab_size = int(hf_config["vocab_size"])  # token ids must lie in [0, vocab_size)
+        # token ids must lie in [0, vocab_size) (None: a config without it; vLLM then checks the ids itself)
+        self.vocab_size = int(hf_config["vocab_size"]) if hf_config.get("vocab_size") is not None else None
         self._validator = WeightValidator(checkpoint_tensor_shapes(cfg.model_dir), tied=self.tied,
                                           dtype=getattr(torch, cfg.dtype))
         from megatron_trace.rollout.platform import engine_platform_settings
@@ -259,10 +261,11 @@ class VLLMEngine:
                     f"prompt {i}: {len(p)} tokens + max_tokens {sampling.max_tokens} exceeds "
                     f"max_model_len {self.cfg.max_model_len}"
                 )
-            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            bad = [t for t in p if t < 0 or (self.vocab_size is not None and t >= self.vocab_size)]
             if bad:
                 raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        bad = [t for t in sampling.stop_token_ids if not 0 <= int(t) < self.vocab_size]
+        bad = [t for t in sampling.stop_token_ids
+               if int(t) < 0 or (self.vocab_size is not None and int(t) >= self.vocab_size)]
         if bad:
             raise ValueError(f"stop_token_ids: {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         params = _sampling_params(sampling)
