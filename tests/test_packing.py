@@ -332,3 +332,65 @@ def test_packing_without_the_sequence_mask_would_differ(microbatch_runs):
     run = microbatch_runs[0][("tiny", 1, 1)]
     diffs = [abs(run["unmasked"][k][0] - lp) for k, (lp, _) in run["padded"]["values"].items()]
     assert max(diffs) > 1e-2  # sequences after the first of a row would read their neighbours
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed = padded through the trainer: a full TRACE update
+
+def _trainer_updates(rank, world_size, hf_dir, runs):
+    from megatron_trace.config import load_config
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
+    from megatron_trace.train.trainer import Trainer
+    from test_trainer_step import KL_CLIP, KL_WEIGHT, W0, _samples as trainer_samples
+
+    out = {}
+    for tp, pp, budget, n_samples in runs:
+        cfg = load_config(None, [f"model.hf_config={hf_dir}", f"model.load={hf_dir}", f"parallel.tp={tp}",
+                                 f"parallel.pp={pp}", "data.path=megatron_trace/data/assets/arith_test.jsonl",
+                                 "annotate.annotator=reference_match", f"loss.w0={W0}", f"loss.kl_clip={KL_CLIP}",
+                                 "loss.eps_low=0.2", "loss.eps_high=0.28", "optim.lr=0.01", "optim.clip_grad=100.0",
+                                 "optim.adam_eps=0.01", "optim.micro_batch_size=2",
+                                 f"optim.max_tokens_per_microbatch={budget}", "rollout.max_response_tokens=16",
+                                 "checkpoint.resume=none", "teacher.microbatches_per_pass=1",
+                                 f"logging.output_dir=/tmp/packing_{world_size}_{tp}{pp}{budget}_{n_samples}",
+                                 "logging.tensorboard=false"])
+        trainer = Trainer(cfg, start_rollout=False)
+        metrics = trainer.update(trainer_samples()[:n_samples], KL_WEIGHT)
+        weights = {}
+        for bucket in export_hf_buckets(trainer.model[0], trainer.hf_config, bucket_bytes=1 << 20):
+            weights.update({n: t.numpy().copy() for n, t in bucket})
+        trainer.close()
+        out[(tp, pp, budget, n_samples)] = {"metrics": metrics, "weights": weights}
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    from tiny_hf_model import make_tiny_qwen3_dir
+
+    # the model of test_trainer_step: HF's init with the head x20 (KL terms far from zero), a fitting tokenizer
+    hf_dir = make_tiny_qwen3_dir(str(tmp_path_factory.mktemp("packing") / "hf"), seed=0, tied=False,
+                                 vocab_size=VOCAB, hidden=64, intermediate=128, layers=2, max_positions=512,
+                                 tokenizer="truncated", init_std=None, lm_head_scale=20.0)
+    runs = [(2, 2, 0, 6), (2, 2, 40, 6),  # TP=2 x PP=2
+            (1, 2, 0, 6), (1, 2, 40, 6),  # DP=2 (x PP=2)
+            (1, 2, 0, 1), (1, 2, 40, 1)]  # a batch of one at DP=2
+    return run_distributed(_trainer_updates, 4, hf_dir, runs, timeout=600)[0]  # one gloo group for all runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp, n_samples", [(2, 2, 6), (1, 2, 6), (1, 2, 1)],
+                         ids=["tp2-pp2", "dp2-pp2", "dp2-batch-of-one"])
+def test_packed_trace_update_equals_padded(trainer_runs, tp, pp, n_samples):
+    a, b = trainer_runs[(tp, pp, 0, n_samples)], trainer_runs[(tp, pp, 40, n_samples)]
+    for key in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens", "span_tokens"):
+        assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
+    if n_samples > 1:
+        assert a["metrics"]["kl_loss"] > 1e-4  # the teacher pass is on
+    # the step's micro-batch count and padding are reported (their values: test_packed_rows_address_...)
+    for m in (a["metrics"], b["metrics"]):
+        assert 0.0 <= m["padding_frac"] < 1.0 and m["microbatches"] >= 1
+    assert a["weights"].keys() == b["weights"].keys()
+    for name, w in a["weights"].items():
+        torch.testing.assert_close(torch.from_numpy(b["weights"][name]), torch.from_numpy(w), rtol=1e-5, atol=1e-5,
+                                   msg=name)
