@@ -101,6 +101,10 @@ class OptimConfig:
     # N responses takes ceil(N / global_batch_size) steps per epoch (near-equal mini-batches).
     global_batch_size: int = 0
     epochs: int = 1  # passes over each rollout batch
+    # > 0: pack sequences back to back into micro-batches of at most this many tokens (student and teacher rows
+    # alike; micro_batch_size is then unused and the number of micro-batches per step varies); a sequence longer
+    # than the budget is an error. 0: padded micro-batches of micro_batch_size sequences.
+    max_tokens_per_microbatch: int = 0
 
     def __post_init__(self) -> None:
         for name in ("lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps"):
@@ -124,6 +128,9 @@ class OptimConfig:
                               f"{self.global_batch_size}")
         if self.epochs < 1:
             raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        if self.max_tokens_per_microbatch < 0:
+            raise ConfigError(f"max_tokens_per_microbatch: must be >= 0 (0 = padded micro-batches), got "
+                              f"{self.max_tokens_per_microbatch}")
 
 
 @dataclass
@@ -262,6 +269,13 @@ def validate_run_config(cfg: TraceConfig, *, world_size: int = 1, check_annotato
                           f"the prompt in rollout.max_model_len={cfg.rollout.max_model_len}")
     if world_size % (p.tp * p.pp * p.cp):
         raise ConfigError(f"parallel: world size {world_size} is not divisible by tp*pp*cp = {p.tp * p.pp * p.cp}")
+    if cfg.optim.max_tokens_per_microbatch and p.cp > 1:
+        raise ConfigError(f"optim.max_tokens_per_microbatch: packed micro-batches need parallel.cp = 1, got "
+                          f"cp = {p.cp}")
+    budget = cfg.optim.max_tokens_per_microbatch
+    if budget and cfg.train.mode == "trace" and budget <= cfg.rollout.max_response_tokens:
+        raise ConfigError(f"optim.max_tokens_per_microbatch: {budget} tokens cannot hold a prompt plus a "
+                          f"response of rollout.max_response_tokens = {cfg.rollout.max_response_tokens}")
     if cfg.model.load is not None and not os.path.exists(cfg.model.load):
         raise ConfigError(f"model.load: {cfg.model.load} does not exist")
     from megatron_trace.data.tokenizer import check_tokenizer_fits

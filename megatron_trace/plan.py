@@ -88,6 +88,12 @@ class PlanConfig:
     # The trainer's teacher.microbatches_per_pass: teacher span logits are held for this many micro-batches at a
     # time, each group followed by its student pass; 0 = all of a rank's micro-batches at once.
     teacher_microbatches_per_pass: int = 0
+    # The longest response of a step (rollout.max_response_tokens); 0 = response_len. Padded micro-batches pad
+    # every row to prompt_len + max_response_len; packed ones do not.
+    max_response_len: int = 0
+    # The trainer's optim.max_tokens_per_microbatch: > 0 packs sequences into micro-batches of this many tokens,
+    # so activations, logits and step time follow the mean sequence (prompt_len + response_len), not the longest.
+    max_tokens_per_microbatch: int = 0
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node", "tp", "pp", "prompts_per_step", "group_size", "prompt_len",
@@ -99,6 +105,10 @@ class PlanConfig:
                              "training GPUs")
         if self.rollout == "separate" and self.rollout_nodes < 1:
             raise ValueError("rollout=separate needs rollout_nodes >= 1")
+        if self.max_response_len < 0 or self.max_tokens_per_microbatch < 0:
+            raise ValueError("max_response_len and max_tokens_per_microbatch must be >= 0")
+        if self.max_response_len and self.max_response_len < self.response_len:
+            raise ValueError(f"max_response_len={self.max_response_len} < the mean response_len={self.response_len}")
         if not 0.0 <= self.span_fraction <= 1.0:
             raise ValueError(f"span_fraction={self.span_fraction} must be in [0, 1]")
         if not 0.0 < self.gpu_memory_utilization < 1.0:
@@ -111,6 +121,11 @@ class PlanConfig:
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.response_len
+
+    @property
+    def padded_seq_len(self) -> int:
+        """Tokens per row of a padded micro-batch: the step's longest sequence."""
+        return self.prompt_len + (self.max_response_len or self.response_len)
 
 
 @dataclass
@@ -208,21 +223,37 @@ def plan(cfg: PlanConfig, hw: Hardware | None = None) -> Plan:
     if responses % cfg.dp:
         warnings.append(f"{responses} responses per step do not split evenly over dp={cfg.dp}")
     local_seqs = math.ceil(responses / cfg.dp)
-    microbatches = math.ceil(local_seqs / cfg.micro_batch_size)
-    mb_tokens = cfg.micro_batch_size * cfg.seq_len
+    budget = cfg.max_tokens_per_microbatch
+    if budget:
+        # packed: micro-batches of `budget` tokens holding budget / seq_len mean sequences, no padding rows
+        longest = cfg.padded_seq_len + cfg.privileged_extra_len
+        if budget < longest:
+            warnings.append(f"max_tokens_per_microbatch={budget} < the longest teacher sequence {longest} "
+                            "(prompt + privileged extra + max response): such a step raises")
+        seqs_per_mb = budget / cfg.seq_len
+        microbatches = math.ceil(local_seqs / seqs_per_mb)
+        mb_tokens = budget
+        attn_seq = cfg.seq_len if cfg.flash_attention else budget  # THD: per sequence; mask path: whole row
+        processed_seq = cfg.seq_len  # compute per sequence
+    else:
+        seqs_per_mb = cfg.micro_batch_size
+        microbatches = math.ceil(local_seqs / cfg.micro_batch_size)
+        mb_tokens = cfg.micro_batch_size * cfg.padded_seq_len
+        attn_seq = cfg.padded_seq_len
+        processed_seq = cfg.padded_seq_len  # padding is computed too
     in_flight = min(cfg.pp, microbatches)
     layers_stage = m["layers"] // cfg.pp
     if cfg.recompute == "full":
-        per_tok = layers_stage * m["h"] + _activation_elems_per_token(m, cfg.tp, cfg.seq_len, None, cfg.flash_attention)
+        per_tok = layers_stage * m["h"] + _activation_elems_per_token(m, cfg.tp, attn_seq, None, cfg.flash_attention)
     else:
-        per_tok = layers_stage * _activation_elems_per_token(m, cfg.tp, cfg.seq_len, cfg.recompute, cfg.flash_attention)
+        per_tok = layers_stage * _activation_elems_per_token(m, cfg.tp, attn_seq, cfg.recompute, cfg.flash_attention)
     mem["activations"] = per_tok * mb_tokens * in_flight * abytes
     vocab_rank = padded_vocab_size(m["vocab"], cfg.tp) // cfg.tp
-    rows = cfg.micro_batch_size * cfg.response_len
+    rows = seqs_per_mb * cfg.response_len
     mem["student_logits"] = vocab_rank * (mb_tokens * abytes + rows * 2 * abytes
                                           + LOSS_WORKSPACE_BUFFERS * min(rows, LOSS_CHUNK_ROWS) * 4)
     per_pass = cfg.teacher_microbatches_per_pass
-    held = local_seqs if per_pass == 0 else min(local_seqs, per_pass * cfg.micro_batch_size)
+    held = local_seqs if per_pass == 0 else min(local_seqs, per_pass * seqs_per_mb)
     span_rows = held * cfg.response_len * cfg.span_fraction
     mem["teacher_logits"] = span_rows * vocab_rank * 4
     mem["teacher_snapshot"] = mem["weights"] if cfg.teacher_refresh_steps > 1 else 0.0
@@ -263,14 +294,14 @@ def plan(cfg: PlanConfig, hw: Hardware | None = None) -> Plan:
     t_rollout = waves * cfg.response_len * max(per_iter_mem, per_iter_flops)
     train_gpus = cfg.nodes * cfg.gpus_per_node
     rate = train_gpus * hw.bf16_tflops * 1e12 * hw.mfu
-    attn_per_token = 2 * 2 * m["layers"] * m["hq"] * (cfg.seq_len / 2)  # QK^T and PV, causal mean context
+    attn_per_token = 2 * 2 * m["layers"] * m["hq"] * (processed_seq / 2)  # QK^T and PV, causal mean context
     fwd_per_token = 2 * total + attn_per_token
-    tokens = responses * cfg.seq_len
+    tokens = responses * processed_seq
     # forward + backward (2 forwards' worth); log p_old is the same forward's detached log-prob (one update per
     # rollout batch), so no extra pass; full recompute repeats the forward.
     passes = 3 + (1 if cfg.recompute == "full" else 0)
     t_train = passes * fwd_per_token * tokens / rate
-    t_teacher = fwd_per_token * responses * (cfg.seq_len + cfg.privileged_extra_len) / rate
+    t_teacher = fwd_per_token * responses * (processed_seq + cfg.privileged_extra_len) / rate
     sync_bytes = total * 2
     if cfg.rollout == "colocated":
         t_sync = sync_bytes / cfg.tp / (hw.nvlink_gbps * 1e9) + sync_bytes / rtp / (hw.hbm_gbps * 1e9)

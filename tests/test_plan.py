@@ -166,3 +166,23 @@ def test_cli_prints_the_plan_and_fails_when_it_does_not_fit(tmp_path):
                           os.path.join(ROOT, "examples", "configs", "qwen3_8b.yaml"), "--tp", "1",
                           "--distributed-optimizer", "false"], capture_output=True, text=True)
     assert bad.returncode == 1 and "does not fit" in bad.stdout
+
+
+def test_packed_micro_batches_follow_the_mean_sequence_and_padded_ones_the_longest():
+    mean = dict(model="qwen3-8b", nodes=2, tp=8, prompt_len=512, response_len=2048, micro_batch_size=4)
+    seq = 512 + 2048
+    today = plan(PlanConfig(**mean))  # the planner's old assumption: every row as long as the mean
+    padded = plan(PlanConfig(**mean, max_response_len=8192))  # rows padded to the longest response
+    # a budget of 4 mean sequences (10240 tokens) still holds the longest teacher sequence (512 + 1024 + 8192)
+    packed = plan(PlanConfig(**mean, max_response_len=8192, max_tokens_per_microbatch=4 * seq))
+    for key in ("activations", "student_logits", "teacher_logits"):
+        # 4 unpadded sequences per micro-batch, as at micro_batch_size 4 without padding
+        assert packed.memory[key] == pytest.approx(today.memory[key], rel=1e-9), key
+    # padded: activations and logits of 4 x (512 + 8192) tokens instead of 4 x 2560
+    assert padded.memory["activations"] == pytest.approx(today.memory["activations"] * (512 + 8192) / seq, rel=1e-9)
+    assert padded.memory["student_logits"] > 1.5 * packed.memory["student_logits"]  # the [mbs x s, V/tp] logits
+    assert packed.time["train"] == pytest.approx(today.time["train"], rel=1e-9)
+    assert padded.time["train"] > 3 * packed.time["train"]
+    assert not any("max_tokens_per_microbatch" in w for w in packed.warnings)
+    short = plan(PlanConfig(**mean, max_response_len=8192, max_tokens_per_microbatch=4096))
+    assert any("max_tokens_per_microbatch=4096 < the longest teacher sequence" in w for w in short.warnings)

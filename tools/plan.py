@@ -33,6 +33,8 @@ def config_from_trainer_yaml(path: str) -> dict:
                 distributed_optimizer=cfg.parallel.use_distributed_optimizer,
                 bf16=cfg.model.bf16, recompute=cfg.model.recompute, prompts_per_step=cfg.rollout.prompts_per_step,
                 group_size=cfg.rollout.group_size, response_len=cfg.rollout.max_response_tokens,
+                max_response_len=cfg.rollout.max_response_tokens,
+                max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
                 prompt_len=max(1, cfg.rollout.max_model_len - cfg.rollout.max_response_tokens) // 2,
                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                 micro_batch_size=cfg.optim.micro_batch_size, teacher_refresh_steps=cfg.teacher.refresh_steps,

@@ -12,13 +12,14 @@ hands the schedule `loss * num_microbatches * dp`, which cancels it exactly.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from functools import partial
 from typing import Any, Callable, ContextManager
 
 import torch
 
 from megatron_trace.models.qwen3 import unwrap_model
+from megatron_trace.train.packing import packed_forward
 
 __all__ = ["build_model_and_optimizer", "forward_backward", "optimizer_step", "zero_grad"]
 
@@ -100,7 +101,8 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
 
     microbatches: this rank's microbatches (every stage of a pipeline gets the same list), each a dict with
       `tokens [b, s]` int64 and `position_ids [b, s]` int64 plus any tensors `loss_fn` needs; right-padded, so
-      the causal mask is the only mask.
+      the causal mask is the only mask; or packed (b = 1, several sequences back to back, with `cu_seqlens`
+      [n + 1] int32 and `max_seqlen`: see train/packing.py). Every microbatch of a call has the same shape.
     loss_fn(logits, microbatch) -> (loss, metrics): logits `[b, s, padded_vocab / tp]` (this TP rank's vocab
       slice), loss a scalar tensor already normalised by the caller (see the module docstring: gradients are
       summed over microbatches and DP/CP ranks), metrics anything picklable.
@@ -128,9 +130,14 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
 
     def forward_step(data_iterator, model):
         microbatch = _to_device(next(data_iterator), device)
-        with (model_context(model, microbatch) if model_context is not None else nullcontext()):
-            logits = model(input_ids=microbatch["tokens"], position_ids=microbatch["position_ids"],
-                           attention_mask=None, labels=None)
+        with ExitStack() as stack:
+            kwargs = {"attention_mask": None}
+            if "cu_seqlens" in microbatch:  # packed: attention and positions confined to each sequence
+                kwargs = stack.enter_context(packed_forward(model, microbatch))
+            if model_context is not None:
+                stack.enter_context(model_context(model, microbatch))
+            logits = model(input_ids=microbatch["tokens"], position_ids=microbatch["position_ids"], labels=None,
+                           **kwargs)
         return logits, partial(scaled_loss, microbatch)
 
     forward_backward_func = get_forward_backward_func()

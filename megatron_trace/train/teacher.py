@@ -127,8 +127,12 @@ class Teacher:
     def _forward(self, microbatches, context, keep_rows, micro_batch_size, seq_length) -> list:
         from megatron.core import parallel_state as ps
 
-        teacher_mbs = [{"tokens": mb["teacher_tokens"], "position_ids": mb["teacher_position_ids"],
-                        "rows": mb["teacher_rows"]} for mb in microbatches]
+        teacher_mbs = []
+        for mb in microbatches:
+            t = {"tokens": mb["teacher_tokens"], "position_ids": mb["teacher_position_ids"], "rows": mb["teacher_rows"]}
+            if "teacher_cu_seqlens" in mb:  # packed like the student's micro-batch
+                t.update(cu_seqlens=mb["teacher_cu_seqlens"], max_seqlen=mb["teacher_max_seqlen"])
+            teacher_mbs.append(t)
         was_training = [m.training for m in self.model_chunks]
         for m in self.model_chunks:
             m.eval()

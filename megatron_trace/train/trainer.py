@@ -25,9 +25,7 @@ from megatron_trace.loss.reductions import SUM, MeanOf, reduce_metrics
 from megatron_trace.loss.trace_loss import ExposureTracker, TraceLoss
 from megatron_trace.loss.vocab_parallel import token_stats
 from megatron_trace.routes import Route
-from megatron_trace.train.batching import (
-    RolloutBatch, Sample, build_microbatches, padded_length, split_for_data_parallel,
-)
+from megatron_trace.train.batching import RolloutBatch, Sample, make_step_batches
 from megatron_trace.train.metrics import MetricsLogger, RunProgress, Timer
 from megatron_trace.train.step import build_model_and_optimizer, forward_backward, optimizer_step, zero_grad
 from megatron_trace.train.teacher_probe import probe_due, probe_teacher
@@ -345,6 +343,9 @@ class Trainer:
                         self._store_old_logprobs(prep)
             steps = [self._step_minibatch(prep, kl_weight) for _ in range(o.epochs) for prep in prepared]
             metrics = combine_step_metrics(steps, TraceLoss.reductions, epochs=o.epochs)
+            for key in ("padding_frac", "teacher_padding_frac", "microbatches"):  # per optimizer step: the mean
+                if all(key in m for m in steps):
+                    metrics[key] = sum(m[key] for m in steps) / len(steps)
         # one exposure update per rollout batch (lambda_k is a per-rollout-step quantity)
         if metrics["tokens"] > 0:
             self.exposure.update(kl_weight if metrics["kl_active"] else 0.0, metrics["span_tokens"],
@@ -355,16 +356,14 @@ class Trainer:
         """This rank's micro-batches of one mini-batch plus what its steps need (global counts, lengths)."""
         cfg = self.cfg
         lay = self.layout
-        seq_length = padded_length(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
         with_teacher = self.teacher is not None and kl_weight > 0 and any(s.num_kl_rows for s in samples)
-        teacher_seq = None
-        if with_teacher:
-            teacher_seq = padded_length(max(len(s.teacher_prompt_ids) + len(s.response_ids)
-                                            for s in samples if s.teacher_prompt_ids is not None))
-        local = split_for_data_parallel(samples, lay.dp, lay.dp_rank)
-        mbs = build_microbatches(local, micro_batch_size=cfg.optim.micro_batch_size, seq_length=seq_length,
-                                 teacher_seq_length=teacher_seq, pad_id=self.pad_id)
-        return {"mbs": mbs, "seq_length": seq_length, "teacher_seq": teacher_seq, "with_teacher": with_teacher,
+        batches = make_step_batches(samples, dp_size=lay.dp, dp_rank=lay.dp_rank,
+                                    micro_batch_size=cfg.optim.micro_batch_size,
+                                    max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
+                                    with_teacher=with_teacher, pad_id=self.pad_id)
+        return {"mbs": batches.microbatches, "seq_length": batches.seq_length,
+                "teacher_seq": batches.teacher_seq_length, "micro_batch_size": batches.micro_batch_size,
+                "stats": batches.stats, "with_teacher": with_teacher,
                 "num_tokens": float(sum(len(s.response_ids) for s in samples)),
                 "num_responses": float(len(samples))}
 
@@ -383,7 +382,7 @@ class Trainer:
 
         with torch.no_grad():
             out = forward_backward(self.model, prep["mbs"], logprobs, seq_length=prep["seq_length"],
-                                   micro_batch_size=self.cfg.optim.micro_batch_size, forward_only=True)
+                                   micro_batch_size=prep["micro_batch_size"], forward_only=True)
         for mb, lp in zip(prep["mbs"], out):
             mb["old_logprobs"] = lp
 
@@ -392,6 +391,7 @@ class Trainer:
         mini-batch. Returns global metrics."""
         cfg = self.cfg
         mbs, seq_length, teacher_seq = prep["mbs"], prep["seq_length"], prep["teacher_seq"]
+        micro_batch_size = prep["micro_batch_size"]
         with_teacher = prep["with_teacher"]
         prepare = None
         if with_teacher:
@@ -406,14 +406,16 @@ class Trainer:
                                 mb["teacher_hidden"], mb["teacher_weight"] = out
                         return
                     for mb, logits in zip(group, self.teacher.logits(
-                            group, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
+                            group, micro_batch_size=micro_batch_size, seq_length=teacher_seq)):
                         if logits is not None:
                             mb["teacher_logits"] = self._mask_vocab_padding(logits)
         loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, prep["num_tokens"],
                                        prep["num_responses"])
         metrics = self._forward_backward_step(mbs, loss_fn, TraceLoss.reductions, seq_length, prepare=prepare,
-                                              group_size=cfg.teacher.microbatches_per_pass)
+                                              group_size=cfg.teacher.microbatches_per_pass,
+                                              micro_batch_size=micro_batch_size)
         metrics["kl_active"] = 1.0 if with_teacher else 0.0
+        metrics.update(prep["stats"])  # padding_frac, microbatches (train/batching.py)
         return metrics
 
     def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
@@ -482,8 +484,8 @@ class Trainer:
 
         return loss_fn
 
-    def _forward_backward_step(self, mbs: list[dict], loss_fn, reductions: dict, seq_length: int, *, prepare=None,
-                               group_size: int = 0) -> dict:
+    def _forward_backward_step(self, mbs: list[dict], loss_fn, reductions: dict, seq_length: int, *,
+                               micro_batch_size: int, prepare=None, group_size: int = 0) -> dict:
         """Zero grads, forward/backward over `mbs`, optimizer step; returns the loss's metrics reduced as
         `reductions` declares (megatron_trace.loss.reductions), plus grad_norm and update_skipped.
 
@@ -501,7 +503,7 @@ class Trainer:
                 prepare(group)
             with self.timer("train"):
                 out += forward_backward(self.model, group, loss_fn, seq_length=seq_length,
-                                        micro_batch_size=self.cfg.optim.micro_batch_size,
+                                        micro_batch_size=micro_batch_size,
                                         finalize_grads=index == len(groups) - 1,
                                         model_context=self._output_context())
             for mb in group:
@@ -535,10 +537,10 @@ class Trainer:
         sft.privileged_format, after the privileged prompt too)."""
         cfg = self.cfg
         samples = self._broadcast(self._sft_samples() if self.is_driver else None)
-        seq_length = padded_length(max(len(s.prompt_ids) + len(s.response_ids) for s in samples))
-        local = split_for_data_parallel(samples, self.layout.dp, self.layout.dp_rank)
-        mbs = build_microbatches(local, micro_batch_size=cfg.optim.micro_batch_size, seq_length=seq_length,
-                                 pad_id=self.pad_id)
+        batches = make_step_batches(samples, dp_size=self.layout.dp, dp_rank=self.layout.dp_rank,
+                                    micro_batch_size=cfg.optim.micro_batch_size,
+                                    max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
+                                    pad_id=self.pad_id)
         num_tokens = float(sum(len(s.response_ids) for s in samples))
         tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
 
@@ -552,9 +554,12 @@ class Trainer:
                            "entropy_sum": stats.entropy.detach().sum(), "loss": nll.detach() / num_tokens}
             return nll / num_tokens, metrics
 
-        metrics = self._forward_backward_step(mbs, loss_fn, SFT_REDUCTIONS, seq_length)
+        metrics = self._forward_backward_step(batches.microbatches, loss_fn, SFT_REDUCTIONS, batches.seq_length,
+                                              micro_batch_size=batches.micro_batch_size)
         metrics.update(self.timer.pop())
-        return {k: metrics[k] for k in ("loss", "nll", "entropy", "grad_norm", "tokens", "time/train")}
+        metrics.update(batches.stats)
+        return {k: metrics[k] for k in ("loss", "nll", "entropy", "grad_norm", "tokens", "time/train",
+                                        "padding_frac", "microbatches")}
 
     def _sft_samples(self) -> list[Sample]:
         from megatron_trace.data.prompts import build_prompt_ids, privileged_messages, student_messages
