@@ -177,7 +177,7 @@ class ColocatedServers:
         export(dsts): the weight bridge's collective generator of buckets, yielding on each rank in `dsts`.
         tensors: the update's announcement (`shm_push.announce_model`). Returns the new version; raises
         ColocatedError on every rank if any node or server failed (no server serves the new version then)."""
-        from megatron_trace.rollout.client import _drain
+        from megatron_trace.rollout.client import drain
 
         target = self.version + 1
         error = None
@@ -196,7 +196,7 @@ class ColocatedServers:
             except Exception as e:  # noqa: BLE001 - every rank raises it below
                 error = f"node {self.pusher.node}: weight update to version {target}: {e}"
         else:
-            _drain(iter(buckets))
+            drain(iter(buckets))
         errors = [e for e in _gather(error) if e]
         if not errors and self.pool is not None:
             from megatron_trace.sync.shm_push import commit_all

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from megatron_trace.rollout.client import RolloutClient, RolloutServerError, _drain
+from megatron_trace.rollout.client import RolloutClient, RolloutServerError, drain
 from megatron_trace.rollout.shm_weights import ShmBucketWriter, announcement
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class ShmPusher:
                 except Exception:  # noqa: BLE001 - the first error is the one raised
                     pass
             self.abort(f"{type(e).__name__}: {e}")
-            _drain(it)
+            drain(it)
             raise
 
     def abort(self, reason: str) -> None:
