@@ -49,9 +49,9 @@ def test_good_placements_load():
 
 
 def _torchrun_two_nodes(script_args: list[str], out_dir, timeout: int, env=None):
-    from dist_harness import free_port
+    from megatron_trace.distributed.setup import free_ports
 
-    port = free_port()
+    port = free_ports(1)[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **(env or {})}
     procs = []
     for node in range(2):
@@ -113,12 +113,12 @@ def test_the_multi_node_launcher_runs_two_nodes_on_localhost_each_with_its_own_s
     """examples/lib/launch_trace.sh as a user runs it on each node (NNODES=2, NODE_RANK=0/1, one process per
     node), with the tiny CPU recipe run colocated: one TRACE step, a server on each node."""
     pytest.importorskip("vllm")
-    from dist_harness import free_port
+    from megatron_trace.distributed.setup import free_ports
     from tiny_hf_model import make_tiny_qwen3_dir
 
     hf_dir = make_tiny_qwen3_dir(str(tmp_path / "hf"), seed=5, tied=True)
     out = tmp_path / "run"
-    port = free_port()
+    port = free_ports(1)[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PY": sys.executable,
            "CONFIG": "examples/configs/tiny_cpu.yaml", "TP": "1", "PP": "1", "HF_DIR": hf_dir,
            "DATA": os.path.join(REPO, "megatron_trace", "data", "assets", "arith_train.jsonl"), "NNODES": "2",
