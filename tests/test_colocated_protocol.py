@@ -162,3 +162,50 @@ def test_the_driver_wakes_before_the_update_loads_each_node_then_commits_all_and
     assert log == [("sleep", 2), ("wake_up",), ("load", "bucket0", 2), ("abort",)]  # no commit
     assert "node 0" in failed and "http://s0 died" in failed and "no server serves the new version" in failed
     assert final == 1
+
+
+class StreamEngine:
+    """The engine side ShmWeightLoader and WeightStaging drive: accepts any announcement, drains the stream."""
+
+    weight_version = 0
+
+    def validate_announcement(self, metas, version):
+        return version
+
+    def load_weights_stream(self, tensors, version):
+        for _ in tensors:
+            pass
+
+
+def test_one_weight_update_at_a_time_across_the_shm_routes_and_the_http_push():
+    """/weights/shm/* and /weights/begin are separate protocols on one engine: while either update is active,
+    the other (and a second shm update) is refused with 409, as the HTTP push refuses a second push; an update
+    idle past the timeout may be replaced; a retried begin (its answer lost) is answered again."""
+    from megatron_trace.rollout.shm_loader import ShmUpdateError, ShmWeightLoader
+    from megatron_trace.rollout.weight_staging import ApiError, WeightStaging
+
+    now = [0.0]
+    engine = StreamEngine()
+    staging = WeightStaging(engine, idle_timeout_s=60, clock=lambda: now[0])
+    shm = ShmWeightLoader(engine, 1 << 20, idle_timeout_s=60, other_update=staging.active, clock=lambda: now[0])
+    staging.other_update = shm.active
+    tensors = [["w", "float32", [2, 2]]]
+
+    shm.begin(1, tensors)
+    assert shm.begin(1, tensors)["status"] == "begun"  # the same begin retried: not a second update
+    with pytest.raises(ShmUpdateError) as e:
+        shm.begin(2, tensors)
+    assert e.value.status == 409 and "shared-memory update to version 1" in str(e.value)
+    with pytest.raises(ApiError) as e:
+        staging.begin(1)
+    assert e.value.status == 409 and "shared-memory update to version 1" in e.value.message
+    shm.abort("test")  # frees the engine for the HTTP push
+    push_id = staging.begin(1)["push_id"]
+    with pytest.raises(ShmUpdateError) as e:
+        shm.begin(1, tensors)
+    assert e.value.status == 409 and f"HTTP weight push ({push_id}" in str(e.value)
+    now[0] += 61  # the push went idle: the shm update may start (and, idle in turn, be replaced)
+    shm.begin(1, tensors)
+    now[0] += 61
+    shm.begin(2, tensors)
+    shm.abort("done")
