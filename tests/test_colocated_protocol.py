@@ -71,6 +71,7 @@ def test_engine_sleep_and_wake_use_vllms_sleep_mode_on_gpu(tmp_path, monkeypatch
     engine = VLLMEngine.__new__(VLLMEngine)  # the vLLM-facing calls only: a recording LLM, CUDA "available"
     engine.cfg = EngineConfig(str(tmp_path), enable_sleep_mode=True)
     engine._llm, engine._lock, engine._sleeping, engine._inconsistent = RecordingLLM(), threading.RLock(), False, None
+    engine._nccl_pending, engine._weights_discarded = None, False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     engine.sleep(2)
     assert engine._llm.calls == [("sleep", (), {"level": 2})]
@@ -78,6 +79,16 @@ def test_engine_sleep_and_wake_use_vllms_sleep_mode_on_gpu(tmp_path, monkeypatch
         engine._check_serving()
     engine.wake_up()
     assert [c[0] for c in engine._llm.calls] == ["sleep", "wake_up", "reset_prefix_cache"]
+    # level 2 discarded the weights: awake but refusing until a complete update (the shm/IPC one included) ...
+    with pytest.raises(RuntimeError, match="discarded by a level-2 sleep"):
+        engine._check_serving()
+    engine._loaded_version = 1
+    engine.commit_loaded_weights(1)
+    engine._check_serving()
+    # ... a level-1 sleep keeps them (offloaded): serving again right after wake_up
+    engine.sleep(1)
+    engine.wake_up()
+    assert engine._llm.calls[-3][2] == {"level": 1}
     engine._check_serving()
     with pytest.raises(ValueError, match="level"):
         engine.sleep(3)
