@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=e.tensor_parallel_size)
     p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--enable-sleep-mode", action="store_true", help="allow /sleep and /wake_up (vLLM sleep mode on GPU; on CPU accepted no-ops, logged)")
+    p.add_argument("--enable-sleep-mode", action="store_true",
+                   help="allow /sleep and /wake_up (vLLM sleep mode on GPU; on CPU accepted no-ops, logged)")
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help="environment variable holding the bearer token of the weight/admin routes")
     for f in fields(ServerLimits):  # --max-request-bytes, --max-queue, --request-timeout-s, ... (ServerLimits)
