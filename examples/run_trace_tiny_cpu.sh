@@ -2,7 +2,8 @@
 # The tiny TRACE run on CPU (what `make demo` runs), ~4 minutes on a 2-core machine (40 s of them the warm-start):
 #   1. supervised warm-start of a random tiny Qwen3 on the shipped worked arithmetic solutions (student and
 #      privileged-prompt formats), so that sampling finds some correct answers;
-#   2. TRACE from that checkpoint: rollouts on real vLLM (CPU build) in a generation server beside rank 0,
+#   2. TRACE from that checkpoint: rollouts on real vLLM (CPU build) in a colocated generation server (one per
+#      node, started by its local rank 0, asleep while training, refreshed through /dev/shm after each step),
 #      rewards by math-verify, key spans by the rule-based reference-match annotator, forward KL to the
 #      privileged teacher on key spans (annealed away after the warm-up), GRPO everywhere else; TP=2 over two
 #      gloo processes;
@@ -31,7 +32,7 @@ run --config examples/configs/tiny_cpu_sft.yaml "parallel.tp=$NPROC" "logging.ou
 
 echo "== 2/3 TRACE from the warm-start -> $OUTPUT_DIR"
 run --config examples/configs/tiny_cpu.yaml "parallel.tp=$NPROC" "logging.output_dir=$OUTPUT_DIR" checkpoint.overwrite=true \
-    "model.load=$OUTPUT_DIR/sft/checkpoints" "$@"
+    "model.load=$OUTPUT_DIR/sft/checkpoints" rollout.placement=colocated "$@"
 
 echo "== 3/3 reward over the TRACE run"
 "$PY" tools/show_metrics.py "$OUTPUT_DIR/metrics.jsonl" --key reward_mean

@@ -20,7 +20,10 @@ Memory (bytes per GPU, worst pipeline stage):
   student's backward.
 - teacher snapshot: a copy of the rank's weights when the teacher is refreshed less often than every step.
 - vLLM (colocated or on separate nodes): the engine reserves gpu_memory_utilization x GPU memory for its weights
-  (bf16, / rollout_tp) and KV cache (the rest); the planner reports how many concurrent sequences fit.
+  (bf16, / rollout_tp) and KV cache (the rest); the planner reports how many concurrent sequences fit. A colocated
+  engine asleep (sleep_level 1 or 2) holds neither while the trainer trains (1 GiB of context and workspace
+  stays); a second table gives the training GPU while it generates (the trainer's weights, grads and optimizer
+  state plus the engine's whole reservation), and both must fit.
 - runtime: a fixed per-GPU allowance (CUDA context, NCCL buffers, allocator fragmentation).
 
 Step time (seconds): rollout (decode at memory bandwidth: every step reads the weights and the KV cache),
@@ -56,6 +59,7 @@ class Hardware:
     decode_efficiency: float = 0.6  # achieved fraction of memory bandwidth while decoding
     nvlink_gbps: float = 450.0  # per GPU, one direction, GB/s
     network_gbps: float = 50.0  # inter-node per GPU, GB/s (400 Gb/s InfiniBand)
+    pcie_gbps: float = 25.0  # host <-> GPU per GPU, GB/s (vLLM sleep level 1 offloads weights over it)
     runtime_gib: float = 3.0  # CUDA context, NCCL buffers, allocator slack; 0 on CPU (measured separately)
 
 
@@ -73,6 +77,9 @@ class PlanConfig:
     rollout_tp: int = 0  # vLLM tensor parallel size; 0 = tp
     rollout_engines: int = 0  # vLLM engines decoding in parallel; 0 = one per rollout_tp GPUs of the rollout GPUs
     gpu_memory_utilization: float = 0.5  # vLLM's share of a GPU
+    # Colocated engines sleep while the trainer trains (rollout.sleep_level): 1 offloads their weights to host
+    # memory, 2 frees them (the next update overwrites them); either frees the KV cache. 0 = never sleep.
+    sleep_level: int = 2
     prompts_per_step: int = 128
     group_size: int = 8
     prompt_len: int = 512  # mean prompt tokens
@@ -111,6 +118,8 @@ class PlanConfig:
             raise ValueError(f"max_response_len={self.max_response_len} < the mean response_len={self.response_len}")
         if not 0.0 <= self.span_fraction <= 1.0:
             raise ValueError(f"span_fraction={self.span_fraction} must be in [0, 1]")
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"sleep_level={self.sleep_level}: expected 0, 1 or 2")
         if not 0.0 < self.gpu_memory_utilization < 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1)")
 
@@ -134,7 +143,7 @@ class Plan:
     hardware: Hardware
     params_total: int
     params_rank: int  # parameters on the most loaded training rank
-    memory: dict[str, float]  # bytes per training GPU, by component (incl. "total")
+    memory: dict[str, float]  # bytes per training GPU while training, by component (incl. "total")
     rollout_memory: dict[str, float]  # bytes per rollout GPU (colocated: the vLLM share on a training GPU)
     kv_tokens_per_engine: int  # KV cache capacity of one vLLM engine, tokens
     concurrent_sequences: int  # sequences one engine decodes at once
@@ -142,13 +151,16 @@ class Plan:
     engines: int = 1
     rollout_tp: int = 1
     warnings: list[str] = field(default_factory=list)
+    # colocated: bytes per training GPU while its engine generates (the trainer's weights, grads and optimizer
+    # stay; activations and logits are gone; the engine is awake with its whole reservation)
+    generation_memory: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"config": asdict(self.config), "hardware": asdict(self.hardware), "params_total": self.params_total,
                 "params_rank": self.params_rank, "memory_bytes": self.memory,
                 "rollout_memory_bytes": self.rollout_memory,
                 "kv_tokens_per_engine": self.kv_tokens_per_engine, "concurrent_sequences": self.concurrent_sequences,
-                "time_s": self.time, "warnings": self.warnings}
+                "generation_memory_bytes": self.generation_memory, "time_s": self.time, "warnings": self.warnings}
 
 
 def _dims(hf: dict) -> dict:
@@ -269,14 +281,26 @@ def plan(cfg: PlanConfig, hw: Hardware | None = None) -> Plan:
     kv_tokens = int(kv_bytes // kv_per_token)
     rollout_mem = {"vllm_weights": vllm_weights, "kv_cache": kv_bytes, "runtime": hw.runtime_gib * GIB}
     rollout_mem["total"] = sum(rollout_mem.values())
+    asleep = cfg.rollout == "colocated" and cfg.sleep_level > 0
     if cfg.rollout == "colocated":
-        mem["vllm_reserved"] = reserve
+        # asleep while training: no KV cache, no weights on the GPU (offloaded or freed); vLLM's CUDA context and
+        # workspace stay (1 GiB). Awake (sleep_level 0): the whole reservation.
+        mem["vllm_asleep" if asleep else "vllm_reserved"] = 1.0 * GIB if asleep else reserve
     mem["runtime"] = hw.runtime_gib * GIB
     mem["total"] = sum(mem.values())
     if mem["total"] > hw.memory_gib * GIB:
         warnings.append(f"training GPUs need {mem['total'] / GIB:.1f} GiB > {hw.memory_gib} GiB: does not fit "
                         "(more TP/PP, the distributed optimizer, full recompute, a smaller micro-batch, or "
                         "separate rollout nodes)")
+    gen_mem: dict[str, float] = {}
+    if cfg.rollout == "colocated":
+        gen_mem = {k: mem[k] for k in ("weights", "grads", "optimizer", "teacher_snapshot", "runtime")}
+        gen_mem["vllm_reserved"] = reserve
+        gen_mem["total"] = sum(gen_mem.values())
+        if gen_mem["total"] > hw.memory_gib * GIB:
+            warnings.append(f"while generating, training GPUs need {gen_mem['total'] / GIB:.1f} GiB > "
+                            f"{hw.memory_gib} GiB: does not fit (lower gpu_memory_utilization, more TP, the "
+                            "distributed optimizer)")
     if kv_tokens < cfg.seq_len:
         warnings.append(f"vLLM KV cache holds {kv_tokens} tokens < one sequence of {cfg.seq_len}: raise "
                         "gpu_memory_utilization or rollout_tp")
@@ -308,8 +332,11 @@ def plan(cfg: PlanConfig, hw: Hardware | None = None) -> Plan:
     else:
         t_sync = sync_bytes / (hw.network_gbps * 1e9)
     time = {"rollout": t_rollout, "teacher": t_teacher, "train": t_train, "sync": t_sync}
+    if asleep:  # level 1 moves the engine's weights to host memory and back; level 2 only frees and re-maps
+        time["sleep_wake"] = 2 * vllm_weights / (hw.pcie_gbps * 1e9) if cfg.sleep_level == 1 else 0.0
     time["total"] = sum(time.values())
-    return Plan(cfg, hw, total, p_rank, mem, rollout_mem, kv_tokens, concurrent, time, engines, rtp, warnings)
+    return Plan(cfg, hw, total, p_rank, mem, rollout_mem, kv_tokens, concurrent, time, engines, rtp, warnings,
+                gen_mem)
 
 
 def format_plan(p: Plan) -> str:
@@ -317,7 +344,9 @@ def format_plan(p: Plan) -> str:
     c = p.config
     lines = [f"## {c.model}: {c.nodes} x {c.gpus_per_node} GPUs ({p.hardware.name}), TP={c.tp} PP={c.pp} DP={c.dp}, "
              f"rollout {c.rollout}" + (f" on {c.rollout_nodes} nodes" if c.rollout == "separate" else "")
-             + f", {p.engines} vLLM engine(s) at TP={p.rollout_tp}",
+             + f", {p.engines} vLLM engine(s) at TP={p.rollout_tp}"
+             + (f", asleep (level {c.sleep_level}) while training" if c.rollout == "colocated" and c.sleep_level
+                else ""),
              "",
              f"{p.params_total / 1e9:.2f} B parameters, {p.params_rank / 1e9:.3f} B on the heaviest rank; "
              f"{c.prompts_per_step} prompts x {c.group_size} responses, {c.prompt_len} + {c.response_len} tokens, "
@@ -325,8 +354,12 @@ def format_plan(p: Plan) -> str:
              f"distributed optimizer {'on' if c.distributed_optimizer else 'off'}.",
              "", "| training GPU memory | GiB |", "|---|---:|"]
     lines += [f"| {k} | {v / GIB:.2f} |" for k, v in p.memory.items() if k != "total"]
-    lines += [f"| **total** | **{p.memory['total'] / GIB:.2f}** |", "",
-              "| vLLM memory per rollout GPU | GiB |", "|---|---:|"]
+    lines += [f"| **total** | **{p.memory['total'] / GIB:.2f}** |", ""]
+    if p.generation_memory:
+        lines += ["| training GPU memory while generating | GiB |", "|---|---:|"]
+        lines += [f"| {k} | {v / GIB:.2f} |" for k, v in p.generation_memory.items() if k != "total"]
+        lines += [f"| **total** | **{p.generation_memory['total'] / GIB:.2f}** |", ""]
+    lines += ["| vLLM memory per rollout GPU | GiB |", "|---|---:|"]
     lines += [f"| {k} | {v / GIB:.2f} |" for k, v in p.rollout_memory.items()]
     lines += ["", f"KV cache: {p.kv_tokens_per_engine:,} tokens per engine -> {p.concurrent_sequences} sequences "
               "decoded "

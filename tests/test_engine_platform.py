@@ -27,8 +27,10 @@ def test_cpu_settings():
     s = engine_platform_settings(cuda=False, bf16=True)
     assert (s.dtype, s.kv_cache_memory_bytes, s.enable_sleep_mode) == ("float32", CPU_KV_CACHE_BYTES, False)
     assert engine_platform_settings(cuda=False, kv_cache_memory_bytes=16 << 20).kv_cache_memory_bytes == 16 << 20
-    with pytest.raises(ValueError, match="rollout.enable_sleep_mode"):
-        engine_platform_settings(cuda=False, enable_sleep_mode=True)
+    # Sleep mode on CPU (colocated demo): the engine accepts sleep/wake as no-ops; vLLM is built without it.
+    s = engine_platform_settings(cuda=False, enable_sleep_mode=True)
+    assert (s.enable_sleep_mode, s.vllm_sleep_mode) == (True, False)
+    assert s.kv_cache_memory_bytes == CPU_KV_CACHE_BYTES
 
 
 def test_gpu_settings():
@@ -37,6 +39,8 @@ def test_gpu_settings():
     assert engine_platform_settings(cuda=True, bf16=False).dtype == "float32"
     assert engine_platform_settings(cuda=True).dtype == "bfloat16"
     assert engine_platform_settings(cuda=True, enable_sleep_mode=True).enable_sleep_mode is True
+    assert engine_platform_settings(cuda=True, enable_sleep_mode=True).vllm_sleep_mode is True
+    assert engine_platform_settings(cuda=True).vllm_sleep_mode is False
     # A size the user set is honoured on GPU too (it is theirs to get right).
     assert engine_platform_settings(cuda=True, kv_cache_memory_bytes=2 << 30).kv_cache_memory_bytes == 2 << 30
     with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
@@ -71,14 +75,16 @@ def test_start_engine_on_gpu_leaves_the_kv_cache_to_vllm_and_passes_sleep_mode(e
 
 
 @pytest.mark.parametrize("engine", ["server", "inprocess"])
-def test_start_engine_on_cpu_sizes_the_kv_cache_and_refuses_sleep_mode(engine):
+def test_start_engine_on_cpu_sizes_the_kv_cache_and_accepts_sleep_mode_as_a_no_op(engine):
     with CPU, mock.patch("megatron_trace.rollout.engine.EngineConfig", lambda **kw: kw):
         seen = _start_engine(_cfg(f"rollout.engine={engine}", "model.bf16=true"))
         got = seen["server" if engine == "server" else "engine"]
         assert got["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES and got["dtype"] == "float32"
         assert got["enable_sleep_mode"] is False
-        with pytest.raises(ValueError, match="rollout.enable_sleep_mode"):
-            _start_engine(_cfg(f"rollout.engine={engine}", "rollout.enable_sleep_mode=true"))
+        # Asked for on CPU: passed on (the engine accepts sleep/wake as logged no-ops), not an error.
+        seen = _start_engine(_cfg(f"rollout.engine={engine}", "rollout.enable_sleep_mode=true"))
+        got = seen["server" if engine == "server" else "engine"]
+        assert got["enable_sleep_mode"] is True and got["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
 
 
 def test_managed_server_command_line_carries_sleep_mode_and_only_a_set_kv_size(tmp_path):
@@ -110,7 +116,7 @@ def _model_dir(path) -> str:
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"tie_word_embeddings": False, "vocab_size": 8}, f)
+        json.dump({"tie_word_embeddings": False, "vocab_size": 2}, f)  # the engine bounds token ids by it
     save_file({"w": torch.zeros(2, 2)}, os.path.join(path, "model.safetensors"))
     return str(path)
 
@@ -127,8 +133,9 @@ def _serve_rollout(argv):
         with mock.patch("vllm.LLM", lambda **kw: built.setdefault("llm", kw)):
             return VLLMEngine(cfg)
 
+    # (the server's run loop replaced too: nothing is served; _close_within would wait on the recorder engine)
     with mock.patch("megatron_trace.rollout.engine.VLLMEngine", engine), mock.patch("uvicorn.run"), \
-            mock.patch.object(server._BoundedShutdownServer, "run"), \
+            mock.patch.object(server, "_BoundedShutdownServer"), mock.patch.object(server, "_close_within"), \
             mock.patch("megatron_trace.data.tokenizer.load_tokenizer"), mock.patch.object(server, "build_app"):
         server.main(argv)
     return built
@@ -142,12 +149,51 @@ def test_serve_rollout_on_gpu_passes_no_kv_size_and_bf16(tmp_path):
     assert "kv_cache_memory_bytes" not in built["llm"] and built["llm"]["enable_sleep_mode"] is True
 
 
-def test_serve_rollout_on_cpu_passes_the_cpu_kv_size_and_refuses_sleep_mode(tmp_path, capsys):
+def test_serve_rollout_on_cpu_passes_the_cpu_kv_size_and_builds_vllm_without_sleep_mode(tmp_path):
     model = _model_dir(tmp_path / "m")
     with CPU:
         built = _serve_rollout(["--model", model])
         assert built["config"].dtype == "float32"
         assert built["llm"]["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
-        with pytest.raises(SystemExit):
-            _serve_rollout(["--model", model, "--enable-sleep-mode"])
-    assert "enable_sleep_mode" in capsys.readouterr().err
+        # --enable-sleep-mode on CPU: the engine accepts sleep/wake (no-ops), vLLM's CPU build gets it off.
+        built = _serve_rollout(["--model", model, "--enable-sleep-mode"])
+    assert built["config"].enable_sleep_mode is True and built["llm"]["enable_sleep_mode"] is False
+
+
+def test_a_committed_streamed_update_is_the_full_update_a_level_2_sleep_waits_for(tmp_path):
+    """GPU path (vLLM replaced by a recorder): after sleep(level=2) the weights are gone and generate refuses;
+    the shared-memory / IPC update (load_weights_stream + commit_loaded_weights) is a complete update and ends
+    the refusal, like update_weights does."""
+    from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
+
+    model = _model_dir(tmp_path / "m")
+    llm = mock.MagicMock()
+    with GPU, mock.patch("vllm.LLM", lambda **kw: llm):
+        engine = VLLMEngine(EngineConfig(model_dir=model, enable_sleep_mode=True))
+        engine.sleep(level=2)
+        llm.sleep.assert_called_once_with(level=2)
+        engine.wake_up()
+        with pytest.raises(RuntimeError, match="discarded by a level-2 sleep"):
+            engine._check_serving()
+        engine.load_weights_stream(iter([("w", torch.ones(2, 2))]), version=1)
+        with pytest.raises(RuntimeError, match="discarded by a level-2 sleep"):  # loaded, not yet served
+            engine._check_serving()
+        assert engine.commit_loaded_weights(1) == 1
+        engine._check_serving()  # serving again
+        assert engine.weight_version == 1
+
+
+def test_on_cpu_sleep_and_wake_are_accepted_no_ops_that_keep_the_weights(tmp_path, caplog):
+    from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
+
+    model = _model_dir(tmp_path / "m")
+    llm = mock.MagicMock()
+    with CPU, mock.patch("vllm.LLM", lambda **kw: llm), caplog.at_level("INFO"):
+        engine = VLLMEngine(EngineConfig(model_dir=model, enable_sleep_mode=True))
+        engine.sleep(level=2)
+        with pytest.raises(RuntimeError, match="asleep"):
+            engine._check_serving()
+        engine.wake_up()
+        engine._check_serving()  # nothing was discarded on CPU
+    assert not llm.sleep.called and not llm.wake_up.called
+    assert "costs nothing" in caplog.text

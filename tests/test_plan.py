@@ -186,3 +186,48 @@ def test_packed_micro_batches_follow_the_mean_sequence_and_padded_ones_the_longe
     assert not any("max_tokens_per_microbatch" in w for w in packed.warnings)
     short = plan(PlanConfig(**mean, max_response_len=8192, max_tokens_per_microbatch=4096))
     assert any("max_tokens_per_microbatch=4096 < the longest teacher sequence" in w for w in short.warnings)
+
+
+def _plan_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_cli", os.path.join(ROOT, "tools", "plan.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _plan_json(tmp_path, *args, rc=0):
+    out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+    assert _plan_cli()([*args, "--json", str(out)]) == rc
+    return json.loads(out.read_text())
+
+
+def test_from_config_plans_the_trainers_colocated_placement_with_sleeping_engines(tmp_path, capsys):
+    recipe = os.path.join(ROOT, "examples", "configs", "qwen3_8b.yaml")
+    # the shipped 8B recipe, mean response 4,096, H100 80 GB: fits, <= 400 s on one node, <= 120 s on four
+    for nodes, budget in ((1, 400.0), (4, 120.0)):
+        d = _plan_json(tmp_path, "--from-config", recipe, "--nodes", str(nodes), "--response-len", "4096")
+        c = d["config"]
+        # what the trainer starts: colocated, rollout.tensor_parallel_size GPUs per engine, every GPU an engine
+        assert (c["rollout"], c["rollout_tp"], c["sleep_level"]) == ("colocated", 2, 2)
+        assert not any("fit" in w for w in d["warnings"]), d["warnings"]
+        mem, gen = d["memory_bytes"], d["generation_memory_bytes"]
+        assert "vllm_reserved" not in mem and mem["vllm_asleep"] == 1 * GIB  # asleep: no KV cache, no weights
+        reserve = 0.5 * 79.1 * GIB
+        assert gen["vllm_reserved"] == pytest.approx(reserve)
+        assert gen["total"] == pytest.approx(sum(mem[k] for k in ("weights", "grads", "optimizer", "teacher_snapshot",
+                                                                   "runtime")) + reserve)
+        assert mem["total"] < 79.1 * GIB and gen["total"] < 79.1 * GIB
+        assert d["time_s"]["total"] <= budget, d["time_s"]
+        # an engine that never sleeps holds its whole reservation while the trainer trains
+        awake = _plan_json(tmp_path, "--from-config", recipe, "--nodes", str(nodes), "--response-len", "4096",
+                           "--set", "rollout.sleep_level=0", rc=1)  # with packed micro-batches it no longer fits
+        assert awake["memory_bytes"]["vllm_reserved"] == pytest.approx(reserve)
+        assert awake["memory_bytes"]["total"] - mem["total"] == pytest.approx(reserve - GIB)
+    # engines: one per 2 GPUs of each of the 4 nodes
+    assert _plan_cli()(["--from-config", recipe, "--nodes", "4"]) == 0
+    assert "16 vLLM engine(s) at TP=2, asleep (level 2) while training" in capsys.readouterr().out
+    # placements the trainer would not start from this YAML are refused, naming the flag
+    assert _plan_cli()(["--from-config", recipe, "--rollout-engines", "1"]) == 2
+    assert "--rollout-engines: with --from-config the placement is the trainer's" in capsys.readouterr().err

@@ -12,7 +12,8 @@
 #   CONVERT_WAIT_S   how long other nodes wait for node 0's conversion (default 7200 s)
 #   CONVERT_START_S  how long they wait for it to START, i.e. for its marker to appear (default 600 s): a node
 #                    that never sees it does not share MEGATRON_DIR's filesystem with node 0
-#   ROLLOUT_URL      an already running generation server (tools/serve_rollout.py); default: one beside rank 0
+#   ROLLOUT_URL      an already running generation server (tools/serve_rollout.py); default: the recipe's
+#                    rollout.placement (colocated: servers on every node's GPUs, started by the trainer)
 #   ROLLOUT_URLS     several running generation servers, comma-separated (e.g. one per rollout node:
 #                    http://node5:8100,http://node6:8100), used in data parallel: each step's prompts are split
 #                    over them and every weight update goes to all; all must accept the same bearer token
@@ -110,6 +111,8 @@ fi
 overrides=("parallel.tp=$TP" "parallel.pp=$PP" "model.hf_config=$HF_DIR" "model.tokenizer=$HF_DIR"
            "model.load=$MEGATRON_DIR" "data.path=$DATA")
 [[ -n "${OUTPUT_DIR:-}" ]] && overrides+=("logging.output_dir=$OUTPUT_DIR")
+# Servers run elsewhere replace the recipe's colocated ones.
+[[ -n "${ROLLOUT_URL:-}${ROLLOUT_URLS:-}" ]] && overrides+=("rollout.placement=separate")
 [[ -n "${ROLLOUT_URL:-}" ]] && overrides+=("rollout.server_url=$ROLLOUT_URL")
 if [[ -n "${ROLLOUT_URLS:-}" ]]; then  # a YAML list: rollout.server_urls=[url1,url2,...]
   IFS=, read -r -a urls <<< "${ROLLOUT_URLS// /}"

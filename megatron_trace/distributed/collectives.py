@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["comm_device", "all_reduce", "gather", "send", "recv", "broadcast_object_list", "barrier"]
+__all__ = ["comm_device", "all_reduce", "all_gather", "gather", "send", "recv", "all_gather_object",
+           "broadcast_object_list", "barrier"]
 
 
 def comm_device(group: dist.ProcessGroup | None = None) -> torch.device | None:
@@ -61,6 +62,16 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group: dist.ProcessGroup |
     return t
 
 
+def all_gather(tensor_list: list[torch.Tensor], t: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """dist.all_gather with `t` and the receive buffers placed for the backend; results land in `tensor_list`'s
+    own tensors."""
+    w = _placed(t, group)
+    wl = [_placed(g, group) for g in tensor_list]
+    dist.all_gather(wl, w, group=group)
+    for g, gw in zip(tensor_list, wl):
+        _copy_back(g, gw)
+
+
 def gather(t: torch.Tensor, gather_list: list[torch.Tensor] | None, dst: int,
            group: dist.ProcessGroup | None = None) -> None:
     """dist.gather with `t` and the receive buffers (on `dst`) placed for the backend; results land in
@@ -83,6 +94,10 @@ def recv(t: torch.Tensor, src: int, group: dist.ProcessGroup | None = None) -> t
     dist.recv(w, src=src, group=group)
     _copy_back(t, w)
     return t
+
+
+def all_gather_object(objects: list[Any], obj: Any, group: dist.ProcessGroup | None = None) -> None:
+    dist.all_gather_object(objects, obj, group=group)
 
 
 def broadcast_object_list(objects: list[Any], src: int = 0, group: dist.ProcessGroup | None = None) -> None:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from megatron_trace.distributed.cpu_shim import apply_cpu_shim
 
-__all__ = ["ParallelLayout", "initialize_distributed", "destroy_distributed", "current_layout"]
+__all__ = ["NodeInfo", "ParallelLayout", "initialize_distributed", "destroy_distributed", "current_layout",
+           "node_info"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -112,6 +113,25 @@ def _init_process_group(backend: str | None, timeout_s: float) -> None:
     dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
     _OWNS_PROCESS_GROUP = True
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Which node this process runs on: node index (torchrun's GROUP_RANK, 0 on one node), node count, this
+    process's rank on its node (LOCAL_RANK) and the processes per node (LOCAL_WORLD_SIZE)."""
+
+    node: int
+    nnodes: int
+    local_rank: int
+    local_world_size: int
+
+
+def node_info() -> NodeInfo:
+    """This process's place among the nodes, from torchrun's environment (one node when run without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return NodeInfo(node=int(os.environ.get("GROUP_RANK", "0")), nnodes=max(1, world // max(1, local_world)),
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), local_world_size=local_world)
 
 
 def current_layout() -> ParallelLayout:

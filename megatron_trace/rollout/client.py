@@ -319,6 +319,29 @@ class RolloutClient:
                 raise
             return int(applied.result()["weight_version"])
 
+    # ---------------------------------------------------------------- node-local shared-memory path
+    def shm_begin(self, version: int, tensors: list[list]) -> dict[str, Any]:
+        """Announce a shared-memory update ([[name, dtype, shape], ...]); see shm_weights.py."""
+        return self._request("POST", "/weights/shm/begin", json={"version": int(version), "tensors": tensors},
+                             headers=self._auth(), timeout=self.cfg.weight_timeout_s)
+
+    def shm_load(self, version: int, descriptor: dict[str, Any]) -> dict[str, Any]:
+        """Hand one bucket (a `ShmBucketWriter.write` descriptor) to the server; answers once it was taken."""
+        return self._request("POST", "/weights/shm", json={"version": int(version), **descriptor},
+                             headers=self._auth(), timeout=self.cfg.weight_timeout_s)
+
+    def shm_finish(self, version: int, count: int) -> dict[str, Any]:
+        return self._request("POST", "/weights/shm/finish", json={"version": int(version), "count": int(count)},
+                             headers=self._auth(), timeout=self.cfg.weight_timeout_s)
+
+    def shm_commit(self, version: int) -> int:
+        out = self._request("POST", "/weights/shm/commit", json={"version": int(version)}, headers=self._auth(),
+                            timeout=self.cfg.weight_timeout_s)
+        return int(out["weight_version"])
+
+    def shm_abort(self, reason: str) -> None:
+        self._request("POST", "/weights/shm/abort", json={"reason": reason}, headers=self._auth())
+
     def sleep(self, level: int = 1) -> None:
         self._request("POST", f"/sleep?level={int(level)}", headers=self._auth())
 

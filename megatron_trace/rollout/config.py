@@ -24,7 +24,8 @@ class EngineConfig:
     model_dir: HF folder (config.json, safetensors, tokenizer). dtype: "float32" on CPU (exact log-probs),
     "bfloat16" on GPU. max_model_len: prompt + response tokens at most. kv_cache_memory_bytes: KV cache size in
     bytes (None: vLLM sizes it from gpu_memory_utilization on GPU; on CPU None means CPU_KV_CACHE_BYTES).
-    enable_sleep_mode: needed for sleep()/wake_up() (GPU only). The trainer's `rollout:` settings of the same
+    enable_sleep_mode: needed for sleep()/wake_up() (vLLM's sleep mode on GPU; on CPU they are accepted, free
+    nothing and say so in the log). The trainer's `rollout:` settings of the same
     names (RolloutConfig) and the server's command line take their defaults from here.
     """
 
@@ -77,9 +78,23 @@ class RolloutConfig:
     # empty = every server sees the trainer's devices. Ignored on CPU.
     server_gpus: list[str] = field(default_factory=list)
     server_start_timeout_s: float = 300.0
+    # Where the generation servers run. "colocated": on every node, one server per group of tensor_parallel_size
+    # local GPUs (every GPU generates; on CPU one server per node), started and owned by the node's local rank 0
+    # with sleep mode on, asleep while the trainer trains, refreshed node-locally through shared memory after
+    # every step. "separate": the servers at server_url(s), run by the user elsewhere (weights pushed over HTTP).
+    # "driver": num_servers servers beside global rank 0 (or server_url(s) when given), weights over HTTP.
+    placement: Literal["driver", "colocated", "separate"] = "driver"
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism of each colocated server (local GPUs per server)
+    # Colocated: vLLM sleep level while the trainer runs (1: weights offloaded to host memory, KV cache freed;
+    # 2: both freed, the next update overwrites the weights anyway; 0: never sleep). No-op on CPU.
+    sleep_level: int = 2
+    # Colocated: the address other nodes reach this node's servers at (None: 127.0.0.1 on one node, the host
+    # name on several; servers then listen on every interface, behind the bearer token).
+    advertise_host: Optional[str] = None
     # Engine settings, as in EngineConfig (documented there; same defaults). kv_cache_memory_bytes None = the
     # platform's default (rollout/platform.py: CPU_KV_CACHE_BYTES on CPU; on GPU vLLM sizes the cache from
-    # gpu_memory_utilization, which a value set here replaces). enable_sleep_mode: GPU only (an error on CPU).
+    # gpu_memory_utilization, which a value set here replaces). enable_sleep_mode: the servers started beside
+    # rank 0 can sleep()/wake_up() (vLLM's sleep mode on GPU; accepted no-ops on CPU); colocated servers always do.
     kv_cache_memory_bytes: Optional[int] = EngineConfig.kv_cache_memory_bytes
     gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
     max_model_len: int = EngineConfig.max_model_len
@@ -111,8 +126,6 @@ class RolloutConfig:
         if self.max_model_len <= self.max_response_tokens:
             raise ConfigError(f"max_model_len: {self.max_model_len} leaves no room for a prompt beside "
                               f"max_response_tokens={self.max_response_tokens}")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
-            raise ConfigError(f"kv_cache_memory_bytes: must be > 0, got {self.kv_cache_memory_bytes}")
         if not (math.isfinite(self.gpu_memory_utilization) and 0.0 < self.gpu_memory_utilization <= 1.0):
             raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if not (math.isfinite(self.server_start_timeout_s) and self.server_start_timeout_s > 0):
@@ -136,6 +149,22 @@ class RolloutConfig:
         if self.server_gpus and len(self.server_gpus) != self.num_servers:
             raise ConfigError(f"server_gpus: {len(self.server_gpus)} entries for num_servers={self.num_servers} "
                               "(one CUDA_VISIBLE_DEVICES value per started server)")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        if self.sleep_level not in (0, 1, 2):
+            raise ConfigError(f"sleep_level: expected 0 (never), 1 or 2, got {self.sleep_level}")
+        if self.placement == "separate" and not self.external_urls:
+            raise ConfigError("placement: separate uses the servers at rollout.server_urls (or server_url); "
+                              "none is set")
+        if self.placement == "colocated":
+            if self.external_urls:
+                raise ConfigError("server_urls: placement colocated starts its own servers on every node; use "
+                                  "placement: separate for servers run elsewhere")
+            if self.engine != "server":
+                raise ConfigError("engine: placement colocated runs generation servers (engine: server)")
+            if self.num_servers != 1 or self.server_gpus:
+                raise ConfigError("num_servers/server_gpus: placement colocated derives its servers from each "
+                                  "node's GPUs (one per tensor_parallel_size of them); leave them unset")
 
     @property
     def external_urls(self) -> list[str]:

@@ -211,7 +211,8 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size,
             seed=cfg.seed,
             enable_prefix_caching=cfg.enable_prefix_caching,
-            enable_sleep_mode=cfg.enable_sleep_mode,
+            # vLLM refuses sleep mode on CPU; there sleep()/wake_up() are accepted no-ops (see below)
+            enable_sleep_mode=plat.vllm_sleep_mode,
             # log-probs of the sampled tokens under the unmodified model (temperature 1, no top-p/k),
             # comparable with the trainer's log-probs.
             logprobs_mode="raw_logprobs",
@@ -438,6 +439,58 @@ class VLLMEngine:
         self._version = new_version
         return new_version
 
+    # ---------------------------------------------------------------- streamed, committed later (shm / IPC)
+    def load_weights_stream(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load an update streamed tensor by tensor (HF names) through vLLM's reload path, without serving it:
+        the engine refuses to generate until `commit_loaded_weights(version)` (the driver commits every server of
+        the run together). The caller validated the whole announcement first (`validate_announcement`); each
+        tensor is checked again here. A failure part-way leaves the engine refusing to generate (weights are a
+        mix) until a complete update is committed. Used by the shared-memory and CUDA IPC updates."""
+        version = int(version)
+        if version <= self._version:
+            raise WeightUpdateError(f"target version {version} must exceed the serving version {self._version}")
+        with self._lock:
+            if self._sleeping:
+                raise RuntimeError("the engine is asleep: call wake_up() before loading weights")
+            self._inconsistent = f"an update to version {version} is being loaded"
+            self._loaded_version = None
+            seen: set[str] = set()
+
+            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+                for name, tensor in tensors:
+                    if name in seen:
+                        raise WeightUpdateError(f"weight {name!r} appears twice in one update")
+                    if not self._validator.check(name, tensor.shape, tensor.dtype):
+                        continue
+                    seen.add(name)
+                    yield name, tensor
+                self._validator.check_complete(seen)
+
+            try:
+                self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True})
+                if self.tied:
+                    self._llm.collective_rpc(_refresh_tied_head)
+            except Exception as e:
+                self._inconsistent = f"loading version {version} failed: {type(e).__name__}: {e}"
+                self._llm.collective_rpc(_finish_aborted_reload)
+                raise
+            self._llm.reset_prefix_cache()
+            self._inconsistent = f"version {version} is loaded but not committed"
+            self._loaded_version = version
+
+    def commit_loaded_weights(self, version: int) -> int:
+        """Serve the version `load_weights_stream` loaded; returns it."""
+        with self._lock:
+            if getattr(self, "_loaded_version", None) != int(version):
+                raise RuntimeError(f"commit of version {version}, but the loaded version is "
+                                   f"{getattr(self, '_loaded_version', None)}")
+            self._version = int(version)
+            self._loaded_version = None
+            self._inconsistent = None
+            self._weights_discarded = False  # a streamed update is complete (check_complete): the full reload
+            return self._version
+
     # ---------------------------------------------------------------- NCCL fast path (GPU; untested here)
     def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         """Join the trainer's NCCL weight group (see nccl_weights.py); blocks until the trainer joins too."""
@@ -509,6 +562,11 @@ class VLLMEngine:
             raise RuntimeError("sleep() needs EngineConfig(enable_sleep_mode=True) (a GPU feature of vLLM)")
         if level not in (1, 2):
             raise ValueError(f"sleep level={level}: expected 1 or 2")
+        if not torch.cuda.is_available():  # colocated CPU runs: nothing to hand back, the state still counts
+            with self._lock:
+                self._sleeping = True
+            logger.info("sleep(level=%d) accepted: CPU engine, no accelerator memory to free (costs nothing)", level)
+            return
         with self._lock:
             self._cancel_nccl_pending("sleep()")
             if self._sleeping:
@@ -523,6 +581,11 @@ class VLLMEngine:
         refuses until a complete update (update_weights / update_weights_from_nccl) has been loaded."""
         if not self.cfg.enable_sleep_mode:
             raise RuntimeError("wake_up() needs EngineConfig(enable_sleep_mode=True) (a GPU feature of vLLM)")
+        if not torch.cuda.is_available():
+            with self._lock:
+                self._sleeping = False
+            logger.info("wake_up() accepted: CPU engine, nothing to re-allocate (costs nothing)")
+            return
         with self._lock:
             if not self._sleeping:
                 return

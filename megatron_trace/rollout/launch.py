@@ -42,8 +42,9 @@ class ManagedServer:
     on: the child gets SIGTERM when the process that started it dies, and watches that process's pid as well, so
     a trainer, test or benchmark killed with SIGKILL leaves no server behind; Linux), port (default: a free one),
     wait (False: return once the process is started; call `wait_ready()` before use, so that several servers start
-    side by side), enable_sleep_mode (the server's engine can sleep()/wake_up(); GPU only). Arguments left at None
-    are left to the server's own defaults. Also a context manager (close() on exit).
+    side by side), enable_sleep_mode (the server's engine can sleep()/wake_up(); on CPU accepted no-ops), host (the
+    address it listens on) and advertise_host (the one its URL names, for other nodes; default 127.0.0.1).
+    Arguments left at None are left to the server's own defaults. Also a context manager (close() on exit).
     """
 
     def __init__(self, model_dir: str, *, log_path: str, token_env: str = "MEGATRON_TRACE_ROLLOUT_TOKEN",
@@ -52,7 +53,7 @@ class ManagedServer:
                  seed: int | None = None, start_timeout_s: float = 300.0, token: str | None = None,
                  extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None,
                  die_with_parent: bool = True, port: int | None = None, wait: bool = True,
-                 enable_sleep_mode: bool = False):
+                 enable_sleep_mode: bool = False, host: str = "127.0.0.1", advertise_host: str | None = None):
         from megatron_trace.rollout.client import RolloutClient
 
         token = token or os.environ.get(token_env) or secrets.token_hex(16)
@@ -61,9 +62,9 @@ class ManagedServer:
         env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
         env.update(extra_env or {})
         self.port = port or free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{advertise_host or '127.0.0.1'}:{self.port}"
         cmd = [sys.executable, os.path.join(_REPO_ROOT, "tools", "serve_rollout.py"), "--model", model_dir,
-               "--host", "127.0.0.1", "--port", str(self.port), "--token-env", token_env]
+               "--host", host, "--port", str(self.port), "--token-env", token_env]
         for flag, value in (("--dtype", dtype), ("--max-model-len", max_model_len),
                             ("--gpu-memory-utilization", gpu_memory_utilization), ("--seed", seed)):
             if value is not None:

@@ -7,8 +7,9 @@ vLLM behaves differently on its CPU and GPU builds, and a value right for one is
   the size is left to vLLM unless the user set one.
 - dtype: float32 on CPU (exact log-probs, what the CPU tests compare against); bfloat16 on GPU when the trainer
   trains in bf16 (the sampler then sees the trainer's rounding), else float32.
-- sleep mode (`sleep()`/`wake_up()` free and re-allocate GPU memory): a GPU feature; asking for it on CPU is an
-  error naming the setting.
+- sleep mode (`sleep()`/`wake_up()` free and re-allocate GPU memory): vLLM's GPU feature. On CPU (colocated
+  demo and tests) the engine accepts sleep/wake as no-ops that cost nothing and says so in its log; vLLM itself
+  is then built without sleep mode (its CPU build refuses it).
 Every place that builds an engine (the trainer's `start_engine`, `tools/serve_rollout.py`, `VLLMEngine`) asks
 `engine_platform_settings`.
 """
@@ -25,11 +26,13 @@ __all__ = ["CPU_KV_CACHE_BYTES", "EnginePlatformSettings", "engine_platform_sett
 @dataclass(frozen=True)
 class EnginePlatformSettings:
     """dtype: vLLM dtype name; kv_cache_memory_bytes: bytes, or None = vLLM sizes the cache from
-    gpu_memory_utilization; enable_sleep_mode: build the engine able to sleep/wake."""
+    gpu_memory_utilization; enable_sleep_mode: the engine accepts sleep()/wake_up(); vllm_sleep_mode: vLLM's own
+    sleep mode is on (GPU only: on CPU sleep/wake are accepted no-ops)."""
 
     dtype: str
     kv_cache_memory_bytes: int | None
     enable_sleep_mode: bool
+    vllm_sleep_mode: bool = False
 
 
 def engine_platform_settings(*, cuda: bool | None = None, bf16: bool | None = None, dtype: str | None = None,
@@ -49,10 +52,9 @@ def engine_platform_settings(*, cuda: bool | None = None, bf16: bool | None = No
     if cuda:
         return EnginePlatformSettings(
             dtype=dtype or ("float32" if bf16 is False else "bfloat16"),
-            kv_cache_memory_bytes=kv_cache_memory_bytes, enable_sleep_mode=bool(enable_sleep_mode))
-    if enable_sleep_mode:
-        raise ValueError("rollout.enable_sleep_mode: vLLM's sleep mode frees GPU memory and needs CUDA; this "
-                         "machine has none (leave it false on CPU)")
+            kv_cache_memory_bytes=kv_cache_memory_bytes, enable_sleep_mode=bool(enable_sleep_mode),
+            vllm_sleep_mode=bool(enable_sleep_mode))
+    # CPU: sleep/wake accepted as no-ops (nothing to free), vLLM built without its sleep mode.
     return EnginePlatformSettings(dtype=dtype or "float32",
                                   kv_cache_memory_bytes=kv_cache_memory_bytes or CPU_KV_CACHE_BYTES,
-                                  enable_sleep_mode=False)
+                                  enable_sleep_mode=bool(enable_sleep_mode), vllm_sleep_mode=False)

@@ -70,7 +70,7 @@ class EnginePool:
     """A `GenerationEngine` over several generation servers (RolloutClient or ManagedServer instances) run in data
     parallel; see the module docstring. Thread-safe for one call at a time (as the trainer uses it)."""
 
-    def __init__(self, engines: Sequence[Any]):
+    def __init__(self, engines: Sequence[Any], names: Sequence[str] | None = None):
         if not engines:
             raise ValueError("EnginePool needs at least one engine")
         self.engines = list(engines)
@@ -78,6 +78,10 @@ class EnginePool:
         self.urls = [c.cfg.base_url for c in self.clients]
         if len(set(self.urls)) != len(self.urls):
             raise ValueError(f"EnginePool: the same server is listed twice in {self.urls}")
+        # How errors name each engine (default its URL; colocated runs say "node N <URL>").
+        self.names = list(names) if names is not None else list(self.urls)
+        if len(self.names) != len(self.engines):
+            raise ValueError(f"EnginePool: {len(self.names)} names for {len(self.engines)} engines")
         # on_progress(prompts done, prompts) summed over the engines, after each finished request (progress bars)
         self.on_progress: Callable[[int, int], None] | None = None
         self._workers = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="engine-pool")
@@ -105,7 +109,7 @@ class EnginePool:
         return results, errors
 
     def _describe(self, errors: dict[int, BaseException]) -> dict[str, str]:
-        return {self.urls[i]: f"{type(e).__name__}: {e}" for i, e in sorted(errors.items())}
+        return {self.names[i]: f"{type(e).__name__}: {e}" for i, e in sorted(errors.items())}
 
     # ---------------------------------------------------------------- API
     def health(self) -> list[dict[str, Any]]:
@@ -167,8 +171,8 @@ class EnginePool:
         out: list[list[Generation]] = []
         for i, (a, b) in shares.items():
             if len(results[i]) != b - a:
-                raise EnginePoolError(f"{self.urls[i]} returned {len(results[i])} results for {b - a} prompts",
-                                      {self.urls[i]: "wrong number of results"})
+                raise EnginePoolError(f"{self.names[i]} returned {len(results[i])} results for {b - a} prompts",
+                                      {self.names[i]: "wrong number of results"})
             out.extend(results[i])
         return out
 
@@ -212,8 +216,8 @@ class EnginePool:
             wrong = {i: v for i, v in results.items() if v != target}
             if errors or wrong:
                 failed = self._describe(errors)
-                failed.update({self.urls[i]: f"serves version {v}, not {target}" for i, v in wrong.items()})
-                applied = [self.urls[i] for i in sorted(results) if i not in wrong]
+                failed.update({self.names[i]: f"serves version {v}, not {target}" for i, v in wrong.items()})
+                applied = [self.names[i] for i in sorted(results) if i not in wrong]
                 raise EnginePoolError(
                     f"weight update to version {target}: commit failed on "
                     + "; ".join(f"{u} ({m})" for u, m in failed.items())

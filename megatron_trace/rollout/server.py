@@ -21,7 +21,12 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   the old weights serving. `POST /weights/abort` (bearer token) closes a push without applying it.
 - `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
   trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
-- `POST /sleep`, `POST /wake_up` (bearer token): free / re-allocate GPU memory (colocated use).
+- `POST /weights/shm/begin`, `/weights/shm`, `/weights/shm/finish`, `/weights/shm/commit`, `/weights/shm/abort`
+  (bearer token; JSON): the node-local update of colocated servers, each bucket read from a /dev/shm segment the
+  trainer wrote (no copy over a socket); protocol and atomicity in shm_weights.py. Separate from the HTTP push
+  above, but one update at a time across both: an shm update while an HTTP push is open (or the reverse) gets 409.
+- `POST /sleep`, `POST /wake_up` (bearer token): free / re-allocate GPU memory (colocated use; on CPU accepted,
+  free nothing, and say so in the log).
 - `GET /health` (503 "unhealthy" when a running generate made no engine progress within `stall_timeout_s`: the
   watchdog), `GET /version`.
 
@@ -53,6 +58,7 @@ from fastapi.responses import JSONResponse
 from megatron_trace.rollout.config import EngineConfig
 from megatron_trace.rollout.engine import GenerationCancelled
 from megatron_trace.rollout.server_schema import RequestError, ServerLimits, parse_completion_request
+from megatron_trace.rollout.shm_loader import ShmUpdateError, ShmWeightLoader
 from megatron_trace.rollout.weight_buckets import (
     CHECKSUM_HEADER,
     COUNT_HEADER,
@@ -330,6 +336,70 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             raise ApiError(409, str(e), "conflict") from e
         return {"status": "applied", "weight_version": new}
 
+    # ------------------------------------------------ node-local updates over /dev/shm (protocol: shm_weights.py)
+    # Separate from the HTTP push's staging, but one update at a time across both (409 while the other is active).
+    shm = ShmWeightLoader(engine, limits.max_bucket_bytes, idle_timeout_s=limits.push_idle_timeout_s,
+                          other_update=staging.active)
+    staging.other_update = shm.active
+
+    async def shm_call(fn, *args):
+        try:
+            return await run_in_threadpool(fn, *args)
+        except ShmUpdateError as e:
+            kind = {409: "conflict", 422: "weight_update_error"}.get(e.status, "invalid_request_error")
+            raise ApiError(e.status, str(e), kind) from e
+
+    def body_int(body: dict[str, Any], key: str) -> int:
+        v = body.get(key)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ApiError(400, f"{key}: expected an integer, got {v!r}")
+        return v
+
+    @app.post("/weights/shm/begin")
+    async def shm_begin(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        tensors = body.get("tensors")
+        if not isinstance(tensors, list) or not tensors:
+            raise ApiError(400, "tensors: expected a non-empty list of [name, dtype, shape]")
+        return await shm_call(shm.begin, body_int(body, "version"), tensors)
+
+    @app.post("/weights/shm")
+    async def shm_bucket(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        t0 = time.perf_counter()
+        out = await shm_call(shm.load, body_int(body, "version"), body)
+        logger.info("weights v%s shm bucket %s: %.1f MB from %s, mapped %.3fs, taken by the engine in %.3fs",
+                    body.get("version"), body.get("index"), int(body.get("nbytes", 0)) / 1e6, body.get("segment"),
+                    out["map_s"], time.perf_counter() - t0)
+        return out
+
+    @app.post("/weights/shm/finish")
+    async def shm_finish(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        out = await shm_call(shm.finish, body_int(body, "version"), body_int(body, "count"))
+        logger.info("weights v%d: %d shm buckets loaded (engine %.2fs, last layers %.2fs); awaiting commit",
+                    out["loaded_version"], body["count"], out["load_s"], out["finish_s"])
+        return out
+
+    @app.post("/weights/shm/commit")
+    async def shm_commit(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        out = await shm_call(shm.commit, body_int(body, "version"))
+        logger.info("weights v%d committed: serving", out["weight_version"])
+        return out
+
+    @app.post("/weights/shm/abort")
+    async def shm_abort(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        reason = str(body.get("reason") or "aborted by the trainer")
+        logger.warning("shm weight update aborted: %s", reason)
+        return await shm_call(shm.abort, reason)
+
     @app.post("/sleep")
     async def sleep(request: Request, level: int = 1):
         authorize(request)
@@ -366,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=e.tensor_parallel_size)
     p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--enable-sleep-mode", action="store_true", help="allow /sleep and /wake_up (GPU only)")
+    p.add_argument("--enable-sleep-mode", action="store_true",
+                   help="allow /sleep and /wake_up (vLLM sleep mode on GPU; on CPU accepted no-ops, logged)")
     p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV,
                    help="environment variable holding the bearer token of the weight/admin routes")
     for f in fields(ServerLimits):  # --max-request-bytes, --max-queue, --request-timeout-s, ... (ServerLimits)

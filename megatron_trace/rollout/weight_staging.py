@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -50,12 +50,26 @@ class WeightStaging:
     """The one open push and its verified buckets (thread-safe). Staged memory is bounded by the model's size:
     a push stages each tensor once."""
 
-    def __init__(self, engine, idle_timeout_s: float = 300.0, clock=time.monotonic):
+    def __init__(self, engine, idle_timeout_s: float = 300.0, clock=time.monotonic,
+                 other_update: Callable[[], str | None] | None = None):
+        """other_update: describes another update in progress on the same engine (the shared-memory one of
+        colocated servers, shm_loader.py), or None; a begin meanwhile is refused (409)."""
         self.engine = engine
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
+        self.other_update = other_update
         self._lock = threading.Lock()
         self._push: _Push | None = None
+
+    def active(self) -> str | None:
+        """A description of the open push if it is active (not idle past idle_timeout_s), else None."""
+        push = self._push
+        if push is None:
+            return None
+        idle = self._clock() - push.last_activity
+        if idle >= self.idle_timeout_s:
+            return None
+        return f"an HTTP weight push ({push.push_id}, to version {push.version}), last active {idle:.0f}s ago"
 
     def _check_version(self, version: int) -> int:
         serving = self.engine.weight_version
@@ -94,6 +108,9 @@ class WeightStaging:
                                         f"{self.idle_timeout_s:.0f}s idle)", "conflict")
                 logger.warning("push %s to version %d idle for %.0fs: replaced by a new push to version %d",
                                push.push_id, push.version, idle, version)
+            other = self.other_update() if self.other_update is not None else None
+            if other is not None:
+                raise ApiError(409, f"{other} is in progress: one weight update at a time", "conflict")
             self._push = _Push(uuid.uuid4().hex, version, now, now)
             return {"status": "open", "push_id": self._push.push_id, "version": version, "weight_version": serving}
 

@@ -73,12 +73,16 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int = 0,
-                      dtype: torch.dtype | None = None) -> Iterator[Bucket]:
+                      dtype: torch.dtype | None = None, dsts=None) -> Iterator[Bucket]:
     """Yield, on global rank `dst`, buckets of (HF name, full tensor) covering the whole model; collective.
 
     model: this rank's model chunk (a GPTModel or a DDP wrapper). dtype: cast exported tensors (None = as
     trained). On ranks other than `dst` the generator yields nothing but takes part in the gathers and sends,
     so every rank must exhaust it. Ranks of data-parallel replicas other than 0 only iterate.
+    dsts: several destinations at once (node-local sync: each node's local rank 0), every one yielding the whole
+    model, each fed by the data-parallel replica it belongs to (a replica inside one node sends nothing across
+    nodes; one spanning nodes, PP across nodes, sends its other stages' tensors to it over the network). Every
+    rank passes the same list; replicas that feed no destination only iterate. Default [dst].
     """
     from megatron.core import parallel_state as ps
 
@@ -94,8 +98,19 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
     tp_rank = ps.get_tensor_model_parallel_rank() if distributed else 0
     dp_rank = ps.get_data_parallel_rank() if distributed else 0
     tp_group = ps.get_tensor_model_parallel_group() if distributed else None
-    # Global rank of each stage's leader (dp 0, tp 0); every rank computes the same table.
-    leaders = _stage_leaders(pp) if distributed else [0]
+    dsts = sorted({int(d) for d in ([dst] if dsts is None else dsts)})
+    if not dsts:
+        raise ValueError("dsts: at least one destination rank")
+    if dsts == [dst]:
+        # Global rank of each stage's leader (dp 0, tp 0); every rank computes the same table.
+        leaders = _stage_leaders(pp) if distributed else [0]
+        sources, my_dsts, source = {0}, dsts, dst
+    else:
+        replica_of, leader_of = _replica_table(pp)
+        sources = {replica_of[d] for d in dsts}
+        leaders = [leader_of.get((dp_rank, s), -1) for s in range(pp)]
+        my_dsts = [d for d in dsts if replica_of[d] == dp_rank]  # the destinations this rank's replica feeds
+        source = rank if rank in dsts else -1
     params = local_named_params(model, dims, pp, pp_rank)
     device = next(unwrap_model(model).parameters()).device
 
@@ -104,7 +119,7 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
     with torch.no_grad():
         for mname in megatron_param_names(dims):
             stage = stage_of(mname, dims, pp)
-            on_stage = distributed and stage == pp_rank and dp_rank == 0
+            on_stage = distributed and stage == pp_rank and dp_rank in sources
             leader = leaders[stage]
             hf_tensors: list[tuple[str, torch.Tensor]] = []
             if on_stage or not distributed:
@@ -122,13 +137,16 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                     if dtype is not None:
                         hf_tensors = [(n, t.to(dtype)) for n, t in hf_tensors]
                     del full
-            # Move the HF tensors from the stage leader to dst (a no-op when they are the same rank).
-            if distributed and leader != dst:
-                if rank == leader:
-                    for _, t in hf_tensors:
-                        collectives.send(t.contiguous(), dst=dst)
-                    hf_tensors = []
-                elif rank == dst:
+            # Move the HF tensors from the stage leader to its destination(s) (nothing when they are the same rank).
+            if distributed and (leader != source or len(my_dsts) > 1):
+                if rank == leader and dp_rank in sources:
+                    for d in my_dsts:
+                        if d != rank:
+                            for _, t in hf_tensors:
+                                collectives.send(t.contiguous(), dst=d)
+                    if rank not in dsts:
+                        hf_tensors = []
+                elif rank == source:
                     names = [n for n in _hf_names(mname, dims)]
                     wire = dtype or params_dtype_of(model)
                     for n in names:
@@ -136,7 +154,7 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                         buf = torch.empty(hf_shapes[n], dtype=wire, device=device)
                         collectives.recv(buf, src=leader)
                         hf_tensors.append((n, buf))
-            if rank != dst:
+            if rank != source:
                 continue
             for name, t in hf_tensors:
                 t = t if (t.is_contiguous() and not _is_view_of_param(t, params)) else t.contiguous()
@@ -146,7 +164,7 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                     bucket, size = [], 0
                 bucket.append((name, t.clone() if _is_view_of_param(t, params) else t))
                 size += nbytes
-    if rank == dst and bucket:
+    if rank == source and bucket:
         yield bucket
 
 
@@ -160,6 +178,21 @@ def export_announcement(hf_config: Mapping, dtype: torch.dtype):
     shapes = hf_param_shapes(dims)
     wire = str(dtype).removeprefix("torch.")
     return [TensorMeta(n, wire, tuple(shapes[n])) for m in megatron_param_names(dims) for n in _hf_names(m, dims)]
+
+
+def _replica_table(pp: int) -> tuple[dict[int, int], dict[tuple[int, int], int]]:
+    """({global rank: its data-parallel rank}, {(dp rank, stage): global rank of that stage's leader (tp 0, cp 0)}),
+    agreed by every rank (one all_gather)."""
+    from megatron.core import parallel_state as ps
+
+    leader = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    mine = torch.tensor([ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(), int(leader)],
+                        dtype=torch.long)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    collectives.all_gather(rows, mine)  # CPU bookkeeping tensors: placed for the backend (NCCL on GPU)
+    replica_of = {r: int(row[0]) for r, row in enumerate(rows)}
+    leader_of = {(int(row[0]), int(row[1])): r for r, row in enumerate(rows) if int(row[2])}
+    return replica_of, leader_of
 
 
 def _is_view_of_param(t: torch.Tensor, params: dict[str, torch.Tensor]) -> bool:

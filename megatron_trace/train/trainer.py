@@ -37,6 +37,13 @@ SFT_REDUCTIONS = {"tokens": SUM, "nll_sum": SUM, "entropy_sum": SUM, "loss": SUM
                   "nll": MeanOf("nll_sum", "tokens"), "entropy": MeanOf("entropy_sum", "tokens")}
 
 
+class _StepFailure:
+    """What the driver broadcasts instead of a batch when its part of a step failed: every rank raises it."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 class Trainer:
     """Builds every component from `cfg` (collective: call on every rank). `start_rollout=False` leaves out the
     generation engine, reward workers and annotator (tests and benchmarks drive `update` with a given batch).
@@ -47,6 +54,7 @@ class Trainer:
         self.cfg = cfg
         self._closers: list = []
         self.engine = None
+        self.colocated = None  # rollout.placement colocated: this rank's part of the per-node servers
         self.experience = None
         self.logger = None
         self.layout = self._build_distributed()
@@ -188,11 +196,21 @@ class Trainer:
         from megatron_trace.rollout.launch import start_engine
 
         cfg = self.cfg
-        if not self.is_driver:
+        if cfg.rollout.placement == "colocated":
+            from megatron_trace.rollout.colocated import ColocatedServers
+
+            # every node starts its own servers (collective); the driver drives them all as one pool
+            self.colocated = ColocatedServers.start(cfg, self._export_rollout_model)
+            self._closes(self.colocated.close)  # the driver's pool, and the servers this rank owns
+            if not self.is_driver:
+                return None, None
+            engine = self.colocated.pool
+        elif not self.is_driver:
             start_engine(cfg, self._export_rollout_model, driver=False)
             return None, None
-        engine = start_engine(cfg, self._export_rollout_model)
-        self._closes(engine.close)
+        else:
+            engine = start_engine(cfg, self._export_rollout_model)
+            self._closes(engine.close)
         engine.on_progress = self.progress.counter("rollout")
 
         from megatron_trace.annotate.config import build_annotator
@@ -294,15 +312,25 @@ class Trainer:
         kl_weight = self.kl_weight(step)
         batch = None
         if self.is_driver:
-            with self.timer("rollout"):
-                problems = self._next_problems(cfg.rollout.prompts_per_step)
-                batch = self.experience.make(problems, step=step, kl_weight=kl_weight, timer=self.timer,
-                                             next_problems=self._next_problems)
-                batch.data_position = self.data_position
-            if probe_due(cfg.teacher.probe_every, step):
-                with self.timer("probe"):  # same weights as the rollouts: before this step's update
-                    batch.metrics.update(probe_teacher(self.experience, problems, step=step))
+            try:
+                with self.timer("rollout"):
+                    if self.colocated is not None:
+                        self.colocated.wake_up()
+                    problems = self._next_problems(cfg.rollout.prompts_per_step)
+                    batch = self.experience.make(problems, step=step, kl_weight=kl_weight, timer=self.timer,
+                                                 next_problems=self._next_problems)
+                    batch.data_position = self.data_position
+                if probe_due(cfg.teacher.probe_every, step):
+                    with self.timer("probe"):  # same weights as the rollouts: before this step's update
+                        batch.metrics.update(probe_teacher(self.experience, problems, step=step))
+                if self.colocated is not None and batch.samples:  # (no update follows an empty batch)
+                    with self.timer("sleep"):
+                        self.colocated.sleep()  # hand the GPUs' memory to training
+            except Exception as e:  # noqa: BLE001 - every rank stops with it (not left waiting in the broadcast)
+                batch = _StepFailure(f"step {step}: rollout failed: {type(e).__name__}: {e}")
         batch: RolloutBatch = self._broadcast(batch)
+        if isinstance(batch, _StepFailure):
+            raise RuntimeError(batch.message)
         self.data_position = batch.data_position
         metrics = dict(batch.metrics)
         metrics["lambda"] = kl_weight
@@ -519,9 +547,19 @@ class Trainer:
         return metrics
 
     def sync_weights(self) -> None:
-        """Push the updated policy into the generation engine (collective; the driver talks to the engine)."""
+        """Push the updated policy into the generation engine (collective; the driver talks to the engine;
+        colocated: every node refreshes its own servers, the driver commits them all)."""
         from megatron_trace.sync.weight_bridge import export_hf_buckets
 
+        bucket_bytes = int(self.cfg.rollout.weight_bucket_mb * 2**20)
+        if self.colocated is not None:
+            from megatron_trace.sync.shm_push import announce_model
+            from megatron_trace.sync.weight_bridge import params_dtype_of
+
+            self.colocated.sync(
+                lambda dsts: export_hf_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes, dsts=dsts),
+                announce_model(self.hf_config, params_dtype_of(self.model[0])))
+            return
         buckets = export_hf_buckets(self.model[0], self.hf_config,
                                     bucket_bytes=int(self.cfg.rollout.weight_bucket_mb * 2**20), dst=0)
         if self.is_driver:
@@ -592,4 +630,4 @@ class Trainer:
         process groups last); idempotent."""
         while self._closers:
             self._closers.pop()()
-        self.engine = self.experience = self.logger = None
+        self.engine = self.experience = self.logger = self.colocated = None

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""How long does a whole node-local weight refresh take, against one memcpy of the same bytes?
+
+A synthetic Qwen3 (Qwen3-0.6B widths, --layers deep, tied embedding, fp32, random weights) is built by Megatron at
+TP=2 on two local ranks (gloo), as a colocated trainer holds it. Colocated generation server(s)
+(`tools/serve_rollout.py`, vLLM CPU, --servers of them) are started from a constant initial folder. Each refresh,
+timed from the first rank entering the bridge to the last server serving the new version:
+    export (weight bridge: TP gather + merge + HF layout, on both ranks)
+    -> hand-off (rank 0 writes each bucket once into a /dev/shm segment; every server maps the same segment)
+    -> load (each server streams the mapped tensors through vLLM's reload path into its parameters)
+    -> commit (every server flips to the new version together).
+Bucket k+1 is exported while the servers load bucket k, so the stage times are measured on rank 0 as: export =
+waiting for the bridge's next bucket, hand-off = writing segments, load = waiting for the servers beyond that,
+finish = the servers' last layers after the last bucket, commit = the version flip. Their sum is the whole refresh.
+
+Reference, same run: memcpy = `dst.copy_(src)` of one flat buffer holding as many bytes as the export, both
+preallocated and faulted in (the floor for any refresh that moves the bytes once; one thread). Medians of
+--repeats; ratios are each median over memcpy's median.
+
+    .venv/bin/python benchmarks/bench_weight_sync.py --layers 1 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+from bench_weight_bridge import hf_config, write_initial_folder  # noqa: E402
+from dist_harness import run_distributed  # noqa: E402
+
+TOKEN_ENV = "BENCH_WEIGHT_SYNC_TOKEN"
+STAGES = ("export", "handoff", "load", "finish", "commit")
+
+
+def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repeats: int, urls: list[str],
+                  token: str) -> dict:
+    import torch.distributed as dist
+
+    from megatron_trace.distributed import destroy_distributed, initialize_distributed
+    from megatron_trace.models import build_qwen3_model
+    from megatron_trace.rollout.client import ClientConfig, RolloutClient
+    from megatron_trace.sync.shm_push import ShmPusher, announce_model, commit_all
+    from megatron_trace.sync.weight_bridge import export_hf_buckets
+
+    initialize_distributed(tp=2, pp=1, seed=0)
+    os.environ[TOKEN_ENV] = token
+    try:
+        model = build_qwen3_model(cfg)
+        out: dict = {"total": [], "memcpy": [], **{s: [] for s in STAGES}, "server_load": []}
+        pusher = None
+        if rank == 0:
+            clients = [RolloutClient(ClientConfig(base_url=u, token_env=TOKEN_ENV, retries=0)) for u in urls]
+            pusher = ShmPusher(clients)
+            version = max(c.version() for c in clients)
+        tensors = announce_model(cfg, torch.float32)
+        nbytes = 0
+        for r in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            buckets = export_hf_buckets(model, cfg, bucket_bytes=bucket_bytes)
+            if rank == 0:
+                version += 1
+                pusher.load(buckets, version, tensors)
+                t1 = time.perf_counter()
+                commit_all(clients, version)
+                commit_s = time.perf_counter() - t1
+            else:
+                for _ in buckets:
+                    pass
+            dist.barrier()
+            total = time.perf_counter() - t0
+            if rank == 0:
+                out["total"].append(total)
+                for s in STAGES[:-1]:
+                    out[s].append(pusher.stats[s])
+                out["commit"].append(commit_s)
+                out["server_load"].append(pusher.stats["server_load"])
+        if rank == 0:
+            nbytes = sum(int(torch.Size(s).numel()) * 4 for _, _, s in tensors)
+            src = torch.ones(nbytes, dtype=torch.uint8)
+            dst = torch.zeros(nbytes, dtype=torch.uint8)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                out["memcpy"].append(time.perf_counter() - t0)
+            out["nbytes"] = nbytes
+            out["segments"] = pusher.writer.max_segments
+            out["versions"] = [c.version() for c in clients]
+            out["final_version"] = version
+            pusher.close()
+            for c in clients:
+                c.close()
+        return out
+    finally:
+        destroy_distributed()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=1, help="depth at Qwen3-0.6B width (1 = 0.17 B params, 0.69 GB)")
+    ap.add_argument("--bucket-mb", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--servers", type=int, default=1, help="colocated servers on this node (all get every bucket)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = hf_config(args.layers)
+    work = tempfile.mkdtemp(prefix="bench_weight_sync_")
+    servers = []
+    try:
+        from megatron_trace.rollout.launch import ManagedServer
+
+        initial = os.path.join(work, "initial")
+        write_initial_folder(initial, cfg)
+        token = os.urandom(16).hex()
+        for i in range(args.servers):
+            servers.append(ManagedServer(initial, log_path=os.path.join(work, f"server.{i}.log"), token_env=TOKEN_ENV,
+                                         token=token, max_model_len=128, kv_cache_memory_bytes=64 << 20,
+                                         extra_env={"OMP_NUM_THREADS": "1"}, die_with_parent=True, wait=False))
+        for s in servers:
+            s.wait_ready()
+        t0 = time.perf_counter()
+        res = run_distributed(trainer_ranks, 2, cfg, args.bucket_mb << 20, args.repeats, [s.url for s in servers],
+                              token, timeout=3600)[0]
+        launch_s = time.perf_counter() - t0
+        assert res["versions"] == [res["final_version"]] * args.servers, res["versions"]
+        nbytes = res["nbytes"]
+        base = statistics.median(res["memcpy"])
+        total = statistics.median(res["total"])
+        print(f"\nweights: {nbytes / 4e9:.3f} B params, {nbytes / 1e9:.2f} GB fp32; buckets <= {args.bucket_mb} MiB; "
+              f"{args.servers} colocated server(s); {args.repeats} repeats; 1 torch thread per process; host CPUs "
+              f"{os.cpu_count()}; load average at end {os.getloadavg()[0]:.1f}; trainer launch {launch_s:.0f} s; "
+              f"trainer /dev/shm segments alive at most: {res['segments']}")
+        print(f"{'row':<44} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9} {'share':>6}")
+        rows = [("memcpy (one flat tensor.copy_)", res["memcpy"], None),
+                ("whole refresh (export+handoff+load+commit)", res["total"], None)]
+        rows += [(f"  stage: {s}", res[s], statistics.median(res[s]) / total) for s in STAGES]
+        rows += [("  (server: vLLM reload time, overlapped)", res["server_load"], None)]
+        for name, times, share in rows:
+            med = statistics.median(times)
+            print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f} "
+                  f"{'' if share is None else f'{100 * share:.0f}%':>6}")
+    finally:
+        for s in servers:
+            s.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
