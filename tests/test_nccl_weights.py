@@ -207,6 +207,9 @@ class RecordingLLM:
         return []
 
 
+ON_GPU = mock.patch("torch.cuda.is_available", new=lambda: True)
+
+
 def recording_engine() -> VLLMEngine:
     engine = VLLMEngine.__new__(VLLMEngine)
     engine.cfg = SimpleNamespace(enable_sleep_mode=True, max_model_len=64)
@@ -242,6 +245,7 @@ def test_every_refusal_happens_at_the_announcement(case):
     assert engine._llm.calls == [] and engine._nccl_pending is None
 
 
+@ON_GPU  # vLLM's own sleep mode is a GPU path (on CPU sleep/wake are accepted no-ops)
 def test_an_asleep_engine_refuses_at_the_announcement():
     engine = recording_engine()
     engine.sleep(1)
@@ -260,6 +264,7 @@ def test_a_prepared_update_is_received_through_the_reload_and_bumps_the_version(
 
 
 @pytest.mark.parametrize("between", ["nothing", "sleep", "http update", "other announcement"])
+@ON_GPU  # vLLM's own sleep mode is a GPU path (on CPU sleep/wake are accepted no-ops)
 def test_a_broadcast_without_its_announcement_is_drained_then_refused(between):
     """The sender is already broadcasting: refusing without receiving would hang it."""
     engine = recording_engine()
@@ -279,6 +284,7 @@ def test_a_broadcast_without_its_announcement_is_drained_then_refused(between):
     assert engine._llm.calls == ["drain_weights_nccl"]
 
 
+@ON_GPU  # vLLM's own sleep mode is a GPU path (on CPU sleep/wake are accepted no-ops)
 def test_after_a_level_2_sleep_generate_refuses_until_weights_are_reloaded():
     from megatron_trace.rollout.types import SamplingConfig
 
@@ -303,6 +309,7 @@ def test_after_a_level_2_sleep_generate_refuses_until_weights_are_reloaded():
     assert engine.generate([], SamplingConfig()) == []
 
 
+@ON_GPU  # vLLM's own sleep mode is a GPU path (on CPU sleep/wake are accepted no-ops)
 def test_sleep_and_wake_up_are_idempotent():
     engine = recording_engine()
     engine.wake_up()
