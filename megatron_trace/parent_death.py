@@ -3,6 +3,7 @@ generation servers or reward workers running, reparented to init."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -20,3 +21,14 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -71,13 +71,6 @@ PROMPTS = [[9707, 11, 1879, 0, 3555], [151644, 872, 198, 3838, 374, 220, 17, 10,
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     pytest.importorskip("vllm")
     from tiny_hf_model import make_tiny_qwen3_dir

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_trace.checkpoint import safe_pickle  # noqa: F401 - .metadata is read through an allowlist from here on
+from megatron_trace.parent_death import pid_alive
 from megatron_trace.checkpoint.hf_io import (
     HF_ASSET_FILES,
     HFTensorSource,
@@ -195,19 +196,9 @@ def _clean_stale_temps(out_dir: str) -> None:
             if not entry.startswith(prefix):
                 continue
             pid = entry[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

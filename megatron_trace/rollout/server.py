@@ -55,6 +55,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from megatron_trace.parent_death import pid_alive
 from megatron_trace.rollout.config import EngineConfig
 from megatron_trace.rollout.engine import GenerationCancelled
 from megatron_trace.rollout.server_schema import RequestError, ServerLimits, parse_completion_request
@@ -529,15 +530,7 @@ def _watch_parent(pid: int, server: _BoundedShutdownServer, interval_s: float = 
     of the parent *thread* and not across every exec/setuid path."""
 
     def alive() -> bool:
-        if os.getppid() != pid:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return os.getppid() == pid and pid_alive(pid)
 
     def loop() -> None:
         while alive():
