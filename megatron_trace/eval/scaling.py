@@ -238,7 +238,8 @@ def run_local(grid: Grid, *, steps_done_ok: bool = True, env: dict | None = None
     import time
 
     results = []
-    todo = ([grid.warm_start] if grid.warm_start is not None else []) + grid.runs
+    # seed by seed (every arm's seed 1, then seed 2, ...): a grid stopped early still compares arms at equal seeds
+    todo = ([grid.warm_start] if grid.warm_start is not None else []) + sorted(grid.runs, key=lambda r: r.seed)
     t_grid = time.perf_counter()
     for i, run in enumerate(todo):
         os.makedirs(run.output_dir, exist_ok=True)
