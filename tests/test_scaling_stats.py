@@ -122,6 +122,10 @@ def test_collect_computes_curves_auc_and_paired_differences_on_synthetic_runs(tm
     assert c["mean"][1] == pytest.approx(0.3)
     assert c["lo"][1] == pytest.approx(0.3 - T2 * 0.1 / math.sqrt(3))
     assert c["hi"][1] == pytest.approx(0.3 + T2 * 0.1 / math.sqrt(3))
+    # the same mean curve, in the format tools/show_metrics.py --reference reads (what the demo prints beside)
+    ref = json.load(open(tmp_path / "out" / "curves" / "tiny_grpo_reward_mean.json"))
+    assert ref["key"] == "reward_mean" and ref["values"] == pytest.approx(c["mean"])
+    assert ref["label"] == "grpo, mean of 3 seed(s)"
     c = curves["trace_fkl"]["reward_mean"]
     assert c["steps"] == [0, 1, 2, 3] and c["n"][3] == 1 and c["lo"][3] is None and c["mean"][3] == 0.9
     # the probe's points are on its steps only: step 0 (0.5, 0.6, 0.4), step 2 (0.7, 0.6, 0.8)
@@ -168,6 +172,7 @@ def test_the_shipped_tiny_cpu_grid_runs_six_arms_x_three_seeds_from_one_warm_sta
     by = {r.name: r for r in grid.runs}
     for run in grid.runs:  # same warm-start, steps and probe for every arm
         assert load in run.overrides and "train.steps=40" in run.overrides and "teacher.probe_every=5" in run.overrides
+        assert "loss.kl_clip=null" in run.overrides  # exact KL in every arm (the results page says why)
     assert {"annotate.spans.fkl=false", "annotate.spans.rkl=true"} <= set(by["tiny/trace_rkl/seed1"].overrides)
     assert {"loss.mode=all_token_opd", "loss.kl_schedule=constant"} <= set(by["tiny/all_token_opd/seed2"].overrides)
     assert {"loss.mode=random_spans", "annotate.spans.rkl=true"} <= set(by["tiny/random_spans/seed3"].overrides)

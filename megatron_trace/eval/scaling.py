@@ -426,6 +426,16 @@ def collect(grid: Grid, *, out_dir: str | None = None, last_n: int = 5, level: f
             os.replace(png + ".tmp.png", png)
             summary["plots"][os.path.basename(png)] = labels
         summary["curves"][model] = curves
+        # each arm's mean reward curve in tools/show_metrics.py's --reference format (the demo prints its run
+        # beside the shipped GRPO curve)
+        for route, by_key in curves.items():
+            c = by_key.get(AUC_KEY)
+            if c and c["steps"] == list(range(len(c["steps"]))):
+                os.makedirs(os.path.join(out_dir, "curves"), exist_ok=True)
+                _write(os.path.join(out_dir, "curves", f"{_safe(model)}_{_safe(route)}_{AUC_KEY}.json"),
+                       json.dumps({"label": f"{route}, mean of {max(c['n'])} seed(s)",
+                                   "source": f"tools/scaling.py collect -> {os.path.join(out_dir, 'summary.json')}",
+                                   "key": AUC_KEY, "values": c["mean"]}) + "\n")
         table = {}
         for route in routes:
             seeds_rows = rows.get((model, route))
