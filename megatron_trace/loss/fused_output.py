@@ -13,6 +13,12 @@ Cost: the matmuls are recomputed -- student rows 2x + once per teacher row, teac
 backward -- in exchange for never storing `T x V/tp` values (at Qwen3's 152k vocabulary, 4 GB per 8k fp32 rows
 per TP rank, twice with the gradient).
 
+`fused_output_loss(hidden, weight, targets, row_loss, ...)` removes the recomputation for losses that are a sum over
+rows (RowLoss; the routed TRACE loss is one: TraceLoss.rows): each block's gradient is formed in the forward pass
+as soon as the block is reduced over the vocab shards (the fused linear cross-entropy idea), so every logit block
+is multiplied out once -- 3 matmul passes over the student rows and 4 over the teacher rows, against 3 and 1 for
+the materialised output layer and 4 and 7 for fused_output_token_stats.
+
 Tensor parallelism: `weight` is the rank's slice of the ColumnParallelLinear output layer (or of the tied word
 embedding, the same `[V/tp, H]` layout); the hidden-state gradient returned is this shard's partial sum, which the
 caller all-reduces over the TP group as megatron's output layer does (copy_to_tensor_model_parallel_region around
@@ -327,7 +333,7 @@ def loss_forward(src: HiddenLogits, target, kl_rows, kl_reverse, vocab_start, cl
         if check_values:
             _check_finite(u_max, 0)
         zk_max, zk_sum = z_max.index_select(0, idx), z_sum.index_select(0, idx)
-        parts = torch.stack(kl_terms(zk, u, zk_max, zk_sum, u_max, u_sum, kl_reverse[s:e], clip))
+        parts = torch.stack(kl_terms(zk, None, u, zk_max, zk_sum, u_max, u_sum, kl_reverse[s:e], clip))
         _all_reduce(parts, dist.ReduceOp.SUM, group)
         kl[s:e] = parts[0]
         if kl_coef is None:
@@ -335,7 +341,7 @@ def loss_forward(src: HiddenLogits, target, kl_rows, kl_reverse, vocab_start, cl
         coef = kl_coef[s:e].to(dtype)
         loss += (parts[0] * coef).sum()
         if need_grad:
-            gk = kl_grad(zk, u, zk_max, zk_sum, u_max, u_sum, kl_reverse[s:e], clip, parts[1], coef)
+            gk = kl_grad(zk, None, u, zk_max, zk_sum, u_max, u_sum, kl_reverse[s:e], clip, parts[1], coef)
             sink(gk, h.index_select(0, idx), idx)
         del u, zk
     return loss, logprob, entropy, kl, grad_h, grad_w
