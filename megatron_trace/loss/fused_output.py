@@ -319,12 +319,15 @@ def loss_forward(src: HiddenLogits, target, kl_rows, kl_reverse, vocab_start, cl
             sink(out, h[s:e], slice(s, e))
         del z
 
+    block = None  # freed before the teacher blocks (three of their size are alive there: u, zk, the KL gradient)
     kl_coef = row_loss.kl_coef
     if k_rows and kl_coef is not None and kl_coef.shape != (k_rows,):
         raise ValueError(f"RowLoss.kl_coef must be [K] = [{k_rows}] (one weight per teacher row), got "
                          f"{tuple(kl_coef.shape)}")
-    no_target = torch.full((min(chunk_rows + 1, k_rows),), -1, dtype=torch.long, device=device)
-    for s, e in chunks(k_rows, chunk_rows):
+    # teacher blocks of half the rows: three blocks are alive at once here, two for the student rows
+    k_chunk = max(2, chunk_rows // 2)
+    no_target = torch.full((min(k_chunk + 1, k_rows),), -1, dtype=torch.long, device=device)
+    for s, e in chunks(k_rows, k_chunk):
         idx = kl_rows[s:e]
         u = src.teacher(s, e)
         zk = src.student_at(idx)
