@@ -10,7 +10,10 @@ Methods (each computes, then backpropagates, a random weighting of its outputs):
   separate      three vocab-parallel autograd functions (logprob, entropy, KL), each with its own collectives
   naive         all-gather the vocabulary, torch log_softmax / entropy / KL with autograd on the full rows
   out_stored    output layer (hidden [T, H] x weight [V/tp, H], and the teacher's on its K rows) then `full`
-  out_fused     loss.fused_output.fused_output_token_stats: the same outputs, logits never stored
+  out_fused     loss.fused_output.fused_output_loss: the same loss (a sum over rows), logits never stored, the
+                gradient formed in the forward pass (loss.fused_output_grad: in_forward, the trainer's default)
+  out_fused_recompute  loss.fused_output.fused_output_token_stats: the same, backward recomputes every logit block
+                (loss.fused_output_grad: recompute)
 
 - time: median over --repeats of fwd+bwd wall time on rank 0, after one untimed run (which compiles);
 - memory: per-rank peak RSS during the untimed run minus RSS just before it (the peak is reset per method via
@@ -19,7 +22,8 @@ Methods (each computes, then backpropagates, a random weighting of its outputs):
 The `|d lp|` column is the largest difference of the method's log-prob from Megatron's (-loss).
 
 Usage: python benchmarks/bench_routed_loss.py [--rows 1024 4096] [--vocab 151936] [--tp 2] [--hidden 128]
-       [--methods megatron lp full out_stored out_fused] [--repeats 5]
+       [--methods megatron lp full out_stored out_fused [out_fused_recompute]] [--repeats 5]
+       [--fused-chunk-rows 512]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import dist_harness  # noqa: E402
 
-from megatron_trace.loss.fused_output import fused_output_token_stats  # noqa: E402
+from megatron_trace.loss.fused_output import RowLoss, fused_output_loss, fused_output_token_stats  # noqa: E402
 from megatron_trace.loss.vocab_parallel import token_stats  # noqa: E402
 
 CLIP = 0.05
@@ -213,6 +217,17 @@ def out_stored_step(h, w, th, target, rows, reverse, weights, vocab_start, group
 
 def out_fused_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, fused_chunk_rows,
                    kernels="compiled", **_):
+    row_loss = RowLoss(student=lambda lp, ent, s, e: lp * weights[0][s:e] + ent * weights[1][s:e],
+                       kl_coef=weights[2])
+    loss, stats = fused_output_loss(h, w, target, row_loss, vocab_start=vocab_start, group=group,
+                                    teacher_hidden=th, kl_rows=rows, kl_reverse=reverse, kl_clip=CLIP,
+                                    chunk_rows=fused_chunk_rows, kernels=kernels)
+    loss.backward()
+    return (stats.logprob, stats.entropy, stats.kl), w.grad
+
+
+def out_fused_recompute_step(h, w, th, target, rows, reverse, weights, vocab_start, group, *, fused_chunk_rows,
+                             kernels="compiled", **_):
     stats = fused_output_token_stats(h, w, target, vocab_start=vocab_start, group=group, teacher_hidden=th,
                                      kl_rows=rows, kl_reverse=reverse, kl_clip=CLIP, chunk_rows=fused_chunk_rows,
                                      kernels=kernels)
@@ -243,7 +258,8 @@ STEPS = {
     "separate": _plain(separate_step),
     "naive": _plain(naive_step),
 }
-OUTPUT_STEPS = {"out_stored": out_stored_step, "out_fused": out_fused_step}
+OUTPUT_STEPS = {"out_stored": out_stored_step, "out_fused": out_fused_step,
+                "out_fused_recompute": out_fused_recompute_step}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -364,7 +380,8 @@ def main():
                     choices=list(STEPS) + list(OUTPUT_STEPS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk-rows", type=int, default=1024)
-    ap.add_argument("--fused-chunk-rows", type=int, default=256)
+    ap.add_argument("--fused-chunk-rows", type=int, default=512,
+                    help="chunk_rows of the fused output layer (512: the library default the trainer runs)")
     args = ap.parse_args()
 
     print(f"V={args.vocab}, KL rows {args.kl_frac:.0%} (clip {CLIP}), H={args.hidden} (output-layer methods), "

@@ -176,3 +176,133 @@ def test_bad_input_names_the_cause():
         fused_output_token_stats(h, w, t, vocab_size=9)
     with pytest.raises(ValueError, match="target_ids\\[2\\] = 7 is outside the vocabulary \\[0, 6\\)"):
         fused_output_token_stats(h, w, t, vocab_size=6, check_values=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fused_output_loss: the gradient formed in the forward pass
+# --------------------------------------------------------------------------------------------------------------
+
+def _row_loss(c, entropy_coef=0.0):
+    """A PPO-clipped surrogate per row (rows far enough from old to be clipped included), an entropy bonus and
+    weighted KL: a sum over rows, as the routed TRACE loss is."""
+    from megatron_trace.loss.fused_output import RowLoss
+    from megatron_trace.loss.grpo import clipped_surrogate
+
+    g = torch.Generator().manual_seed(11)
+    T = c["h"].shape[0]
+    old = torch.randn(T, generator=g) * 0.5 - 4.0
+    adv = torch.randn(T, generator=g)
+    weight = c["weights"][0].abs()
+
+    def student(lp, ent, s, e):
+        per_token, _ = clipped_surrogate(lp, old[s:e], adv[s:e])
+        return per_token * weight[s:e] - entropy_coef * ent
+
+    return RowLoss(student=student, kl_coef=c["weights"][2])
+
+
+def run_loss_rank(rank, world, c, *, with_teacher, fused, group=None, chunk_rows=4, entropy_coef=0.0,
+                  kernels="eager"):
+    """This rank's (loss, logprob, entropy, kl, grad of hidden (partial), grad of its weight slice): the row loss
+    through fused_output_loss, or through (output layer, token_stats, the same row loss summed)."""
+    from megatron_trace.loss.fused_output import fused_output_loss
+
+    V = c["w"].shape[0]
+    W = V // world
+    sl = slice(rank * W, (rank + 1) * W)
+    h = c["h"].clone().requires_grad_()
+    w = c["w"][sl].clone().requires_grad_()
+    row_loss = _row_loss(c, entropy_coef)
+    if not with_teacher:
+        row_loss.kl_coef = None
+    teacher = {}
+    if fused:
+        if with_teacher:
+            teacher = dict(teacher_hidden=c["th"], teacher_weight=c["tw"][sl] if c["tw"] is not None else None,
+                           kl_rows=c["rows"], kl_reverse=c["reverse"], kl_clip=0.05)
+        loss, stats = fused_output_loss(h, w, c["target"], row_loss, vocab_start=rank * W, group=group,
+                                        vocab_size=c["vocab_size"], chunk_rows=chunk_rows, kernels=kernels,
+                                        **teacher)
+    else:
+        def logits(hh, ww):
+            z = hh @ ww.t()
+            if c["vocab_size"] is not None:
+                z = z.masked_fill(torch.arange(rank * W, (rank + 1) * W) >= c["vocab_size"], PAD_LOGIT)
+            return z
+
+        tw = c["tw"][sl] if c["tw"] is not None else w.detach()
+        if with_teacher:
+            teacher = dict(teacher_logits=logits(c["th"], tw).detach(), kl_rows=c["rows"], kl_reverse=c["reverse"],
+                           kl_clip=0.05)
+        stats = token_stats(logits(h, w), c["target"], vocab_start=rank * W, group=group, kernels="eager",
+                            **teacher)
+        loss = row_loss.student(stats.logprob, stats.entropy, 0, h.shape[0]).sum()
+        if with_teacher:
+            loss = loss + (stats.kl * row_loss.kl_coef).sum()
+    (loss * 0.7).backward()  # a non-unit upstream gradient: backward scales the forward's gradients
+    return [t.detach().clone() for t in (loss, *stats, h.grad, w.grad)]
+
+
+def assert_loss_close(got, ref, what):
+    assert bool((got[0] - ref[0]).abs() <= TOL * ref[0].abs().clamp(min=1.0)), f"{what} loss {got[0]} vs {ref[0]}"
+    assert not got[1].requires_grad and not got[3].requires_grad
+    assert_close(got[1:], ref[1:], what)
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+@pytest.mark.parametrize("with_teacher", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_fused_output_loss_matches_output_layer_then_token_stats_then_the_loss_tp1(case, with_teacher,
+                                                                                    entropy_coef):
+    c = make_case(**case)
+    ref = run_loss_rank(0, 1, c, with_teacher=with_teacher, fused=False, entropy_coef=entropy_coef)
+    got = run_loss_rank(0, 1, c, with_teacher=with_teacher, fused=True, entropy_coef=entropy_coef)
+    assert_loss_close(got, ref, f"tp=1 {case} teacher={with_teacher} entropy={entropy_coef}")
+
+
+def test_fused_output_loss_compiled_kernels_agree():
+    c = make_case(2, snapshot=True)
+    ref = run_loss_rank(0, 1, c, with_teacher=True, fused=False, entropy_coef=0.01)
+    got = run_loss_rank(0, 1, c, with_teacher=True, fused=True, entropy_coef=0.01, kernels="compiled")
+    assert_loss_close(got, ref, "tp=1 compiled")
+
+
+def loss_rank_main(rank, world):
+    import torch.distributed as dist
+    group = dist.new_group(list(range(world)))
+    out = []
+    for case in CASES:
+        c = make_case(**case)
+        for with_teacher in (False, True):
+            got = run_loss_rank(rank, world, c, with_teacher=with_teacher, fused=True, group=group,
+                                entropy_coef=0.01)
+            dist.all_reduce(got[4], group=group)  # the caller's TP all-reduce of the hidden-state gradient
+            out.append([t.numpy() for t in got])
+    return out
+
+
+@pytest.mark.slow
+def test_fused_output_loss_matches_across_vocab_shards_tp2():
+    per_rank = dist_harness.run_distributed(loss_rank_main, 2)
+    i = 0
+    for case in CASES:
+        c = make_case(**case)
+        for with_teacher in (False, True):
+            ref = run_loss_rank(0, 1, c, with_teacher=with_teacher, fused=False, entropy_coef=0.01)
+            W = c["w"].shape[0] // 2
+            for rank in range(2):
+                got = [torch.from_numpy(a) for a in per_rank[rank][i]]
+                want = ref[:5] + [ref[5][rank * W:(rank + 1) * W]]
+                assert_loss_close(got, want, f"tp=2 rank={rank} {case} teacher={with_teacher}")
+            i += 1
+
+
+def test_fused_output_loss_without_grad_mode_computes_no_gradient():
+    from megatron_trace.loss.fused_output import fused_output_loss
+
+    c = make_case(0)
+    with torch.no_grad():
+        loss, stats = fused_output_loss(c["h"], c["w"], c["target"], _row_loss(c), teacher_hidden=c["th"],
+                                        kl_rows=c["rows"], kl_reverse=c["reverse"], kl_clip=0.05, kernels="eager")
+    ref = run_loss_rank(0, 1, c, with_teacher=True, fused=False)
+    assert abs(float(loss) - float(ref[0])) <= TOL * max(1.0, abs(float(ref[0])))

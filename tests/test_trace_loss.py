@@ -264,3 +264,37 @@ def test_all_token_opd_after_the_anneal_is_grpo_on_every_token():
     loss, _ = TraceLoss(LossConfig(mode="all_token_opd"))(stats, **batch, kl_weight=0.0)
     ref, _ = TraceLoss(LossConfig(mode="grpo"))(stats, **batch, kl_weight=0.0)
     assert float(ref.detach()) != 0.0 and float(loss.detach()) == float(ref.detach())
+
+
+def test_trainer_value_checks_run_per_step_and_name_the_bad_micro_batch():
+    """loss.check_values: Trainer._check_loss_inputs (run once per step, before the micro-batch loop) passes a valid
+    step and names the micro-batch and the cause of a bad one; the loss's hot path skips these checks."""
+    from types import SimpleNamespace
+
+    from megatron_trace.train.trainer import Trainer
+
+    def mb(**change):
+        d = dict(rows=torch.arange(6), targets=torch.tensor([1, 5, 9, 2, 0, 3]),
+                 routes=torch.tensor([0, 1, 1, 0, 2, 0]), kl_rows=torch.tensor([1, 2, 4]),
+                 response_index=torch.tensor([0, 0, 0, 1, 1, 1]), response_lengths=torch.tensor([3, 3]))
+        d.update(change)
+        return d
+
+    cfg = LossConfig(check_values=True)
+    trainer = SimpleNamespace(loss=TraceLoss(cfg), vocab_size=10, step=7, cfg=SimpleNamespace(loss=cfg))
+    Trainer._check_loss_inputs(trainer, [mb(), mb()], 0.25, True)
+    with pytest.raises(ValueError, match=r"step 7, micro-batch 1 \(loss.check_values\): target_ids\[2\] = 12 is "
+                                         r"outside the vocabulary \[0, 10\)"):
+        Trainer._check_loss_inputs(trainer, [mb(), mb(targets=torch.tensor([1, 5, 12, 2, 0, 3]))], 0.25, True)
+    with pytest.raises(ValueError, match="micro-batch 0 .*kl_rows must be exactly the FKL/RKL positions"):
+        Trainer._check_loss_inputs(trainer, [mb(kl_rows=torch.tensor([1, 3, 4]))], 0.25, True)
+    with pytest.raises(ValueError, match="micro-batch 0 .*response_index must be in"):
+        Trainer._check_loss_inputs(trainer, [mb(response_index=torch.tensor([0, 0, 0, 1, 1, 2]))], 0.25, True)
+    # the same bad batch goes through the hot path's loss unchecked (check_values=False: no host sync)
+    stats, batch = hand_batch()
+    batch = dict(batch, routes=torch.tensor([0, 1, 1, 0, 2, 7]))  # route id 7 does not exist
+    TraceLoss(cfg)(stats, **batch, kl_weight=0.25, check_values=False)
+    with pytest.raises(ValueError, match="routes must hold Route ids"):
+        TraceLoss(cfg)(stats, **batch, kl_weight=0.25)
+    with pytest.raises(ValueError, match="fused_output_grad"):
+        LossConfig(fused_output_grad="later")

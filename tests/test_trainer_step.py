@@ -44,7 +44,7 @@ def _samples():
     return out
 
 
-def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass, fused_output_layer=False):
+def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass, fused_output_layer=False, check_values=False):
     from megatron_trace.config import load_config
     from megatron_trace.sync.weight_bridge import export_hf_buckets
     from megatron_trace.train.trainer import Trainer
@@ -56,6 +56,7 @@ def _update(rank, world_size, hf_dir, tp, pp, mbs, per_pass, fused_output_layer=
                              "optim.adam_eps=0.01",  # Adam step 1 is lr*g/(|g|+eps): keep it smooth in g
                              f"optim.micro_batch_size={mbs}", f"teacher.microbatches_per_pass={per_pass}",
                              "checkpoint.resume=none", f"loss.fused_output_layer={str(fused_output_layer).lower()}",
+                             f"loss.check_values={str(check_values).lower()}",
                              f"logging.output_dir=/tmp/trace_step_{world_size}", "logging.tensorboard=false"])
     trainer = Trainer(cfg, start_rollout=False)
     metrics = trainer.update(_samples(), KL_WEIGHT)
@@ -89,8 +90,10 @@ def tp2_pp2(hf_dir):
 
 @pytest.fixture(scope="module")
 def tp2_pp2_fused(hf_dir):
-    # loss.fused_output_layer: the output layer runs inside the loss for the student and the teacher's span rows.
-    return run_distributed(_update, 4, hf_dir, 2, 2, 2, 1, True, init_gloo=False, timeout=400)[0]
+    # loss.fused_output_layer: the output layer runs inside the loss for the student and the teacher's span rows
+    # (its gradient formed in the forward pass, loss.fused_output_grad in_forward); loss.check_values on: the
+    # per-step value checks pass on a valid batch.
+    return run_distributed(_update, 4, hf_dir, 2, 2, 2, 1, True, True, init_gloo=False, timeout=400)[0]
 
 
 def _reference_loss(hf_dir: str) -> dict:

@@ -487,3 +487,57 @@ def test_sync_counter_sees_a_sync():
         bool(torch.ones(()) > 0)
         torch.ones(2).nonzero()
     assert syncs.calls == ["__bool__", "nonzero"]
+
+
+def _routed_inputs(rows):
+    """A micro-batch's routed-loss inputs as the batcher makes them (built before any counting)."""
+    from megatron_trace.routes import Route
+
+    g = torch.Generator().manual_seed(rows)
+    routes = torch.randint(0, 3, (rows,), generator=g)
+    kl_rows = ((routes == int(Route.FKL)) | (routes == int(Route.RKL))).nonzero().squeeze(-1)
+    k = kl_rows.shape[0]
+    response_index = torch.arange(rows) * 2 // rows
+    return dict(g=g, target=torch.randint(0, 96, (rows,), generator=g), routes=routes, kl_rows=kl_rows,
+                reverse=routes[kl_rows] == int(Route.RKL), response_index=response_index,
+                response_lengths=torch.bincount(response_index, minlength=2), adv=torch.randn(rows, generator=g),
+                sampler=-torch.rand(rows, generator=g), h=torch.randn(rows, 8, generator=g).requires_grad_(),
+                w=torch.randn(96, 8, generator=g).requires_grad_(), th=torch.randn(k, 8, generator=g),
+                z=torch.randn(rows, 96, generator=g).requires_grad_(), u=torch.randn(k, 96, generator=g))
+
+
+def _routed_microbatch(kernels, x, fused_in_forward):
+    """One micro-batch of the trainer's routed TRACE loss as the hot path runs it (TraceLoss.rows without value
+    checks, global counts given): statistics (materialised logits, or the fused output layer with its gradient in
+    the forward), loss, metrics, backward."""
+    from megatron_trace.loss.fused_output import fused_output_loss
+    from megatron_trace.loss.trace_loss import LossConfig, TraceLoss
+
+    rows = x["target"].shape[0]
+    loss_rows = TraceLoss(LossConfig(kl_clip=0.05)).rows(
+        num_rows=rows, old_logprob=None, advantages=x["adv"], routes=x["routes"],
+        response_index=x["response_index"], response_lengths=x["response_lengths"], loss_mask=torch.ones(rows),
+        kl_rows=x["kl_rows"], kl_weight=0.3, num_tokens=40.0, num_responses=4.0, sampler_logprob=x["sampler"],
+        check_values=False)
+    teacher = dict(kl_rows=x["kl_rows"], kl_reverse=x["reverse"], kl_clip=0.05)
+    if fused_in_forward:
+        loss, stats = fused_output_loss(x["h"], x["w"], x["target"], loss_rows.row_loss(), teacher_hidden=x["th"],
+                                        vocab_size=90, chunk_rows=4, kernels=kernels, **teacher)
+        metrics = loss_rows.loss(stats)[1]
+    else:
+        stats = token_stats(x["z"], x["target"], teacher_logits=x["u"], chunk_rows=4, kernels=kernels, **teacher)
+        loss, metrics = loss_rows.loss(stats)
+    loss.backward()
+    return metrics
+
+
+@pytest.mark.parametrize("fused_in_forward", [False, True])
+def test_routed_trace_loss_micro_batch_reads_no_tensor_value_on_the_host(fused_in_forward):
+    """The trainer's routed loss per micro-batch (value checks off: they run once per step under
+    loss.check_values): no host sync in statistics, loss, metrics or backward."""
+    _routed_microbatch("eager", _routed_inputs(10), fused_in_forward)
+    x = _routed_inputs(13)
+    with HostSyncCounter() as syncs:
+        metrics = _routed_microbatch("eager", x, fused_in_forward)
+    assert syncs.calls == [], f"host syncs during one micro-batch: {syncs.calls}"
+    assert float(metrics["span_tokens"]) == x["kl_rows"].numel() > 0

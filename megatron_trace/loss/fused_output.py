@@ -13,6 +13,12 @@ Cost: the matmuls are recomputed -- student rows 2x + once per teacher row, teac
 backward -- in exchange for never storing `T x V/tp` values (at Qwen3's 152k vocabulary, 4 GB per 8k fp32 rows
 per TP rank, twice with the gradient).
 
+`fused_output_loss(hidden, weight, targets, row_loss, ...)` removes the recomputation for losses that are a sum over
+rows (RowLoss; the routed TRACE loss is one: TraceLoss.rows): each block's gradient is formed in the forward pass
+as soon as the block is reduced over the vocab shards (the fused linear cross-entropy idea), so every logit block
+is multiplied out once -- 3 matmul passes over the student rows and 4 over the teacher rows, against 3 and 1 for
+the materialised output layer and 4 and 7 for fused_output_token_stats.
+
 Tensor parallelism: `weight` is the rank's slice of the ColumnParallelLinear output layer (or of the tied word
 embedding, the same `[V/tp, H]` layout); the hidden-state gradient returned is this shard's partial sum, which the
 caller all-reduces over the TP group as megatron's output layer does (copy_to_tensor_model_parallel_region around
@@ -24,15 +30,19 @@ Vocabulary padding: columns with global id >= vocab_size (Megatron pads the voca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.distributed as dist
 
-from megatron_trace.loss.vocab_parallel import (Kernels, LogitSource, TokenStats, _math_dtype, _use_compiled,
-                                                check_shapes, check_token_stats_values, chunks,
-                                                prepare_teacher_args, stats_forward, student_chunk_grad,
-                                                student_grad_coefficients, teacher_chunk_grad)
+from megatron_trace.loss.vocab_parallel import (Kernels, LogitSource, TokenStats, _all_reduce, _check_finite,
+                                                _check_owners, _kernel, _math_dtype, _use_compiled, check_shapes,
+                                                check_token_stats_values, chunks, prepare_teacher_args,
+                                                stats_forward, student_chunk_grad, student_grad_coefficients,
+                                                teacher_chunk_grad)
 
-__all__ = ["fused_output_token_stats", "PAD_LOGIT"]
+__all__ = ["fused_output_token_stats", "fused_output_loss", "RowLoss", "PAD_LOGIT"]
 
 PAD_LOGIT = -1e9  # logit of padded vocabulary columns: no mass, no NaN in p log p
 
@@ -117,26 +127,11 @@ class _FusedOutputStats(torch.autograd.Function):
                 grad_w.to(w.dtype) if ctx.needs_input_grad[1] else None) + nones
 
 
-def fused_output_token_stats(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
-                             vocab_start: int = 0, group=None, vocab_size: int | None = None,
-                             teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                             kl_rows: torch.Tensor | None = None, kl_reverse: torch.Tensor | None = None,
-                             kl_clip: float | None = None, chunk_rows: int = 512, kernels: Kernels = "auto",
-                             check_values: bool = False) -> TokenStats:
-    """token_stats of the logits `hidden @ weight.T`, computed block by block (the logits are never stored).
-
-    hidden: [T, H] final hidden states of the scored rows (requires grad; replicated over the TP group).
-    weight: [V/tp, H] this rank's output-layer (or tied embedding) shard; vocab_start its first global id.
-    target_ids: [T] global ids. vocab_size: the real vocabulary (columns at or beyond it are padding, logit -1e9);
-        default: no padding.
-    teacher_hidden: [K, H] the teacher's final hidden states of its span rows (no grad); teacher_weight:
-        [V/tp, H] the teacher's output weight shard (default: `weight`, detached -- the live policy as teacher).
-    kl_rows, kl_reverse, kl_clip, group, kernels, check_values: as in token_stats.
-    chunk_rows: rows per logit block; extra memory is a few chunk_rows x V/tp fp32 blocks.
-
-    Returns TokenStats(logprob [T], entropy [T], kl [K]) (fp32; fp64 for fp64 inputs). The gradient reaching
-    `hidden` is this vocab shard's part: under TP the caller all-reduces it (megatron's output layer does the same).
-    """
+def _prepare(hidden, weight, target_ids, vocab_start, group, vocab_size, teacher_hidden, teacher_weight, kl_rows,
+             kl_reverse, kl_clip, chunk_rows, check_values):
+    """Checks of fused_output_token_stats / fused_output_loss arguments and their defaults. Returns (teacher_hidden,
+    teacher_weight, kl_rows, kl_reverse, valid, clip_t): empty teacher tensors when there is no teacher; valid =
+    this shard's columns below vocab_size; clip_t the 0-d clip (inf = exact KL)."""
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating 2-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -182,8 +177,237 @@ def fused_output_token_stats(hidden: torch.Tensor, weight: torch.Tensor, target_
         kl_rows = torch.zeros(0, dtype=torch.long, device=hidden.device)
         kl_reverse = torch.zeros(0, dtype=torch.bool, device=hidden.device)
     clip_t = torch.full((), clip, dtype=_math_dtype(hidden.dtype), device=hidden.device)
+    return teacher_hidden, teacher_weight, kl_rows.long(), kl_reverse, valid, clip_t
+
+
+def fused_output_token_stats(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, *,
+                             vocab_start: int = 0, group=None, vocab_size: int | None = None,
+                             teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                             kl_rows: torch.Tensor | None = None, kl_reverse: torch.Tensor | None = None,
+                             kl_clip: float | None = None, chunk_rows: int = 512, kernels: Kernels = "auto",
+                             check_values: bool = False) -> TokenStats:
+    """token_stats of the logits `hidden @ weight.T`, computed block by block (the logits are never stored).
+
+    hidden: [T, H] final hidden states of the scored rows (requires grad; replicated over the TP group).
+    weight: [V/tp, H] this rank's output-layer (or tied embedding) shard; vocab_start its first global id.
+    target_ids: [T] global ids. vocab_size: the real vocabulary (columns at or beyond it are padding, logit -1e9);
+        default: no padding.
+    teacher_hidden: [K, H] the teacher's final hidden states of its span rows (no grad); teacher_weight:
+        [V/tp, H] the teacher's output weight shard (default: `weight`, detached -- the live policy as teacher).
+    kl_rows, kl_reverse, kl_clip, group, kernels, check_values: as in token_stats.
+    chunk_rows: rows per logit block; extra memory is a few chunk_rows x V/tp fp32 blocks.
+
+    Returns TokenStats(logprob [T], entropy [T], kl [K]) (fp32; fp64 for fp64 inputs). The gradient reaching
+    `hidden` is this vocab shard's part: under TP the caller all-reduces it (megatron's output layer does the same).
+    Backward recomputes every logit block (see fused_output_loss for the variant that does not).
+    """
+    teacher_hidden, teacher_weight, kl_rows, kl_reverse, valid, clip_t = _prepare(
+        hidden, weight, target_ids, vocab_start, group, vocab_size, teacher_hidden, teacher_weight, kl_rows,
+        kl_reverse, kl_clip, chunk_rows, check_values)
     compiled = _use_compiled(kernels, hidden.device)
     logprob, entropy, kl = _FusedOutputStats.apply(
-        hidden, weight, target_ids.long(), teacher_hidden, teacher_weight, kl_rows.long(), kl_reverse,
+        hidden, weight, target_ids.long(), teacher_hidden, teacher_weight, kl_rows, kl_reverse,
         int(vocab_start), valid, clip_t, group, chunk_rows, compiled, check_values)
     return TokenStats(logprob, entropy, kl)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# gradient in the forward pass: for losses that are a sum over rows
+# ------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RowLoss:
+    """A loss that is a sum over rows of the token statistics:
+
+        L = sum_t student(logprob, entropy, s, e)[t - s]  +  sum_k kl_coef[k] * kl[k]
+
+    student(logprob [n], entropy [n], s, e) -> [n]: the loss terms of student rows s:e, where row i's term may
+        depend on logprob[i] and entropy[i] only (and on constants: advantages, old log-probs, token weights,
+        normalisers known before the forward). Called once per block of rows, under autograd, so any elementwise
+        expression (the PPO clip included) gets its exact gradient.
+    kl_coef: [K] the weight of each teacher row's KL (None or empty: no KL term).
+    """
+
+    student: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+    kl_coef: Optional[torch.Tensor] = None
+
+
+def _row_gradients(fn, logprob, entropy, s, e):
+    """(sum of the rows' loss terms, d/d logprob [n] or None, d/d entropy [n] or None) of fn on rows s:e."""
+    with torch.enable_grad():
+        lp = logprob.detach().requires_grad_()
+        ent = entropy.detach().requires_grad_()
+        terms = fn(lp, ent, s, e)
+        if not isinstance(terms, torch.Tensor) or terms.shape != lp.shape:
+            raise ValueError(f"RowLoss.student must return the [{e - s}] loss terms of rows {s}:{e}, got "
+                             f"{tuple(getattr(terms, 'shape', ())) or type(terms).__name__}")
+        total = terms.sum()
+        if not total.requires_grad:
+            return total.detach(), None, None
+        g_lp, g_ent = torch.autograd.grad(total, (lp, ent), allow_unused=True)
+    return total.detach(), g_lp, g_ent
+
+
+def _reduce_block_stats(local, local_target, width, group):
+    """Global row statistics of one block from its local ones: local = (max, sum-exp, moment, target logit) [n]
+    each, relative to the local max (vocab_parallel._row_stats). Two all-reduces (MAX, SUM). Returns (max, sum-exp,
+    moment, shifted target logit, owners) [n] each, the sums relative to the global max."""
+    m, sum_exp, moment, picked = local
+    maxima = m.clone()
+    _all_reduce(maxima, dist.ReduceOp.MAX, group)
+    scale = torch.exp(m - maxima)
+    owned = (local_target >= 0) & (local_target < width)
+    sums = torch.stack([sum_exp * scale, scale * (moment + (m - maxima) * sum_exp),
+                        torch.where(owned, picked - maxima, torch.zeros_like(picked)), owned.to(m.dtype)])
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    return maxima, sums[0], sums[1], sums[2], sums[3]
+
+
+def loss_forward(src: HiddenLogits, target, kl_rows, kl_reverse, vocab_start, clip, group, chunk_rows, compiled,
+                 row_loss: RowLoss, need_grad: bool, check_values: bool = False):
+    """The loss and its gradients in one pass over the logit blocks: each block of student rows is multiplied out,
+    reduced over the vocab shards (MAX, SUM), its rows' loss gradient taken, and its logit gradient turned at once
+    into hidden-state and weight gradients; then each block of teacher rows (teacher and student logits of those
+    rows: MAX, SUM, then SUM of the KL parts) likewise. No logit block is computed twice.
+
+    Returns (loss 0-d, logprob [T], entropy [T], kl [K], grad_h [T, H] or None, grad_w [V/tp, H] or None); the
+    gradients are in the math dtype (fp32; fp64 for fp64 inputs)."""
+    h, w = src.h, src.w
+    dtype = _math_dtype(h.dtype)
+    rows, k_rows, width, device = src.rows, src.k_rows, src.width, src.device
+    row_stats = _kernel("_row_stats", compiled)
+    kl_terms = _kernel("_kl_terms", compiled)
+    kl_grad = _kernel("_kl_grad", compiled)
+    z_max = torch.empty(rows, dtype=dtype, device=device)
+    z_sum = torch.empty_like(z_max)
+    logprob = torch.empty_like(z_max)
+    entropy = torch.empty_like(z_max)
+    kl = torch.empty(k_rows, dtype=dtype, device=device)
+    loss = torch.zeros((), dtype=dtype, device=device)
+    grad_h = torch.zeros(h.shape, dtype=dtype, device=device) if need_grad else None
+    grad_w = torch.zeros(w.shape, dtype=dtype, device=device) if need_grad else None
+    local_target = target - vocab_start
+    block = torch.empty(min(chunk_rows + 1, rows), width, dtype=dtype, device=device) if need_grad else None
+
+    def sink(g: torch.Tensor, rows_h: torch.Tensor, at) -> None:
+        g = g.to(h.dtype)  # the matmuls run in the input dtype, as the output layer's own backward does
+        gh = g @ w
+        if isinstance(at, slice):
+            grad_h[at] += gh
+        else:
+            grad_h.index_add_(0, at, gh.to(dtype))
+        grad_w.add_(g.t() @ rows_h)
+
+    for s, e in chunks(rows, chunk_rows):
+        z = src.student(s, e)
+        m, zs, moment, target_logit, owners = _reduce_block_stats(row_stats(z, local_target[s:e]),
+                                                                  local_target[s:e], width, group)
+        if check_values:
+            _check_finite(m, e - s)
+            _check_owners(owners, target[s:e])
+        log_z = torch.log(zs)
+        z_max[s:e], z_sum[s:e] = m, zs
+        logprob[s:e] = target_logit - log_z
+        entropy[s:e] = log_z - moment / zs
+        part, g_lp, g_ent = _row_gradients(row_loss.student, logprob[s:e], entropy[s:e], s, e)
+        loss += part
+        if need_grad and (g_lp is not None or g_ent is not None):
+            saved = (z_max[s:e], z_sum[s:e], entropy[s:e])
+            coeffs = student_grad_coefficients(saved, g_lp, g_ent, e - s, dtype, device)
+            out = block[:e - s]
+            student_chunk_grad(out, z, saved, coeffs, local_target[s:e], 0, e - s, compiled)
+            sink(out, h[s:e], slice(s, e))
+        del z
+
+    block = None  # freed before the teacher blocks (three of their size are alive there: u, zk, the KL gradient)
+    kl_coef = row_loss.kl_coef
+    if k_rows and kl_coef is not None and kl_coef.shape != (k_rows,):
+        raise ValueError(f"RowLoss.kl_coef must be [K] = [{k_rows}] (one weight per teacher row), got "
+                         f"{tuple(kl_coef.shape)}")
+    # teacher blocks of half the rows: three blocks are alive at once here, two for the student rows
+    k_chunk = max(2, chunk_rows // 2)
+    no_target = torch.full((min(k_chunk + 1, k_rows),), -1, dtype=torch.long, device=device)
+    for s, e in chunks(k_rows, k_chunk):
+        idx = kl_rows[s:e]
+        u = src.teacher(s, e)
+        zk = src.student_at(idx)
+        u_max, u_sum, _, _, _ = _reduce_block_stats(row_stats(u, no_target[:e - s]), no_target[:e - s], width,
+                                                    group)
+        if check_values:
+            _check_finite(u_max, 0)
+        zk_max, zk_sum = z_max.index_select(0, idx), z_sum.index_select(0, idx)
+        parts = torch.stack(kl_terms(zk, None, u, zk_max, zk_sum, u_max, u_sum, kl_reverse[s:e], clip))
+        _all_reduce(parts, dist.ReduceOp.SUM, group)
+        kl[s:e] = parts[0]
+        if kl_coef is None:
+            continue
+        coef = kl_coef[s:e].to(dtype)
+        loss += (parts[0] * coef).sum()
+        if need_grad:
+            gk = kl_grad(zk, None, u, zk_max, zk_sum, u_max, u_sum, kl_reverse[s:e], clip, parts[1], coef)
+            sink(gk, h.index_select(0, idx), idx)
+        del u, zk
+    return loss, logprob, entropy, kl, grad_h, grad_w
+
+
+class _FusedOutputLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, target, th, tw, kl_rows, kl_reverse, vocab_start, valid, clip, group, chunk_rows,
+                compiled, row_loss, need_grad, check_values):
+        src = HiddenLogits(h, w, th, tw, valid)
+        loss, logprob, entropy, kl, grad_h, grad_w = loss_forward(
+            src, target, kl_rows, kl_reverse, vocab_start, clip, group, chunk_rows, compiled, row_loss, need_grad,
+            check_values)
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.in_dtypes = (h.dtype, w.dtype)
+        ctx.mark_non_differentiable(logprob, entropy, kl)
+        return loss, logprob, entropy, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        nones = (None,) * 14
+        if g_loss is None or not ctx.saved_tensors:
+            return (None, None) + nones
+        grad_h, grad_w = ctx.saved_tensors
+        # the loss is the sum of the rows' terms: its gradient is the forward's, times the scalar upstream
+        g = g_loss.to(grad_h.dtype)
+        return ((grad_h * g).to(ctx.in_dtypes[0]) if ctx.needs_input_grad[0] else None,
+                (grad_w * g).to(ctx.in_dtypes[1]) if ctx.needs_input_grad[1] else None) + nones
+
+
+def fused_output_loss(hidden: torch.Tensor, weight: torch.Tensor, target_ids: torch.Tensor, row_loss: RowLoss, *,
+                      vocab_start: int = 0, group=None, vocab_size: int | None = None,
+                      teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                      kl_rows: torch.Tensor | None = None, kl_reverse: torch.Tensor | None = None,
+                      kl_clip: float | None = None, chunk_rows: int = 512, kernels: Kernels = "auto",
+                      check_values: bool = False) -> tuple[torch.Tensor, TokenStats]:
+    """Output layer + token statistics + a row-sum loss, with the gradient formed in the forward pass (the fused
+    linear cross-entropy idea, here across vocab shards and with entropy and clipped KL).
+
+    Because `row_loss` (RowLoss) is a sum over rows whose per-row terms depend only on that row's statistics, a
+    block's logit gradient is known as soon as the block's rows are reduced over the vocab shards; the forward turns
+    it at once into the hidden-state and weight gradients and backward only scales them by the scalar upstream
+    gradient. Each logit block is multiplied out once (fused_output_token_stats: twice, backward recomputes it),
+    so the matmul count is the materialised path's plus one student-row block per teacher row.
+
+    Arguments as fused_output_token_stats. Returns (loss 0-d, differentiable w.r.t. hidden and weight;
+    TokenStats(logprob [T], entropy [T], kl [K]) without gradient, for metrics). Gradients are computed only when
+    grad mode is on and hidden or weight requires grad; they are held ([T, H] + [V/tp, H] in fp32) from forward to
+    backward, as the materialised path holds its logits.
+
+    Collectives: two all-reduces per block of student rows (MAX, SUM) and three per block of teacher rows (MAX,
+    SUM, SUM), instead of three in all: the price of not storing or recomputing the blocks.
+    """
+    if not isinstance(row_loss, RowLoss):
+        raise ValueError(f"row_loss must be a RowLoss (per-row loss terms + KL weights), got "
+                         f"{type(row_loss).__name__}")
+    teacher_hidden, teacher_weight, kl_rows, kl_reverse, valid, clip_t = _prepare(
+        hidden, weight, target_ids, vocab_start, group, vocab_size, teacher_hidden, teacher_weight, kl_rows,
+        kl_reverse, kl_clip, chunk_rows, check_values)
+    compiled = _use_compiled(kernels, hidden.device)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, logprob, entropy, kl = _FusedOutputLoss.apply(
+        hidden, weight, target_ids.long(), teacher_hidden, teacher_weight, kl_rows, kl_reverse, int(vocab_start),
+        valid, clip_t, group, chunk_rows, compiled, row_loss, need_grad, check_values)
+    return loss, TokenStats(logprob, entropy, kl)

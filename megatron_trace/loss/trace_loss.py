@@ -35,7 +35,7 @@ from megatron_trace.loss.schedule import kl_weight_at, last_active_step, pg_weig
 from megatron_trace.loss.vocab_parallel import TokenStats
 from megatron_trace.routes import Route, routes_from_spans
 
-__all__ = ["LossConfig", "TraceLoss", "ExposureTracker", "all_token_routes", "random_span_routes"]
+__all__ = ["LossConfig", "TraceLoss", "TraceRows", "ExposureTracker", "all_token_routes", "random_span_routes"]
 
 
 @dataclass
@@ -68,6 +68,16 @@ class LossConfig:
     # Run the output layer inside the loss, chunk by chunk (loss/fused_output.py): [rows, vocab/tp] logits are
     # never stored, for the student nor the teacher's span rows; the matmuls are recomputed in exchange.
     fused_output_layer: bool = False
+    # How the fused output layer gets its gradient. in_forward: the routed loss is a sum over rows (TraceRows), so
+    # each logit block's gradient is formed as soon as the block is reduced over the vocab shards and turned at
+    # once into hidden-state / weight gradients (loss/fused_output.fused_output_loss: every block multiplied out
+    # once; two or three all-reduces per block). recompute: backward multiplies every block out again (three
+    # all-reduces per call; fused_output_token_stats).
+    fused_output_grad: Literal["in_forward", "recompute"] = "in_forward"
+    # Debug: check the values of every micro-batch's loss inputs once per step, before the micro-batch loop
+    # (targets inside the vocabulary, kl_rows in range and equal to the span positions, route ids, response
+    # indices and lengths). Costs host syncs; off, the micro-batch loop reads no tensor value on the host.
+    check_values: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.w0, bool) or not (isinstance(self.w0, (int, float)) and math.isfinite(self.w0)
@@ -89,6 +99,8 @@ class LossConfig:
             raise ConfigError(f"kl_schedule: {self.kl_schedule!r} is not one of anneal, constant")
         if self.pg_on_kl_tokens not in ("anneal", "full", "off"):
             raise ConfigError(f"pg_on_kl_tokens: {self.pg_on_kl_tokens!r} is not one of anneal, full, off")
+        if self.fused_output_grad not in ("in_forward", "recompute"):
+            raise ConfigError(f"fused_output_grad: {self.fused_output_grad!r} is not one of in_forward, recompute")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ConfigError(f"tis_cap: must be > 0 or null, got {self.tis_cap!r}")
 
@@ -134,52 +146,67 @@ class TraceLoss:
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
 
-    def __call__(self, stats: TokenStats, *, old_logprob: torch.Tensor, advantages: torch.Tensor,
+    def __call__(self, stats: TokenStats, *, old_logprob: torch.Tensor | None, advantages: torch.Tensor,
                  routes: torch.Tensor, response_index: torch.Tensor, response_lengths: torch.Tensor,
                  loss_mask: torch.Tensor, kl_rows: torch.Tensor, kl_weight: float, num_tokens: float | None = None,
                  num_responses: float | None = None, sampler_logprob: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 check_values: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss scalar and its metrics.
 
         stats: token_stats of the student rows: logprob [T], entropy [T], kl [K] (kl[k] is D of row kl_rows[k]).
-        old_logprob [T]: log p_old (the sampler's, or recomputed); advantages [T]: each token's response
-        advantage; routes [T] int Route ids; response_index [T] int in [0, R): the response of each token;
-        response_lengths [R]: |y| (response tokens); loss_mask [T]: 1 on response tokens; kl_rows [K]: exactly
-        the positions with route FKL/RKL, ascending; kl_weight: lambda_k in [0, w0]; num_tokens / num_responses:
-        global-batch counts (default: local); sampler_logprob [T]: the sampler's log-probs, for the
-        `logprob_mismatch` metric (default: old_logprob).
+        old_logprob [T]: log p_old (the sampler's, or recomputed; None = this forward's log-prob, detached: ratio
+        1); advantages [T]: each token's response advantage; routes [T] int Route ids; response_index [T] int in
+        [0, R): the response of each token; response_lengths [R]: |y| (response tokens); loss_mask [T]: 1 on
+        response tokens; kl_rows [K]: exactly the positions with route FKL/RKL, ascending; kl_weight: lambda_k in
+        [0, w0]; num_tokens / num_responses: global-batch counts (default: local); sampler_logprob [T]: the
+        sampler's log-probs, for the `logprob_mismatch` metric (default: old_logprob).
+        check_values: also run the checks that read tensor values (host syncs: route ids, kl_rows = the span
+        positions, response indices/lengths); the trainer's hot path turns them off and runs them once per step
+        under loss.check_values (see `rows`).
         """
+        if stats.logprob.dim() != 1:
+            raise ValueError(f"stats.logprob must be [T], got shape {tuple(stats.logprob.shape)}")
+        if stats.kl.dim() != 1:
+            raise ValueError(f"stats.kl must be [K], got shape {tuple(stats.kl.shape)}")
+        _check_1d("kl_rows", kl_rows, stats.kl.shape[0])
+        rows = self.rows(num_rows=stats.logprob.shape[0], old_logprob=old_logprob, advantages=advantages,
+                         routes=routes, response_index=response_index, response_lengths=response_lengths,
+                         loss_mask=loss_mask, kl_rows=kl_rows, kl_weight=kl_weight, num_tokens=num_tokens,
+                         num_responses=num_responses, sampler_logprob=sampler_logprob, check_values=check_values,
+                         dtype=stats.logprob.dtype)
+        return rows.loss(stats)
+
+    def rows(self, *, num_rows: int, old_logprob: torch.Tensor | None, advantages: torch.Tensor,
+             routes: torch.Tensor, response_index: torch.Tensor, response_lengths: torch.Tensor,
+             loss_mask: torch.Tensor, kl_rows: torch.Tensor, kl_weight: float, num_tokens: float | None = None,
+             num_responses: float | None = None, sampler_logprob: torch.Tensor | None = None,
+             check_values: bool = True, dtype: torch.dtype = torch.float32) -> "TraceRows":
+        """The loss of one micro-batch before its token statistics exist (arguments as __call__, num_rows = T):
+        its per-row weights, as a TraceRows whose `loss(stats)` is __call__'s result and whose `row_loss()` feeds
+        the fused output layer's gradient-in-forward (loss/fused_output.fused_output_loss)."""
         cfg = self.cfg
-        logprob, entropy, kl = stats.logprob, stats.entropy, stats.kl
-        if logprob.dim() != 1:
-            raise ValueError(f"stats.logprob must be [T], got shape {tuple(logprob.shape)}")
-        T = logprob.shape[0]
+        T = num_rows
         if cfg.tis_cap is not None and sampler_logprob is None:
             raise ValueError("cfg.tis_cap needs sampler_logprob (the rollout engine's log-probs)")
-        sampler_logprob = old_logprob if sampler_logprob is None else sampler_logprob
-        for name, t in (("stats.entropy", entropy), ("old_logprob", old_logprob), ("advantages", advantages),
-                        ("routes", routes), ("response_index", response_index), ("loss_mask", loss_mask),
+        if sampler_logprob is None:
+            if old_logprob is None:
+                raise ValueError("sampler_logprob is needed when old_logprob is None (this forward's log-prob)")
+            sampler_logprob = old_logprob
+        for name, t in (("old_logprob", old_logprob), ("advantages", advantages), ("routes", routes),
+                        ("response_index", response_index), ("loss_mask", loss_mask),
                         ("sampler_logprob", sampler_logprob)):
-            _check_1d(name, t, T)
+            if t is not None or name != "old_logprob":
+                _check_1d(name, t, T)
         if response_lengths.dim() != 1:
             raise ValueError(f"response_lengths must be [R], got shape {tuple(response_lengths.shape)}")
         R = response_lengths.shape[0]
-        if kl.dim() != 1:
-            raise ValueError(f"stats.kl must be [K], got shape {tuple(kl.shape)}")
-        K = kl.shape[0]
-        _check_1d("kl_rows", kl_rows, K)
+        if kl_rows.dim() != 1:
+            raise ValueError(f"kl_rows must be [K], got shape {tuple(kl_rows.shape)}")
         if not 0.0 <= kl_weight <= cfg.w0:
             raise ValueError(f"kl_weight={kl_weight} must be in [0, w0={cfg.w0}] (span tokens' GRPO weight would "
                              f"be negative)")
-        mask = loss_mask.to(logprob.dtype)
+        mask = loss_mask.to(dtype)
         in_response = loss_mask > 0
-        if T and bool(((response_index < 0) | (response_index >= R)).any()):
-            raise ValueError(f"response_index must be in [0, R={R})")
-        if R and bool((response_lengths <= 0).any()):
-            raise ValueError("response_lengths must be positive")
-        if bool(((routes < int(Route.PG)) | (routes > int(Route.RKL))).any()):
-            raise ValueError(f"routes must hold Route ids {[int(r) for r in Route]}")
-
         if cfg.mode == "grpo":
             span = torch.zeros_like(in_response)
             is_fkl = is_rkl = span
@@ -187,64 +214,153 @@ class TraceLoss:
             is_fkl = routes == int(Route.FKL)
             is_rkl = routes == int(Route.RKL)
             span = is_fkl | is_rkl
-            if bool((span & ~in_response).any()):
-                raise ValueError("span routes (FKL/RKL) on tokens outside the loss mask")
-            expected_rows = span.nonzero().squeeze(-1)
-            if expected_rows.shape != kl_rows.shape or not torch.equal(expected_rows, kl_rows.to(expected_rows)):
-                raise ValueError(f"kl_rows must be exactly the FKL/RKL positions in order: {expected_rows.numel()} "
-                                 f"span tokens, {kl_rows.numel()} kl_rows")
-            # once annealed (lambda_k = 0) the baseline is GRPO on every token and the trainer stops routing spans
-            if cfg.mode == "all_token_opd" and kl_weight > 0 and bool((in_response & ~span).any()):
-                raise ValueError("mode all_token_opd: every response token must be routed FKL/RKL "
-                                 "(use all_token_routes)")
+        if check_values:
+            self.check_values(routes=routes, response_index=response_index, response_lengths=response_lengths,
+                              in_response=in_response, span=span, kl_rows=kl_rows, kl_weight=kl_weight)
 
         n_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
         n_responses = float(R) if num_responses is None else float(num_responses)
         if n_tokens <= 0 or n_responses <= 0:
             raise ValueError(f"num_tokens and num_responses must be positive, got {n_tokens}, {n_responses}")
-
         # GRPO on every response token, span tokens weighted per loss.pg_on_kl_tokens (anneal: 1 - lambda_k / w0;
         # with w0 = 0 there is no KL channel, lambda_k is always 0, and every token keeps weight 1).
-        per_token, clipped = clipped_surrogate(logprob, old_logprob, advantages, eps_low=cfg.eps_low,
-                                               eps_high=cfg.eps_high)
-        if cfg.tis_cap is not None:  # truncated importance weights for the sampler/trainer mismatch
-            per_token = per_token * truncated_is_weights(old_logprob, sampler_logprob, cfg.tis_cap)
         span_scale = pg_weight_on_kl_tokens(kl_weight, cfg.w0, cfg.pg_on_kl_tokens)
         weight = torch.where(span, torch.full_like(mask, span_scale), torch.ones_like(mask)) * mask
-        # where(), not a product, so garbage (even NaN) on masked-out positions cannot leak into the loss.
-        pg_loss = torch.where(weight != 0, per_token * weight, torch.zeros_like(per_token)).sum() / n_tokens
+        use_kl = cfg.mode != "grpo" and kl_rows.shape[0] > 0
+        # KL on span tokens: lambda_k * sum_y (1/|y|) sum_{t in S_y} D_t / num_responses, one weight per KL row
+        inv_len = 1.0 / response_lengths.to(dtype)[response_index[kl_rows]] if use_kl else None
+        return TraceRows(cfg=cfg, kl_weight=float(kl_weight), n_tokens=n_tokens, n_responses=n_responses,
+                         weight=weight, mask=mask, in_response=in_response, span=span, is_fkl=is_fkl,
+                         is_rkl=is_rkl, kl_rows=kl_rows, use_kl=use_kl, inv_len=inv_len, old_logprob=old_logprob,
+                         advantages=advantages, sampler_logprob=sampler_logprob)
 
-        # KL on span tokens: lambda_k * sum_y (1/|y|) sum_{t in S_y} D_t / num_responses.
-        use_kl = cfg.mode != "grpo" and K > 0
-        if use_kl:
-            inv_len = 1.0 / response_lengths.to(kl.dtype)[response_index[kl_rows]]
-            kl_loss = kl_weight * (kl * inv_len).sum() / n_responses
+    def check_values(self, *, routes, response_index, response_lengths, in_response, span, kl_rows,
+                     kl_weight) -> None:
+        """The checks that read tensor values (host syncs): route ids, response indices and lengths, span routes
+        inside the loss mask, kl_rows = the span positions in order, all-token routing."""
+        cfg = self.cfg
+        R = response_lengths.shape[0]
+        if response_index.numel() and bool(((response_index < 0) | (response_index >= R)).any()):
+            raise ValueError(f"response_index must be in [0, R={R})")
+        if R and bool((response_lengths <= 0).any()):
+            raise ValueError("response_lengths must be positive")
+        if bool(((routes < int(Route.PG)) | (routes > int(Route.RKL))).any()):
+            raise ValueError(f"routes must hold Route ids {[int(r) for r in Route]}")
+        if cfg.mode == "grpo":
+            return
+        if bool((span & ~in_response).any()):
+            raise ValueError("span routes (FKL/RKL) on tokens outside the loss mask")
+        expected_rows = span.nonzero().squeeze(-1)
+        if expected_rows.shape != kl_rows.shape or not torch.equal(expected_rows, kl_rows.to(expected_rows)):
+            raise ValueError(f"kl_rows must be exactly the FKL/RKL positions in order: {expected_rows.numel()} "
+                             f"span tokens, {kl_rows.numel()} kl_rows")
+        # once annealed (lambda_k = 0) the baseline is GRPO on every token and the trainer stops routing spans
+        if cfg.mode == "all_token_opd" and kl_weight > 0 and bool((in_response & ~span).any()):
+            raise ValueError("mode all_token_opd: every response token must be routed FKL/RKL "
+                             "(use all_token_routes)")
+
+
+@dataclass
+class TraceRows:
+    """The routed loss of one micro-batch as a sum over rows (TraceLoss.rows): each token's PG term depends on its
+    own log-prob only, each KL row's term is a fixed weight times its KL, and nothing in the loss has an entropy
+    gradient -- which is what lets the fused output layer form the gradient in its forward pass.
+
+    weight [T]: each token's PG weight (mask x span scale); inv_len [K] (None without KL): 1 / |y| of each KL
+    row's response; old_logprob [T] or None (this forward's log-prob, detached).
+    """
+
+    cfg: LossConfig
+    kl_weight: float
+    n_tokens: float
+    n_responses: float
+    weight: torch.Tensor
+    mask: torch.Tensor
+    in_response: torch.Tensor
+    span: torch.Tensor
+    is_fkl: torch.Tensor
+    is_rkl: torch.Tensor
+    kl_rows: torch.Tensor
+    use_kl: bool
+    inv_len: Optional[torch.Tensor]
+    old_logprob: Optional[torch.Tensor]
+    advantages: torch.Tensor
+    sampler_logprob: torch.Tensor
+
+    def _old(self, logprob: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return logprob.detach() if self.old_logprob is None else self.old_logprob[s:e]
+
+    def pg_terms(self, logprob: torch.Tensor, s: int = 0, e: int | None = None):
+        """Weighted clipped-surrogate terms of rows s:e (logprob [n] their log-probs; not yet divided by the token
+        count) and the clip mask: ([n], [n] bool)."""
+        e = self.weight.shape[0] if e is None else e
+        cfg = self.cfg
+        old = self._old(logprob, s, e)
+        per_token, clipped = clipped_surrogate(logprob, old, self.advantages[s:e], eps_low=cfg.eps_low,
+                                               eps_high=cfg.eps_high)
+        if cfg.tis_cap is not None:  # truncated importance weights for the sampler/trainer mismatch
+            per_token = per_token * truncated_is_weights(old, self.sampler_logprob[s:e], cfg.tis_cap)
+        weight = self.weight[s:e]
+        # where(), not a product, so garbage (even NaN) on masked-out positions cannot leak into the loss.
+        return torch.where(weight != 0, per_token * weight, torch.zeros_like(per_token)), clipped
+
+    def kl_coef(self) -> torch.Tensor | None:
+        """[K] weight of each KL row in the loss (lambda_k / |y| / num_responses), None without KL."""
+        return self.kl_weight * self.inv_len / self.n_responses if self.use_kl else None
+
+    def row_loss(self):
+        """This loss as a RowLoss (loss/fused_output.py): the same value and gradient as `loss`."""
+        from megatron_trace.loss.fused_output import RowLoss
+
+        return RowLoss(student=lambda logprob, entropy, s, e: self.pg_terms(logprob, s, e)[0] / self.n_tokens,
+                       kl_coef=self.kl_coef())
+
+    def loss(self, stats: TokenStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of the token statistics (TraceLoss.__call__)."""
+        logprob, entropy, kl = stats.logprob, stats.entropy, stats.kl
+        T = self.weight.shape[0]
+        for name, t in (("stats.logprob", logprob), ("stats.entropy", entropy)):
+            _check_1d(name, t, T)
+        _check_1d("stats.kl", kl, self.kl_rows.shape[0])
+        terms, clipped = self.pg_terms(logprob)
+        pg_loss = terms.sum() / self.n_tokens
+        if self.use_kl:
+            kl_loss = self.kl_weight * (kl * self.inv_len.to(kl.dtype)).sum() / self.n_responses
         else:
             kl_loss = pg_loss.new_zeros(())
         loss = pg_loss + kl_loss
+        return loss, self.metrics(stats, loss, pg_loss, kl_loss, clipped)
 
+    def metrics(self, stats: TokenStats, loss, pg_loss, kl_loss, clipped) -> dict[str, torch.Tensor]:
+        """The micro-batch's metrics: 0-d detached tensors (TraceLoss.reductions)."""
         with torch.no_grad():
-            kl_d = kl.detach()
-            ent = entropy.detach()
+            logprob = stats.logprob.detach()
+            kl_d = stats.kl.detach()
+            ent = stats.entropy.detach()
             zero = ent.new_zeros(())
-            fkl_rows = is_fkl[kl_rows] if use_kl else None
+            in_response, span, is_fkl, is_rkl = self.in_response, self.span, self.is_fkl, self.is_rkl
+            fkl_rows = is_fkl[self.kl_rows] if self.use_kl else None
             pg_tokens = in_response & ~span
             tokens = in_response.sum().to(ent.dtype)
             n_fkl, n_rkl = is_fkl.sum().to(ent.dtype), is_rkl.sum().to(ent.dtype)
-            metrics = {
+            old = logprob if self.old_logprob is None else self.old_logprob
+
+            def masked_sum(x, m):  # where(), not boolean indexing: no host sync for the selected count
+                return torch.where(m, x, torch.zeros_like(x)).sum()
+
+            return {
                 "tokens": tokens, "pg_tokens": pg_tokens.sum().to(ent.dtype), "fkl_tokens": n_fkl,
                 "rkl_tokens": n_rkl, "span_tokens": n_fkl + n_rkl,
                 "clipped_tokens": (clipped & in_response).sum().to(ent.dtype),
                 "loss": loss.detach(), "pg_loss": pg_loss.detach(), "kl_loss": kl_loss.detach(),
-                "kl_weight": ent.new_tensor(float(kl_weight)),
-                "kl_fkl_sum": kl_d[fkl_rows].sum() if use_kl else zero,
-                "kl_rkl_sum": kl_d[~fkl_rows].sum() if use_kl else zero,
-                "entropy_sum": ent.sum(), "entropy_pg_sum": ent[pg_tokens].sum(),
-                "entropy_fkl_sum": ent[is_fkl].sum(), "entropy_rkl_sum": ent[is_rkl].sum(),
-                "logprob_mismatch_sum": (logprob.detach() - sampler_logprob).abs().sum(),
-                "approx_kl_sum": (approx_kl_terms(logprob, old_logprob) * mask).sum(),
+                "kl_weight": torch.full((), float(self.kl_weight), dtype=ent.dtype, device=ent.device),
+                "kl_fkl_sum": masked_sum(kl_d, fkl_rows) if self.use_kl else zero,
+                "kl_rkl_sum": masked_sum(kl_d, ~fkl_rows) if self.use_kl else zero,
+                "entropy_sum": ent.sum(), "entropy_pg_sum": masked_sum(ent, pg_tokens),
+                "entropy_fkl_sum": masked_sum(ent, is_fkl), "entropy_rkl_sum": masked_sum(ent, is_rkl),
+                "logprob_mismatch_sum": (logprob - self.sampler_logprob).abs().sum(),
+                "approx_kl_sum": (approx_kl_terms(logprob, old) * self.mask).sum(),
             }
-        return loss, metrics
 
 
 class ExposureTracker:

@@ -33,7 +33,8 @@ multiply-add per entry in the forward pass and nothing else.
 Kernels: the per-chunk math lives in plain functions on tensors (`_row_stats`, `_kl_terms`, `_student_grad`,
 `_kl_grad`). `kernels="compiled"` runs them through torch.compile (inductor: fused C++ loops on CPU, Triton on GPU;
 shapes dynamic, so any row count or shard width reuses the same compiled code; compiled once per process and
-dtype); `kernels="eager"` runs the very same functions op by op; "auto" (default) compiles on CUDA and stays eager
+dtype; the student rows of the teacher rows are gathered inside the KL kernels, not copied out first);
+`kernels="eager"` runs the very same functions op by op; "auto" (default) compiles on CUDA and stays eager
 on CPU, where a compile costs tens of seconds and the tests' vocabularies are tiny.
 
 Host syncs: none. Value checks that need one (targets inside the vocabulary, kl_rows in range, finite logits, one
@@ -134,8 +135,16 @@ def _kl_parts(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip):
     return p, weight, ratio_log, terms, kept
 
 
-def _kl_terms(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip):
-    """Partial (clipped) KL and clip correction S of n teacher rows: ([n], [n]). clip: 0-d tensor (inf = none)."""
+def _student_rows(z, idx):
+    # rows idx of z (idx None: z itself). Inside a compiled kernel the gather is an indirect load fused into the
+    # loop, so the [n, W] student rows of the teacher rows are never copied out of the stored logits.
+    return z if idx is None else z.index_select(0, idx)
+
+
+def _kl_terms(z, idx, u, z_max, z_sum, u_max, u_sum, reverse, clip):
+    """Partial (clipped) KL and clip correction S of n teacher rows u [n, W] against student rows z[idx] (idx None:
+    z is [n, W] already): ([n], [n]). clip: 0-d tensor (inf = none)."""
+    zk = _student_rows(z, idx)
     p, weight, ratio_log, terms, kept = _kl_parts(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip)
     acc = _acc_dtype(p)
     kl = torch.minimum(terms, clip).sum(dim=-1, dtype=acc).to(p.dtype)
@@ -144,9 +153,10 @@ def _kl_terms(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip):
     return kl, correction
 
 
-def _kl_grad(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip, correction, upstream):
-    """upstream * d kl / d z of n teacher rows, [n, W] in the math dtype: forward rows -(a q - p S), reverse rows
-    a p (g + 1) - p S."""
+def _kl_grad(z, idx, u, z_max, z_sum, u_max, u_sum, reverse, clip, correction, upstream):
+    """upstream * d kl / d z of n teacher rows (student rows z[idx] as in _kl_terms), [n, W] in the math dtype:
+    forward rows -(a q - p S), reverse rows a p (g + 1) - p S."""
+    zk = _student_rows(z, idx)
     p, weight, ratio_log, _, kept = _kl_parts(zk, u, z_max, z_sum, u_max, u_sum, reverse, clip)
     rev = reverse.unsqueeze(-1)
     factor = torch.where(rev, ratio_log + 1.0, torch.ones_like(ratio_log))
@@ -248,6 +258,10 @@ class LogitSource:
         """Student logits of rows idx [n], [n, W]."""
         raise NotImplementedError
 
+    def student_rows(self, idx: torch.Tensor):
+        """(z, rows) with z[rows] the student logits of rows idx (rows None: z is [n, W]) -- the kernels' gather."""
+        return self.student_at(idx), None
+
     def teacher(self, s: int, e: int) -> torch.Tensor:
         """Teacher logits of teacher rows s:e, [e - s, W] (no grad)."""
         raise NotImplementedError
@@ -265,6 +279,9 @@ class StoredLogits(LogitSource):
 
     def student_at(self, idx):
         return self.z.index_select(0, idx)
+
+    def student_rows(self, idx):
+        return self.z, idx  # gathered inside the kernel, not copied
 
     def teacher(self, s, e):
         return self.u[s:e]
@@ -319,7 +336,7 @@ def stats_forward(src: LogitSource, target, kl_rows, kl_reverse, vocab_start: in
     for s, e in chunks(k_rows, chunk_rows):
         idx = kl_rows[s:e]
         kl_parts[0, s:e], kl_parts[1, s:e] = kl_terms(
-            src.student_at(idx), src.teacher(s, e), z_max.index_select(0, idx), z_sum.index_select(0, idx),
+            *src.student_rows(idx), src.teacher(s, e), z_max.index_select(0, idx), z_sum.index_select(0, idx),
             u_max[s:e], u_sum[s:e], kl_reverse[s:e], clip)
     if k_rows:
         _all_reduce(kl_parts, dist.ReduceOp.SUM, group)
@@ -354,7 +371,7 @@ def teacher_chunk_grad(src: LogitSource, saved, kl_rows, kl_reverse, clip, g_kl,
     z_max, z_sum, _, u_max, u_sum, correction = saved
     idx = kl_rows[s:e]
     return _kernel("_kl_grad", compiled)(
-        src.student_at(idx), src.teacher(s, e), z_max.index_select(0, idx), z_sum.index_select(0, idx), u_max[s:e],
+        *src.student_rows(idx), src.teacher(s, e), z_max.index_select(0, idx), z_sum.index_select(0, idx), u_max[s:e],
         u_sum[s:e], kl_reverse[s:e], clip, correction[s:e], g_kl[s:e])
 
 

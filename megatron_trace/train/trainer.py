@@ -437,6 +437,8 @@ class Trainer:
                             group, micro_batch_size=micro_batch_size, seq_length=teacher_seq)):
                         if logits is not None:
                             mb["teacher_logits"] = self._mask_vocab_padding(logits)
+        if cfg.loss.check_values:
+            self._check_loss_inputs(mbs, kl_weight if with_teacher else 0.0, with_teacher)
         loss_fn = self._routed_loss_fn(kl_weight if with_teacher else 0.0, with_teacher, prep["num_tokens"],
                                        prep["num_responses"])
         metrics = self._forward_backward_step(mbs, loss_fn, TraceLoss.reductions, seq_length, prepare=prepare,
@@ -486,31 +488,75 @@ class Trainer:
         tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
         recompute_old = self.cfg.rollout.recompute_old_logprobs
         kl_clip = self.cfg.loss.kl_clip
+        fused = self.cfg.loss.fused_output_layer
+        grad_in_forward = fused and self.cfg.loss.fused_output_grad == "in_forward"
 
         def loss_fn(logits: torch.Tensor, mb: dict):
             rows = mb["rows"]
             if rows.numel() == 0:  # a padding micro-batch
                 return logits.sum() * 0.0, {}
-            teacher = mb.get("teacher_hidden" if self.cfg.loss.fused_output_layer else "teacher_logits") \
-                if with_teacher else None
+            teacher = mb.get("teacher_hidden" if fused else "teacher_logits") if with_teacher else None
             use_kl = teacher is not None and mb["kl_rows"].numel() > 0
-            stats = self._token_stats(logits, mb, tp_group, use_kl=use_kl, kl_clip=kl_clip)
             # One update per rollout batch: the trainer's recomputed log p_old is this very forward's log-prob
-            # under unchanged weights, detached (no second pass needed); with several optimizer steps per batch,
-            # log p_old comes from the no-grad forward before the first.
+            # under unchanged weights, detached (old None; no second pass needed); with several optimizer steps
+            # per batch, log p_old comes from the no-grad forward before the first.
             if "old_logprobs" in mb:
                 old = mb["old_logprobs"]
             else:
-                old = stats.logprob.detach() if recompute_old else mb["sampler_logprobs"]
+                old = None if recompute_old else mb["sampler_logprobs"]
             routes = mb["routes"] if use_kl else torch.full_like(mb["routes"], int(Route.PG))
             kl_rows = mb["kl_rows"] if use_kl else mb["kl_rows"][:0]
-            return self.loss(stats, old_logprob=old, advantages=mb["advantages"], routes=routes,
-                             response_index=mb["response_index"], response_lengths=mb["response_lengths"],
-                             loss_mask=torch.ones_like(stats.logprob), kl_rows=kl_rows, kl_weight=kl_weight,
-                             num_tokens=num_tokens, num_responses=num_responses,
-                             sampler_logprob=mb["sampler_logprobs"])
+            # value checks run once per step (loss.check_values), not here: no host sync per micro-batch
+            loss_rows = self.loss.rows(num_rows=rows.numel(), old_logprob=old, advantages=mb["advantages"],
+                                       routes=routes, response_index=mb["response_index"],
+                                       response_lengths=mb["response_lengths"],
+                                       loss_mask=torch.ones(rows.numel(), device=rows.device), kl_rows=kl_rows,
+                                       kl_weight=kl_weight, num_tokens=num_tokens, num_responses=num_responses,
+                                       sampler_logprob=mb["sampler_logprobs"], check_values=False)
+            if grad_in_forward:
+                loss, stats = self._fused_output_loss(logits, mb, tp_group, loss_rows, use_kl=use_kl,
+                                                      kl_clip=kl_clip)
+                return loss, loss_rows.loss(stats)[1]  # the metrics of the (detached) statistics
+            stats = self._token_stats(logits, mb, tp_group, use_kl=use_kl, kl_clip=kl_clip)
+            return loss_rows.loss(stats)
 
         return loss_fn
+
+    def _fused_output_loss(self, hidden: torch.Tensor, mb: dict, tp_group, loss_rows, *, use_kl: bool,
+                           kl_clip: float | None):
+        """loss.fused_output_grad in_forward: (loss, token statistics) of the micro-batch's response rows, with the
+        output layer, the statistics and the routed loss's gradient in one forward pass (fused_output_loss)."""
+        from megatron_trace.loss.fused_output import fused_output_loss
+        from megatron_trace.train.output_layer import OUTPUT_WEIGHT
+
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb["rows"])
+        teacher = dict(teacher_hidden=mb["teacher_hidden"], teacher_weight=mb["teacher_weight"],
+                       kl_rows=mb["kl_rows"], kl_reverse=mb["kl_reverse"], kl_clip=kl_clip) if use_kl else {}
+        return fused_output_loss(rows, mb[OUTPUT_WEIGHT], mb["targets"], loss_rows.row_loss(),
+                                 vocab_start=self.vocab_start, group=tp_group, vocab_size=self.vocab_size, **teacher)
+
+    def _check_loss_inputs(self, mbs: list[dict], kl_weight: float, with_teacher: bool) -> None:
+        """loss.check_values: the value checks of every micro-batch's loss inputs, once per step before the
+        micro-batch loop (they read tensor values on the host, which the loop itself never does)."""
+        from megatron_trace.loss.vocab_parallel import check_token_stats_values
+
+        for i, mb in enumerate(mbs):
+            rows = mb["rows"].numel()
+            if rows == 0:
+                continue
+            kl_rows = mb["kl_rows"] if with_teacher else mb["kl_rows"][:0]
+            routes = mb["routes"] if with_teacher else torch.full_like(mb["routes"], int(Route.PG))
+            try:
+                check_token_stats_values(mb["targets"], self.vocab_size, kl_rows, rows)
+                in_response = torch.ones(rows, dtype=torch.bool, device=mb["rows"].device)
+                span = (routes == int(Route.FKL)) | (routes == int(Route.RKL))
+                if self.cfg.loss.mode == "grpo":
+                    span = torch.zeros_like(span)
+                self.loss.check_values(routes=routes, response_index=mb["response_index"],
+                                       response_lengths=mb["response_lengths"], in_response=in_response, span=span,
+                                       kl_rows=kl_rows, kl_weight=kl_weight)
+            except ValueError as e:
+                raise ValueError(f"step {self.step}, micro-batch {i} (loss.check_values): {e}") from e
 
     def _forward_backward_step(self, mbs: list[dict], loss_fn, reductions: dict, seq_length: int, *,
                                micro_batch_size: int, prepare=None, group_size: int = 0) -> dict:
