@@ -18,8 +18,9 @@ What this module does instead (the minimum the CPU kernels allow):
   arrived, the layer's `weight` is set to them (a view when they lie back to back in one mapping, as the
   shared-memory buckets lay them out; else one concatenation) and the layer's own
   `quant_method.process_weights_after_loading` packs it: vLLM's processing, run once, reading the new bytes once;
-- the output head: its packed copy is redone once at the end (`process_weights_after_loading` of the head), as a
-  tied head must be after the embedding changed.
+- the output head: its packed copy is redone once (`process_weights_after_loading` of the head) right after its
+  weight was copied (a tied head's is the embedding: the bridge sends it first, so the packing overlaps the rest
+  of the stream).
 
 Supported: CPU, unquantized, server tensor-parallel size 1, oneDNN or sgl packing (both keep their own copy of the
 weight), models whose fused layers are listed in `packed_modules_mapping` (Qwen3). `refit_plan_problem` says why an
@@ -159,6 +160,11 @@ def refit_in_place(worker, weights_iterator: Iterable[tuple[str, torch.Tensor]])
     mapping = model.packed_modules_mapping
     pending: dict[str, list] = {}  # fused module name -> its shards so far (dropped once packed)
     stats = dict(copied_bytes=0, merge_bytes=0, packed_bytes=0)
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is None or not hasattr(method, "process_weights_after_loading") or not head.weight.numel():
+        head = None
+    head_packed = False
     with torch.no_grad():
         for name, tensor in weights_iterator:
             target = _resolve(model, mapping, name)
@@ -168,6 +174,13 @@ def refit_in_place(worker, weights_iterator: Iterable[tuple[str, torch.Tensor]])
                                      f"is {target.param.dtype} {tuple(target.param.shape)}")
                 target.param.data.copy_(tensor)
                 stats["copied_bytes"] += tensor.numel() * tensor.element_size()
+                if head is not None and target.param.data_ptr() == head.weight.data_ptr():
+                    # The head's packed copy (oneDNN) is of the old weights: redo it as soon as its weight (a tied
+                    # head's is the embedding, the first tensor the bridge sends) is in, so that it overlaps the
+                    # rest of the stream instead of trailing it.
+                    method.process_weights_after_loading(head)
+                    stats["packed_bytes"] += head.weight.numel() * head.weight.element_size()
+                    head_packed = True
                 del tensor, target
                 continue
             shards = pending.setdefault(target.module_name, [None] * target.shards)
@@ -186,10 +199,6 @@ def refit_in_place(worker, weights_iterator: Iterable[tuple[str, torch.Tensor]])
             del target
         if pending:
             raise ValueError(f"fused layers missing shards: {sorted(pending)[:3]}")
-        head = getattr(model, "lm_head", None)
-        method = getattr(head, "quant_method", None)
-        if head is not None and hasattr(method, "process_weights_after_loading") and head.weight.numel():
-            # The head's packed copy (oneDNN) is of the old weights: redo it once (tied or not).
-            method.process_weights_after_loading(head)
-            stats["packed_bytes"] += head.weight.numel() * head.weight.element_size()
+        if head is not None and not head_packed:
+            raise ValueError("the update did not carry the output head's weight (lm_head, or the tied embedding)")
     return stats
