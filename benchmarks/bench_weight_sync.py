@@ -190,7 +190,7 @@ def main() -> None:
         rows = [("memcpy (one flat tensor.copy_)", res["memcpy"], None),
                 ("whole refresh (export+handoff+load+commit)", res["total"], None)]
         rows += [(f"  stage: {s}", res[s], statistics.median(res[s]) / total) for s in STAGES]
-        rows += [("  (server: vLLM reload time, overlapped)", res["server_load"], None)]
+        rows += [("  (server: load time, overlapped)", res["server_load"], None)]
         for name, times, share in rows:
             med = statistics.median(times)
             print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f} "
