@@ -7,7 +7,8 @@ TP=2 on two local ranks (gloo), as a colocated trainer holds it. Colocated gener
 timed from the first rank entering the bridge to the last server serving the new version:
     export (weight bridge: TP gather + merge + HF layout, on both ranks)
     -> hand-off (rank 0 writes each bucket once into a /dev/shm segment; every server maps the same segment)
-    -> load (each server streams the mapped tensors through vLLM's reload path into its parameters)
+    -> load (each server copies the mapped tensors into its live weights and re-packs its linear layers:
+       rollout/cpu_refit.py; vLLM's checkpoint-format reload where that path does not apply)
     -> commit (every server flips to the new version together).
 Bucket k+1 is exported while the servers load bucket k, so the stage times are measured on rank 0 as: export =
 waiting for the bridge's next bucket, hand-off = writing segments, load = waiting for the servers beyond that,
@@ -15,7 +16,9 @@ finish = the servers' last layers after the last bucket, commit = the version fl
 
 Reference, same run: memcpy = `dst.copy_(src)` of one flat buffer holding as many bytes as the export, both
 preallocated and faulted in (the floor for any refresh that moves the bytes once; one thread). Medians of
---repeats; ratios are each median over memcpy's median.
+--repeats; ratios are each median over memcpy's median. The last line counts every copy a refresh makes, in units
+of the exported bytes (trainer side from the bridge's rules, server side from the engine's own byte counters).
+On a loaded machine the ratios are skewed (memcpy most of all): read the absolute stage times.
 
     .venv/bin/python benchmarks/bench_weight_sync.py --layers 1 --repeats 3
 """
@@ -86,6 +89,7 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
                     out[s].append(pusher.stats[s])
                 out["commit"].append(commit_s)
                 out["server_load"].append(pusher.stats["server_load"])
+                out["refit"] = pusher.refit
         if rank == 0:
             nbytes = sum(int(torch.Size(s).numel()) * 4 for _, _, s in tensors)
             src = torch.ones(nbytes, dtype=torch.uint8)
@@ -101,9 +105,50 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
             pusher.close()
             for c in clients:
                 c.close()
+        if rank == 0:
+            out["trainer_copies"] = trainer_copy_bytes(model, cfg)
         return out
     finally:
         destroy_distributed()
+
+
+def trainer_copy_bytes(model, cfg: dict) -> dict[str, int]:
+    """Bytes each trainer-side copy moves in one export at this TP (from the bridge's rules, not timed): the TP
+    gather (every sharded parameter once), the merge's concatenation (row-split and gate/up parameters; row-stacked
+    ones are gathered straight into place), the HF layout (un-fusing QKV copies q, k, v out of the interleaved
+    query groups; gate/up and the vocabulary unpadding are views)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_trace.checkpoint.hf_mapping import Qwen3Dims, tp_rule
+    from megatron_trace.sync.weight_bridge import local_named_params
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    dims = Qwen3Dims.from_hf_config(cfg)
+    out = dict(gather=0, merge=0, layout=0)
+    for name, p in local_named_params(model, dims, 1, 0).items():
+        rule = tp_rule(name)
+        full = p.numel() * p.element_size() * (1 if rule == "replicated" else tp)
+        out["layout"] += full if name.endswith("linear_qkv.weight") else 0
+        if tp > 1 and rule != "replicated":
+            out["gather"] += full
+            out["merge"] += full if rule not in ("vocab", "column") else 0
+    return out
+
+
+def copies_line(trainer: dict[str, int], refit: list, nbytes: int) -> str:
+    """One line: every copy of the refresh, in units of the exported bytes (1.00 = one memcpy of the model)."""
+    parts = [("TP gather", trainer["gather"]), ("TP merge", trainer["merge"]), ("QKV un-fuse", trainer["layout"]),
+             ("hand-off to /dev/shm", nbytes)]
+    server = refit[0] if refit else None
+    if server is None:
+        tail = "server: vLLM checkpoint-format reload (allocate + copy + pack + copy back per layer; not counted)"
+    else:
+        parts += [("server copy into live weights", server["copied_bytes"]),
+                  ("server fused-shard merge", server["merge_bytes"]),
+                  ("server kernel packing (oneDNN, incl. head)", server["packed_bytes"])]
+        tail = f"= {sum(b for _, b in parts) / nbytes:.2f} x the exported bytes"
+    return "copies per refresh (x exported bytes): " + " + ".join(f"{n} {b / nbytes:.2f}" for n, b in parts) + \
+        f" {tail}"
 
 
 def main() -> None:
@@ -145,11 +190,14 @@ def main() -> None:
         rows = [("memcpy (one flat tensor.copy_)", res["memcpy"], None),
                 ("whole refresh (export+handoff+load+commit)", res["total"], None)]
         rows += [(f"  stage: {s}", res[s], statistics.median(res[s]) / total) for s in STAGES]
-        rows += [("  (server: vLLM reload time, overlapped)", res["server_load"], None)]
+        rows += [("  (server: load time, overlapped)", res["server_load"], None)]
         for name, times, share in rows:
             med = statistics.median(times)
             print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f} "
                   f"{'' if share is None else f'{100 * share:.0f}%':>6}")
+        print("runs (s): " + "; ".join(f"{k} {', '.join(f'{x:.3f}' for x in res[k])}"
+                                       for k in ("memcpy", "total", *STAGES)))
+        print(copies_line(res["trainer_copies"], res["refit"], nbytes))
     finally:
         for s in servers:
             s.close()

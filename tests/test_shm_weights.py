@@ -172,6 +172,10 @@ def test_an_update_through_shared_memory_is_served_only_after_the_commit(client,
         # buckets of more than a few tensors, as the bridge's are)
         assert pusher.writer.max_segments == 2
         assert set(pusher.stats) >= {"export", "handoff", "load", "finish"}
+        # the CPU engine took the in-place path (cpu_refit.py): every linear packed once from the new bytes, the
+        # embedding and norms copied into the live weights, nothing through vLLM's checkpoint-format reload
+        (refit,) = pusher.refit
+        assert refit is not None and refit["packed_bytes"] > 0 and refit["copied_bytes"] > 0, refit
         # and back to model a (a second update reuses the segments)
         pusher.load(bridge_order_buckets(models["a"], hf_config_of(models["a"]), 5), v + 2,
                     announce_model(hf_config_of(models["a"]), torch.float32))

@@ -222,6 +222,10 @@ class VLLMEngine:
         if kv_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         self._llm = LLM(**kwargs)
+        # Streamed updates (shm / IPC) copy into the live weights where the engine allows (cpu_refit.py); False
+        # forces vLLM's checkpoint-format reload (kept for comparison). last_refit: the in-place path's byte counts.
+        self.refit_in_place = True
+        self.last_refit: dict | None = None
         self._lock = threading.RLock()
         self._version = 0
         self._sleeping = False
@@ -441,9 +445,10 @@ class VLLMEngine:
 
     # ---------------------------------------------------------------- streamed, committed later (shm / IPC)
     def load_weights_stream(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Load an update streamed tensor by tensor (HF names) through vLLM's reload path, without serving it:
-        the engine refuses to generate until `commit_loaded_weights(version)` (the driver commits every server of
-        the run together). The caller validated the whole announcement first (`validate_announcement`); each
+        """Load an update streamed tensor by tensor (HF names) without serving it: copied in place into the live
+        weights where the engine allows (CPU: cpu_refit.py, one copy and the kernels' packing), else through vLLM's
+        checkpoint-format reload. Either way the engine refuses to generate until `commit_loaded_weights(version)`
+        (the driver commits every server of the run together). The caller validated the whole announcement first (`validate_announcement`); each
         tensor is checked again here. A failure part-way leaves the engine refusing to generate (weights are a
         mix) until a complete update is committed. Used by the shared-memory and CUDA IPC updates."""
         version = int(version)
@@ -466,18 +471,39 @@ class VLLMEngine:
                     yield name, tensor
                 self._validator.check_complete(seen)
 
+            in_place = self.refit_in_place and self.refit_problem() is None
             try:
-                self._llm.collective_rpc(
-                    "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True})
-                if self.tied:
-                    self._llm.collective_rpc(_refresh_tied_head)
+                if in_place:  # one copy into the live weights, only the packing redone (cpu_refit.py)
+                    from megatron_trace.rollout.cpu_refit import refit_in_place
+
+                    self.last_refit = self._llm.collective_rpc(refit_in_place, args=(stream(),))[0]
+                else:
+                    self._llm.collective_rpc(
+                        "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True})
+                    if self.tied:
+                        self._llm.collective_rpc(_refresh_tied_head)
+                    self.last_refit = None
             except Exception as e:
                 self._inconsistent = f"loading version {version} failed: {type(e).__name__}: {e}"
-                self._llm.collective_rpc(_finish_aborted_reload)
+                if not in_place:
+                    self._llm.collective_rpc(_finish_aborted_reload)
                 raise
             self._llm.reset_prefix_cache()
             self._inconsistent = f"version {version} is loaded but not committed"
             self._loaded_version = version
+
+    def refit_problem(self) -> str | None:
+        """Why streamed updates cannot be copied in place into this engine (cpu_refit.py), or None; asked once."""
+        if not hasattr(self, "_refit_problem"):
+            if self.cfg.tensor_parallel_size != 1:
+                self._refit_problem = f"tensor_parallel_size={self.cfg.tensor_parallel_size} (supported: 1)"
+            else:
+                from megatron_trace.rollout.cpu_refit import refit_plan_problem
+
+                self._refit_problem = self._llm.collective_rpc(refit_plan_problem)[0]
+            if self._refit_problem is not None:
+                logger.info("streamed weight updates use vLLM's checkpoint-format reload: %s", self._refit_problem)
+        return self._refit_problem
 
     def commit_loaded_weights(self, version: int) -> int:
         """Serve the version `load_weights_stream` loaded; returns it."""

@@ -275,7 +275,9 @@ class ShmWeightLoader:
             self._loaded = version
             self._last_activity = self._clock()
             return {"status": "loaded", "weight_version": self.engine.weight_version, "loaded_version": version,
-                    "released": u.released, "finish_s": time.perf_counter() - t0, "load_s": u.load_s}
+                    "released": u.released, "finish_s": time.perf_counter() - t0, "load_s": u.load_s,
+                    # the in-place refit's byte counts (cpu_refit.py), or None: vLLM's checkpoint-format reload
+                    "in_place": getattr(self.engine, "last_refit", None)}
 
     def commit(self, version: int) -> dict[str, Any]:
         with self._lock:

@@ -230,6 +230,11 @@ class BucketMapping:
         self.name = name
         self.nbytes = nbytes
         self.base = np.frombuffer(mm, dtype=np.uint8)  # keeps `mm` alive; every tensor below keeps `base` alive
+        with warnings.catch_warnings():  # read-only on purpose: the server never writes the trainer's memory
+            warnings.simplefilter("ignore", UserWarning)
+            # one storage for the whole segment, the tensors views of it: neighbours (q, k, v) can be fused into one
+            # view without a copy (rollout/cpu_refit.py)
+            flat = torch.from_numpy(self.base)
         tensors = []
         end_prev = 0
         for tname, dtype, shape, offset in slots:
@@ -242,8 +247,5 @@ class BucketMapping:
                 raise ShmProtocolError(f"weight {tname!r}: bytes [{offset}, {offset + n}) overlap the previous "
                                        f"tensor, are misaligned or pass the segment's end ({nbytes})")
             end_prev = offset + n
-            with warnings.catch_warnings():  # read-only on purpose: the server never writes the trainer's memory
-                warnings.simplefilter("ignore", UserWarning)
-                raw = torch.from_numpy(self.base[offset:offset + n])
-            tensors.append((tname, raw.view(DTYPES[dtype]).view(shape)))
+            tensors.append((tname, flat[offset:offset + n].view(DTYPES[dtype]).view(shape)))
         self.tensors = tensors

@@ -61,6 +61,7 @@ class ShmPusher:
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="shm-push")
         self._inflight = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shm-push-bucket")  # one bucket
         self.stats: dict[str, float] = {}  # seconds per stage of the last load (see load)
+        self.refit: list[dict | None] = []  # per server, how the last load was applied (see load)
 
     def _on_all(self, what: str, fn) -> list[Any]:
         futures = [self._pool.submit(fn, c) for c in self.clients]
@@ -127,6 +128,8 @@ class ShmPusher:
                                    lambda c: c.shm_finish(version, count))
             stats["finish"] = time.perf_counter() - t0
             stats["server_load"] = max(float(a.get("load_s", 0.0)) for a in answers)
+            # per server: the in-place refit's byte counts (rollout/cpu_refit.py), None where vLLM's reload ran
+            self.refit = [a.get("in_place") for a in answers]
             self.writer.release_all()
             self.stats = stats
             return count

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_trace.checkpoint.hf_mapping import (
     EMBEDDING, FINAL_NORM, OUTPUT_LAYER, Qwen3Dims, canonical_megatron_name, global_layer_index,
     hf_param_shapes, iter_hf_tensors_from_megatron, layers_for_stage, megatron_param_names,
-    merge_tp_shards, split_layer_name,
+    merge_tp_shards, split_layer_name, tp_rule,
 )
 from megatron_trace.distributed import collectives
 from megatron_trace.models.qwen3 import unwrap_model
@@ -125,9 +125,18 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
             if on_stage or not distributed:
                 local = params[mname].detach()
                 if tp > 1:
-                    shards = [torch.empty_like(local) for _ in range(tp)] if tp_rank == 0 else None
+                    full = shards = None
+                    if tp_rank == 0 and tp_rule(mname) in ("vocab", "column"):
+                        # Shards stack along rows: gather straight into row blocks of the merged tensor (the
+                        # merge's concatenation, a copy of the whole parameter, is not needed).
+                        full = torch.empty((local.shape[0] * tp, *local.shape[1:]), dtype=local.dtype,
+                                           device=local.device)
+                        shards = list(full.chunk(tp, dim=0))
+                    elif tp_rank == 0:
+                        shards = [torch.empty_like(local) for _ in range(tp)]
                     collectives.gather(local.contiguous(), shards, dst=leader, group=tp_group)
-                    full = merge_tp_shards(mname, shards) if tp_rank == 0 else None
+                    if full is None and tp_rank == 0:
+                        full = merge_tp_shards(mname, shards)
                     # Free the shards now: held until the next parameter's gather they would add a third copy.
                     del shards
                 else:
@@ -156,6 +165,12 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                         hf_tensors.append((n, buf))
             if rank != source:
                 continue
+            group = sum(_tensor_bytes(t) for _, t in hf_tensors)
+            if bucket and size + group > bucket_bytes >= group:
+                # One parameter's HF tensors (q, k, v; gate, up) share a bucket when they fit in one: the engine
+                # fuses them again, from one mapping without a copy when they lie back to back.
+                yield bucket
+                bucket, size = [], 0
             for name, t in hf_tensors:
                 t = t if (t.is_contiguous() and not _is_view_of_param(t, params)) else t.contiguous()
                 nbytes = _tensor_bytes(t)
