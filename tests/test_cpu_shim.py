@@ -128,7 +128,8 @@ def _shim_ranks(rank: int, world_size: int) -> dict:
 
 @pytest.fixture(scope="module")
 def shim_results():
-    return run_distributed(_shim_ranks, 2, timeout=400)
+    # A fresh interpreter: the traced path includes the megatron modules it imports first (not preloaded).
+    return run_distributed(_shim_ranks, 2, timeout=400, fresh_interpreter=True)
 
 
 def test_nothing_on_the_training_path_reaches_cuda_except_through_the_shim(shim_results):

@@ -22,14 +22,28 @@ FIX = os.path.join(ROOT, "tests", "fixtures", "eval")
 K, MAX_TOKENS = 2, 12
 
 
-def _evaluate(model: str, out: str, *extra: str) -> subprocess.CompletedProcess:
+def _evaluate_together(jobs: list[tuple[str, str]]) -> None:
+    """tools/evaluate.py on each (model, out) job, all started at once: independent single-threaded processes
+    (OMP_NUM_THREADS=1) on a 2-core machine. Each one's output goes to `<out>.log`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--model", model, "--out", out,
-           "--bench", f"math500={FIX}/math10.jsonl", "--bench", f"gpqa_diamond={FIX}/gpqa3.csv",
-           "--k", str(K), "--max-tokens", str(MAX_TOKENS), "--reward-workers", "1", *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    procs = []
+    try:
+        for model, out in jobs:
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--model", model, "--out", out,
+                   "--bench", f"math500={FIX}/math10.jsonl", "--bench", f"gpqa_diamond={FIX}/gpqa3.csv",
+                   "--k", str(K), "--max-tokens", str(MAX_TOKENS), "--reward-workers", "1"]
+            log = open(out + ".log", "w")
+            procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
+        for p, _ in procs:
+            p.wait(timeout=400)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    for (model, out), (p, _) in zip(jobs, procs):
+        assert p.returncode == 0, f"{model}:\n" + open(out + ".log").read()[-8000:]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +52,21 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_eval(tiny, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("eval") / "hf_eval")
-    _evaluate(tiny, out)
-    return out
+def evals(tiny, tmp_path_factory) -> dict[str, str]:
+    """The HF folder and its Megatron conversion (1 x 1), evaluated side by side: {"hf": out, "megatron": out}."""
+    from megatron_trace.checkpoint.convert import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("eval")
+    megatron_dir = str(root / "megatron")
+    convert_hf_to_megatron(tiny, megatron_dir, 1, 1)
+    outs = {"hf": str(root / "hf_eval"), "megatron": str(root / "megatron_eval")}
+    _evaluate_together([(tiny, outs["hf"]), (megatron_dir, outs["megatron"])])
+    return outs
+
+
+@pytest.fixture(scope="module")
+def hf_eval(evals) -> str:
+    return evals["hf"]
 
 
 def test_tiny_model_evaluates_end_to_end_through_the_engine(hf_eval):
@@ -77,14 +102,10 @@ def test_tiny_model_evaluates_end_to_end_through_the_engine(hf_eval):
     assert f"avg@{K}" in md and f"pass@{K}" in md
 
 
-def test_a_megatron_checkpoint_is_converted_and_samples_as_its_hf_folder(tiny, hf_eval, tmp_path):
-    """Same weights + same seed = same responses, whether given as the HF folder or as its Megatron conversion."""
-    from megatron_trace.checkpoint.convert import convert_hf_to_megatron
-
-    megatron_dir = str(tmp_path / "megatron")
-    convert_hf_to_megatron(tiny, megatron_dir, 1, 1)
-    _evaluate(megatron_dir, str(tmp_path / "megatron_eval"))
-    hf = [json.loads(l) for l in open(os.path.join(hf_eval, "responses.jsonl"))]
-    mg = [json.loads(l) for l in open(tmp_path / "megatron_eval" / "responses.jsonl")]
+def test_a_megatron_checkpoint_is_converted_and_samples_as_its_hf_folder(evals):
+    """Same weights + same seed = same responses, whether given as the HF folder or as its Megatron conversion
+    (converted by `convert_hf_to_megatron` in the `evals` fixture)."""
+    hf = [json.loads(l) for l in open(os.path.join(evals["hf"], "responses.jsonl"))]
+    mg = [json.loads(l) for l in open(os.path.join(evals["megatron"], "responses.jsonl"))]
     assert len(hf) == (10 + 3) * K
     assert [(r["id"], r["text"]) for r in mg] == [(r["id"], r["text"]) for r in hf]

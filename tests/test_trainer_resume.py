@@ -1,11 +1,16 @@
 """Resume: 6 steps straight equal 3 steps, stop, resume, 3 more (metrics and weights); a kill during a
 checkpoint write leaves the previous checkpoint loadable. The TRACE run goes through real vLLM (a generation
-server started by the trainer), the reference-match annotator, a teacher snapshot and the KL anneal."""
+server started by the trainer), the reference-match annotator, a teacher snapshot and the KL anneal.
+
+The straight run and the first part of the split run are independent processes: they run at the same time (each
+is one single-threaded rank, plus its generation server for TRACE, on a 2-core machine). The SFT straight run is
+also the trainer checkpoint that the conversion test converts."""
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -71,11 +76,32 @@ def _metrics(out_dir: str) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
+def _first_runs(root: str, mode: str):
+    """The uninterrupted 6-step run (folder, exported weights) and the first 3 steps of the split run (folder),
+    started together."""
+    straight, split = os.path.join(root, "straight"), os.path.join(root, "split")
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(run_distributed, _train, 1, straight, 6, mode, init_gloo=False, timeout=600)
+        b = pool.submit(run_distributed, _train, 1, split, 3, mode, init_gloo=False, timeout=600)
+        return straight, a.result()[0], split, b.result()[0]
+
+
+@pytest.fixture(scope="module")
+def first_runs(tmp_path_factory):
+    """`first_runs(mode)`: `_first_runs` once per mode and module (the conversion test reuses the SFT one)."""
+    done = {}
+
+    def get(mode: str):
+        if mode not in done:
+            done[mode] = _first_runs(str(tmp_path_factory.mktemp(f"resume_{mode}")), mode)
+        return done[mode]
+
+    return get
+
+
 @pytest.mark.parametrize("mode", ["sft", "trace"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, mode):
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    w_straight = run_distributed(_train, 1, straight, 6, mode, init_gloo=False, timeout=600)[0]
-    run_distributed(_train, 1, split, 3, mode, init_gloo=False, timeout=600)
+def test_resumed_run_equals_uninterrupted_run(first_runs, mode):
+    straight, w_straight, split, _ = first_runs(mode)
     w_split = run_distributed(_train, 1, split, 6, mode, init_gloo=False, timeout=600)[0]
     a, b = _metrics(straight), _metrics(split)
     assert [r["step"] for r in a] == list(range(6)) and [r["step"] for r in b] == list(range(6))
@@ -105,14 +131,14 @@ def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint_loadable(tm
     assert [r["step"] for r in _metrics(out)] == [0, 1, 2, 3]
 
 
-def test_a_trainer_checkpoint_converts_to_the_same_hf_weights(tmp_path):
+def test_a_trainer_checkpoint_converts_to_the_same_hf_weights(first_runs, tmp_path):
     from safetensors import safe_open
 
     from megatron_trace.checkpoint.convert import convert_megatron_to_hf
     from megatron_trace.train.checkpointing import latest_checkpoint
 
-    out = str(tmp_path / "run")
-    exported = run_distributed(_train, 1, out, 1, "sft", init_gloo=False, timeout=300)[0]
+    out, exported, _, _ = first_runs("sft")  # the SFT straight run: its last checkpoint and its final weights
+    assert latest_checkpoint(os.path.join(out, "checkpoints")) == os.path.join(out, "checkpoints", "step_000006")
     hf_dir = str(tmp_path / "hf")
     convert_megatron_to_hf(latest_checkpoint(os.path.join(out, "checkpoints")), hf_dir)
     converted = {}
