@@ -223,3 +223,49 @@ def test_metrics_are_appended_never_truncated_unless_overwriting(tmp_path):
     log.close()
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(x)["loss"] for x in f] == [1.0, 2.0]
+
+
+def test_the_checkpoint_writers_manager_process_dies_with_a_trainer_killed_by_sigkill(tmp_path):
+    """megatron's checkpoint writer starts a multiprocessing manager (its write results queue) that outlived a
+    SIGKILLed trainer, reparented to init; the trainer starts it first, with the parent-death signal set."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "trainer_like.py"
+    script.write_text(
+        "import multiprocessing as mp, sys, time\n"
+        "if __name__ == '__main__':\n"
+        "    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa\n"
+        "    from megatron_trace.train import checkpointing as ck\n"
+        "    ck.writer_queue_dies_with_this_process()\n"
+        "    q = fa._get_write_results_queue()  # what megatron's writer uses: ours\n"
+        "    assert q is fa._results_queue and ck._writer_manager is not None\n"
+        "    print(ck._writer_manager._process.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    manager_pid = None
+    try:
+        manager_pid = int(proc.stdout.readline())
+        os.kill(manager_pid, 0)  # running
+        proc.kill()  # SIGKILL
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _running(manager_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(manager_pid), "the writer's manager outlived its killed trainer"  # before: ran on
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if manager_pid is not None and _running(manager_pid):
+            os.kill(manager_pid, signal.SIGKILL)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie waiting for init to reap it is gone
+    except OSError:
+        return False
