@@ -358,3 +358,30 @@ def test_the_cli_prints_the_named_cause_not_a_library_traceback(hf_small, tmp_pa
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"convert_checkpoint: error: {hf_small}/model.safetensors: truncated (tensor" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_a_full_disk_in_megatrons_tensor_file_writers_names_the_file_and_leaves_nothing(hf_small, tmp_path,
+                                                                                         monkeypatch):
+    """The .distcp files are written by forked workers; their failure comes back as torch's CheckpointException
+    (a BaseException, which escaped every handler and printed a traceback) around "Worker failure: ... unexpected
+    pos 704 vs 598", naming no file: the file being written is the newest one in the temp folder."""
+    import traceback
+
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def full_disk(sharded, checkpoint_dir, **kwargs):
+        with open(os.path.join(checkpoint_dir, "__0_0.distcp"), "wb") as f:
+            f.write(b"partial")
+        worker = RuntimeError(f"Worker failure: {TORCH_FULL_DISK}")
+        raise CheckpointException("write", {0: (worker, traceback.extract_stack())})
+
+    monkeypatch.setattr(dist_checkpointing, "save", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as e:
+        convert_hf_to_megatron(hf_small, str(out), 1, 1)
+    msg = str(e.value)
+    assert re.search(r"writing .*/\.out\.tmp-\d+-\w+/__0_0\.distcp failed: the write failed, most likely because the "
+                     r"output filesystem is full \(RuntimeError: Worker failure: .*unexpected pos 704 vs 598\)", msg), msg
+    assert "nothing was left half-written" in msg and not out.exists()
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []

@@ -206,6 +206,7 @@ def _read_slices(megatron_dir: str, requests: dict[str, tuple[tuple[int, ...], t
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     reader = dcp.FileSystemReader(megatron_dir)
     try:
@@ -213,7 +214,8 @@ def _read_slices(megatron_dir: str, requests: dict[str, tuple[tuple[int, ...], t
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({k: buf for k, (_, buf) in requests.items()}, storage_reader=reader,
                      planner=_SliceLoadPlanner(requests), no_dist=True)
-    except Exception as e:  # noqa: BLE001 - CheckpointException wraps the reader's own error
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - CheckpointException wraps the reader's error
+        e = _innermost(e)
         files = sorted({info.relative_path for index, info in (reader.storage_data or {}).items()
                         if index.fqn in requests})
         where = ", ".join(os.path.join(megatron_dir, f) for f in files) or megatron_dir
@@ -316,29 +318,45 @@ def _naming_write_failures(tmp: str, out_dir: str) -> Iterator[None]:
     """
     import torch
 
-    writing: list[str] = []
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    writing: list[str] = []  # the file torch.save is writing now (empty between calls)
     save = torch.save
 
     def watched_save(obj, f, *args, **kwargs):
         name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
-        if isinstance(name, (str, os.PathLike)):
-            writing.append(os.fspath(name))
-        return save(obj, f, *args, **kwargs)
+        writing[:] = [os.fspath(name)] if isinstance(name, (str, os.PathLike)) else []
+        out = save(obj, f, *args, **kwargs)
+        writing.clear()
+        return out
 
     torch.save = watched_save
     try:
         yield
     except ValueError:  # ConversionError, an unreadable input file (named by its reader): not a write failure
         raise
-    except Exception as e:  # noqa: BLE001 - torch's, megatron's and safetensors' writers have their own errors
-        path = getattr(e, "path", None) or _error_filename(e) or (writing[-1] if writing else None) \
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - each writer has errors of its own
+        cause = _innermost(e)
+        path = getattr(e, "path", None) or _error_filename(cause) or (writing[-1] if writing else None) \
             or _newest_file(tmp)
         what = f"writing {path}" if path else f"writing into {tmp}"
-        raise ConversionError(f"{what} failed: {write_failure_cause(e.__cause__ if isinstance(e, WriteFailed) else e)}"
-                              f"; nothing was left half-written (the temporary folder {tmp} was removed, "
-                              f"{out_dir} is as it was)") from e
+        raise ConversionError(f"{what} failed: {write_failure_cause(cause)}; nothing was left half-written (the "
+                              f"temporary folder {tmp} was removed, {out_dir} is as it was)") from None
     finally:
         torch.save = save
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """The error behind a wrapper: WriteFailed's cause, the first rank's error of a torch CheckpointException."""
+    if isinstance(e, WriteFailed) and e.__cause__ is not None:
+        return e.__cause__
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner
+        if isinstance(inner, BaseException):
+            return inner
+    return e
 
 
 def _error_filename(e: BaseException) -> str | None:
