@@ -96,31 +96,6 @@ def _sharded_state(model_chunks: list, optimizer, teacher_chunks: list | None, *
     return state
 
 
-_writer_manager = None  # the manager process serving megatron's writer queue (kept: dropping it stops the process)
-
-
-def writer_queue_dies_with_this_process() -> None:
-    """megatron's checkpoint writer keeps a multiprocessing manager process (the results queue of its write
-    workers) for the rest of the process's life; started by megatron, it outlived a trainer killed with SIGKILL,
-    reparented to init. Started here first (megatron then uses it), with the parent-death signal set inside it.
-    Call from a long-lived thread (the signal fires when the creating thread exits). Idempotent."""
-    global _writer_manager
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # made already, or another megatron
-        return
-    import multiprocessing as mp
-    import signal
-    from multiprocessing.managers import SyncManager
-
-    from megatron_trace.parent_death import die_with_parent
-
-    manager = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron's own uses
-    manager.start(die_with_parent, (signal.SIGKILL,))
-    filesystem_async._results_queue = manager.Queue()
-    _writer_manager = manager
-
-
 def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, trainer_state: dict, *,
                     teacher_chunks: list | None = None, save_optimizer: bool = True, keep_last: int = 2,
                     hf_config: dict | None = None) -> str:
@@ -141,7 +116,6 @@ def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, tr
         os.makedirs(tmp)
     _barrier()
     state = _sharded_state(model_chunks, optimizer, teacher_chunks, with_optimizer=save_optimizer, loading=False)
-    writer_queue_dies_with_this_process()
     dist_checkpointing.save(state, tmp, content_metadata=_conversion_metadata(model_chunks, hf_config))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank():05d}.pt"))
     if _rank() == 0:
