@@ -77,6 +77,62 @@ def test_an_oversized_problem_is_refused_at_load_with_its_line_and_id(tmp_path):
         load_problems(DataConfig(path=path, id_field="id"))
 
 
+# The student prompt of a problem "7 7 ... 7" (k sevens) under qwen3-bpe4k's chat template, thinking off, counted by
+# hand: digits and spaces are pre-tokens of their own in Qwen's byte-level BPE (no merge joins them), so the problem
+# is 2k - 1 tokens; the rest is 35: 5 specials (<|im_start|> x2, <|im_end|>, <think>, </think>), "user" "\n",
+# "\n\n", the instruction's 20 ("P" "lease" " reason" " step" " by" " step" "," " and" " put" " your" " final" " an"
+# "swer" " within" " \\" "box" "ed" "{" "}" "."), "\n", "ass" "ist" "ant", "\n", and "\n\n" after each think tag.
+def _sevens_prompt_tokens(k):
+    return 35 + 2 * k - 1
+
+
+def _sevens(k):
+    return " ".join(["7"] * k)
+
+
+def test_a_problem_too_long_for_max_model_len_is_counted_in_tokens_with_the_runs_tokenizer(tmp_path):
+    from megatron_trace.data.dataset import check_prompt_tokens
+    from megatron_trace.data.prompts import build_prompt_ids, student_messages
+    from megatron_trace.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("qwen3-bpe4k")
+    limit = 512 - 48  # tiny_cpu: rollout.max_model_len - rollout.max_response_tokens
+    k_fit = (limit - 34) // 2  # 215 sevens: exactly `limit` tokens
+    assert _sevens_prompt_tokens(k_fit) == limit
+    path = _jsonl(tmp_path / "d.jsonl", [dict(GOOD, problem=_sevens(k_fit), id="fits"),
+                                         dict(GOOD, problem=_sevens(k_fit + 1), id="too-long"),
+                                         dict(GOOD, problem=_sevens(k_fit + 5), id="longer")])
+    problems = load_problems(DataConfig(path=path, id_field="id"))
+    assert len(problems[1].problem) < 500  # before: only characters were counted (data.max_text_chars=200,000)
+
+    def ids(p):
+        return build_prompt_ids(tok, student_messages(p.problem), enable_thinking=False)
+
+    check_prompt_tokens(problems[:1], ids, limit, "tokens a prompt may take")  # exactly at the limit: accepted
+    with pytest.raises(DatasetError, match=rf"d\.jsonl: line 2: problem 'too-long': its prompt is "
+                                           rf"{limit + 2} tokens, more than the {limit} tokens a prompt may take "
+                                           r"\(1 more problems are too long as well\)"):
+        check_prompt_tokens(problems, ids, limit, "tokens a prompt may take")
+
+
+def test_the_trainer_counts_prompt_tokens_at_load_before_any_model_is_built(tmp_path, monkeypatch):
+    from megatron_trace.train import trainer as trainer_mod
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built before the data checks")
+
+    monkeypatch.setattr(trainer_mod, "build_model_and_optimizer", no_model)
+    kept = dict(GOOD, kind="mul")  # the example keeps kind == mul
+    path = _jsonl(tmp_path / "d.jsonl", [kept, dict(kept, problem=_sevens(60))])  # 154 tokens, 119 characters
+    cfg = load_config(EXAMPLE, [f"data.path={path}", f"logging.output_dir={tmp_path / 'run'}", "parallel.tp=1",
+                                "logging.tensorboard=false", "rollout.max_model_len=160",
+                                "rollout.max_response_tokens=48"])
+    with pytest.raises(DatasetError, match=r"d\.jsonl: line 2: problem 'd-1': its prompt is 154 tokens, more than "
+                                           r"the 112 tokens a prompt may take \(rollout\.max_model_len=160 - "
+                                           r"rollout\.max_response_tokens=48\)"):
+        trainer_mod.Trainer(cfg, start_rollout=False)
+
+
 def test_a_deeply_nested_record_is_a_dataset_error_not_a_crash(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [GOOD], [b"[" * 100_000 + b"]" * 100_000 + b"\n"])
     with pytest.raises(DatasetError, match=r"line 2"):

@@ -191,3 +191,46 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_sigterm_ends_a_busy_server_within_the_bounded_shutdown(model_dir, tmp_path):
+    """SIGTERM while a long generation runs: the process (and its process group: vLLM's engine core) is gone
+    within uvicorn's graceful shutdown + the hard-exit bound (before: a busy server ignored SIGTERM for good)."""
+    from megatron_trace.rollout.launch import ManagedServer
+    from megatron_trace.rollout.server import _HARD_EXIT_AFTER_S
+
+    graceful_s = 5  # uvicorn's timeout_graceful_shutdown in server.main
+    with ManagedServer(model_dir, log_path=str(tmp_path / "server.log"), max_model_len=256, token="k",
+                       extra_env={"OMP_NUM_THREADS": "1"}, start_timeout_s=300) as s:
+        busy = threading.Thread(target=lambda: _quietly(lambda: httpx.post(
+            s.url + "/v1/completions", json={"prompt": [[1, 2, 3]] * 16, "n": 2, "max_tokens": 240}, timeout=120)))
+        busy.start()
+        time.sleep(3)
+        t0 = time.monotonic()
+        os.kill(s.proc.pid, signal.SIGTERM)
+        try:
+            s.proc.wait(timeout=graceful_s + _HARD_EXIT_AFTER_S + 20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server did not end within its bounded shutdown after SIGTERM")
+        took = time.monotonic() - t0
+        deadline = time.monotonic() + 30
+        while _group_alive(s.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _group_alive(s.proc.pid), "a process of the server's group outlived it"
+        busy.join(30)
+    assert took < graceful_s + _HARD_EXIT_AFTER_S + 20
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return any(_alive(int(p)) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

@@ -392,3 +392,173 @@ def test_the_client_streams_after_the_announcement_was_accepted():
     assert calls[0] == ("/weights/nccl", True) and ("/weights/nccl", False) in calls
     assert wire.sent == len(SHAPES) + 1
     assert int(wire.items[-1]) == 1  # the status word says complete
+
+
+# ------------------------------------------------------------------- the one-push slot (HTTP, NCCL, shm alike)
+
+AUTH = {"Authorization": "Bearer t"}
+
+
+def _announce(http, version=1, metas=None):
+    return http.post("/weights/nccl", headers=AUTH,
+                     json={"version": version, "tensors": metas or _wire_metas(), "validate_only": True})
+
+
+def _transfer(http, version=1, push_id=None, metas=None):
+    body = {"version": version, "tensors": metas or _wire_metas()}
+    if push_id is not None:
+        body["push_id"] = push_id
+    return http.post("/weights/nccl", headers=AUTH, json=body)
+
+
+def _http_push(http, version=1, buckets=None):
+    """An HTTP push to `version`, fully staged but not committed; answers its push id."""
+    from megatron_trace.rollout.weight_buckets import CHECKSUM_HEADER, INDEX_HEADER, PUSH_HEADER, \
+        VERSION_HEADER, encode_bucket
+
+    r = http.post("/weights/begin", headers={**AUTH, VERSION_HEADER: str(version)})
+    assert r.status_code == 200, r.text
+    push_id = r.json()["push_id"]
+    for i, bucket in enumerate(buckets or _buckets()):
+        data, digest = encode_bucket(bucket)
+        r = http.post("/weights", headers={**AUTH, PUSH_HEADER: push_id, INDEX_HEADER: str(i),
+                                           CHECKSUM_HEADER: digest}, content=data)
+        assert r.status_code == 200, r.text
+    return push_id
+
+
+def _commit(http, push_id, count=2):
+    from megatron_trace.rollout.weight_buckets import COUNT_HEADER, PUSH_HEADER
+
+    return http.post("/weights/commit", headers={**AUTH, PUSH_HEADER: push_id, COUNT_HEADER: str(count)})
+
+
+def test_an_nccl_push_while_an_http_push_is_staged_gets_409_and_leaves_both_intact(app_client):
+    engine, http = app_client
+    push_id = _http_push(http)
+    r = _announce(http)  # before: accepted, reserving the engine beside the staged HTTP push
+    assert r.status_code == 409 and f"HTTP weight push ({push_id}" in r.json()["error"]["message"]
+    assert engine._nccl_pending is None and engine._llm.calls == []
+    # a transfer nobody announced (a sender already broadcasting) is received and dropped, then refused
+    r = _transfer(http)
+    assert r.status_code == 409 and "received and dropped" in r.json()["error"]["message"]
+    assert engine._llm.calls == ["drain_weights_nccl"] and engine.weight_version == 0
+    r = _commit(http, push_id)  # the HTTP push was never disturbed
+    assert r.status_code == 200 and r.json()["weight_version"] == 1
+
+
+def test_an_http_push_or_a_second_nccl_push_while_an_nccl_push_is_open_gets_409(app_client):
+    engine, http = app_client
+    r = _announce(http)
+    assert r.status_code == 200 and r.json()["status"] == "valid"
+    nccl_id = r.json()["push_id"]
+    pending = engine._nccl_pending
+    from megatron_trace.rollout.weight_buckets import VERSION_HEADER
+
+    r = http.post("/weights/begin", headers={**AUTH, VERSION_HEADER: "1"})  # before: staged beside it
+    assert r.status_code == 409 and f"NCCL weight push ({nccl_id}, to version 1)" in r.json()["error"]["message"]
+    r = _announce(http, version=2)  # before: silently replaced the first pusher's reservation
+    assert r.status_code == 409 and engine._nccl_pending == pending
+    r = _commit(http, nccl_id)  # an NCCL push's id is no key to the HTTP routes
+    assert r.status_code == 409 and "not an HTTP push" in r.json()["error"]["message"]
+    r = _transfer(http, push_id="someone-else")  # the wrong id: drained and refused, the open push kept
+    assert r.status_code == 409 and "received and dropped" in r.json()["error"]["message"]
+    assert engine._nccl_pending == pending and engine.weight_version == 0
+    r = _transfer(http, push_id=nccl_id)
+    assert r.status_code == 200 and r.json() == {"status": "applied", "push_id": nccl_id, "weight_version": 1}
+    assert engine._llm.calls == ["drain_weights_nccl", "receive_weights_nccl", "reset_prefix_cache"]
+    assert _http_push(http, version=2)  # the slot is free again
+
+
+def test_a_transfer_without_a_push_id_from_an_older_client_is_the_open_nccl_push(app_client):
+    engine, http = app_client
+    assert _announce(http).status_code == 200
+    r = _transfer(http)
+    assert r.status_code == 200 and r.json()["weight_version"] == 1
+    assert _announce(http, version=2).status_code == 200  # closed by the transfer
+
+
+def test_an_aborted_nccl_push_frees_the_slot_and_its_late_broadcast_is_dropped(app_client):
+    from megatron_trace.rollout.weight_buckets import PUSH_HEADER
+
+    engine, http = app_client
+    nccl_id = _announce(http).json()["push_id"]
+    r = http.post("/weights/abort", headers={**AUTH, PUSH_HEADER: nccl_id})
+    assert r.json()["status"] == "aborted" and engine._nccl_pending is None
+    r = _transfer(http, push_id=nccl_id)
+    assert r.status_code == 409 and "received and dropped" in r.json()["error"]["message"]
+    assert engine.weight_version == 0
+    assert _commit(http, _http_push(http)).json()["weight_version"] == 1
+
+
+def test_nccl_and_shm_updates_refuse_each_other():
+    from megatron_trace.rollout.shm_loader import ShmUpdateError, ShmWeightLoader
+    from megatron_trace.rollout.weight_staging import ApiError, WeightStaging
+
+    now = [0.0]
+    engine = recording_engine()
+    staging = WeightStaging(engine, idle_timeout_s=60, clock=lambda: now[0])
+    shm = ShmWeightLoader(engine, 1 << 20, idle_timeout_s=60, other_update=staging.active, clock=lambda: now[0])
+    staging.other_update = shm.active
+    push_id = staging.begin_nccl(_wire_metas(), 1)["push_id"]
+    with pytest.raises(ShmUpdateError) as e:
+        shm.begin(1, _wire_metas())
+    assert e.value.status == 409 and f"NCCL weight push ({push_id}" in str(e.value)
+    now[0] += 61  # the announced push's sender never came: the slot may be taken over
+    shm.begin(1, _wire_metas())
+    with pytest.raises(ApiError) as e:
+        staging.begin_nccl(_wire_metas(), 1)
+    assert e.value.status == 409 and "shared-memory update to version 1" in e.value.message
+    shm.abort("test")
+
+
+def test_a_transfer_in_progress_is_never_idle_and_never_replaced():
+    """The broadcast is received outside the staging's lock; meanwhile (however long it takes) every other
+    push is refused, and the slot is free the moment it ends."""
+    from megatron_trace.rollout.weight_staging import ApiError, WeightStaging
+
+    now = [0.0]
+    engine = recording_engine()
+    staging = WeightStaging(engine, idle_timeout_s=60, clock=lambda: now[0])
+    push_id = staging.begin_nccl(_wire_metas(), 1)["push_id"]
+    entered, release = threading.Event(), threading.Event()
+    receive = engine.update_weights_from_nccl
+
+    def slow_receive(metas, version):
+        entered.set()
+        assert release.wait(30)
+        return receive(metas, version)
+
+    engine.update_weights_from_nccl = slow_receive
+    result = {}
+    t = threading.Thread(target=lambda: result.update(staging.apply_nccl(push_id, _wire_metas(), 1)))
+    t.start()
+    assert entered.wait(30)
+    now[0] += 3600
+    for attempt in (lambda: staging.begin(1), lambda: staging.begin_nccl(_wire_metas(), 1),
+                    lambda: staging.abort(push_id)):
+        with pytest.raises(ApiError) as e:
+            attempt()
+        assert e.value.status == 409 and "receiving its broadcast" in e.value.message
+    assert staging.active() is not None
+    release.set()
+    t.join(30)
+    assert result["weight_version"] == 1 and staging.active() is None
+    assert staging.begin(2)["status"] == "open"
+
+
+def test_the_client_quotes_the_push_id_the_announcement_answered():
+    client, calls = _client({})
+    bodies = []
+
+    def request(method, path, **kw):
+        bodies.append(kw["json"])
+        if kw["json"].get("validate_only"):
+            return {"status": "valid", "push_id": "p-123", "weight_version": 0}
+        return {"status": "applied", "push_id": "p-123", "weight_version": 1}
+
+    client._request = request
+    wire = Wire()
+    sender = SimpleNamespace(send=lambda it, metas: send_announced(it, metas, wire.send, "cpu"))
+    assert client.update_weights_nccl(sender, iter(_buckets()), _metas()) == 1
+    assert "push_id" not in bodies[0] and bodies[1]["push_id"] == "p-123"

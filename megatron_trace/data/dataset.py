@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 from megatron_trace.config_base import ConfigError
 from megatron_trace.rewards.extract import last_boxed
@@ -31,6 +31,8 @@ class Problem:
     problem: str
     solution: str
     answer: str
+    # where it was read from ("<file>: line N" / "<file>: row N"), for error messages; not part of its identity
+    source: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -46,8 +48,9 @@ class DataConfig:
     require_solution: bool = True  # TRACE's teacher needs the reference solution; False allows GRPO-only data
     where: dict[str, str] = field(default_factory=dict)  # keep records whose column (dotted) equals the value
     limit: int | None = None  # keep the first N problems (after `where`)
-    # A record whose problem (or solution) text is longer than this is refused at load, naming file:line and id
-    # (a 1.4M-token problem once crashed a run only when it was drawn).
+    # A record whose problem (or solution) text is longer than this is refused at load, naming file:line and id:
+    # a coarse bound on what is held and tokenized. Whether a prompt fits the model is counted in tokens, with the
+    # run's tokenizer (check_prompt_tokens; a 1.4M-token problem once crashed a run only when it was drawn).
     max_text_chars: int = 200_000
 
     def __post_init__(self) -> None:
@@ -170,9 +173,29 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
             if len(text) > cfg.max_text_chars:
                 raise DatasetError(f"{path}: {loc}: problem {pid!r}: field {name!r} has {len(text)} characters, "
                                    f"more than data.max_text_chars={cfg.max_text_chars}")
-        problems.append(Problem(id=pid, **values))
+        problems.append(Problem(id=pid, **values, source=f"{path}: {loc}"))
         if cfg.limit is not None and len(problems) >= cfg.limit:
             break
     if not problems:
         raise DatasetError(f"{path}: no records")
     return problems
+
+
+def check_prompt_tokens(problems: Sequence[Problem], prompt_ids: Callable[[Problem], Sequence[int]],
+                        max_tokens: int, limit: str) -> None:
+    """Refuse problems whose prompt (`prompt_ids(problem)`: the token ids the run will send, through its own
+    tokenizer and chat template) is longer than `max_tokens`; `limit` says where that number comes from.
+
+    Raises DatasetError naming the first such problem's file:line, id, token count and the limit, and how many
+    others are too long; run once at load, before any model is built (else the run fails when it is drawn).
+    """
+    too_long = []
+    for p in problems:
+        n = len(prompt_ids(p))
+        if n > max_tokens:
+            too_long.append((p, n))
+    if too_long:
+        p, n = too_long[0]
+        more = f" ({len(too_long) - 1} more problems are too long as well)" if len(too_long) > 1 else ""
+        raise DatasetError(f"{p.source or 'dataset'}: problem {p.id!r}: its prompt is {n} tokens, more than the "
+                           f"{max_tokens} {limit}{more}")

@@ -300,13 +300,18 @@ class RolloutClient:
         try:
             target = self.version() + 1 if version is None else int(version)
             wire = [[m.name, m.dtype, list(m.shape)] for m in metas]
-            self._request("POST", "/weights/nccl", json={"version": target, "tensors": wire, "validate_only": True},
-                          headers=self._auth())
+            accepted = self._request("POST", "/weights/nccl", json={"version": target, "tensors": wire,
+                                                                     "validate_only": True}, headers=self._auth())
         except Exception:
             drain(it)
             raise
+        # The announcement opened the server's one push slot; the transfer quotes its id (servers before push ids
+        # answered none and take the transfer without it).
+        transfer = {"version": target, "tensors": wire}
+        if isinstance(accepted, dict) and accepted.get("push_id"):
+            transfer["push_id"] = accepted["push_id"]
         with ThreadPoolExecutor(max_workers=1) as pool:
-            applied = pool.submit(self._request, "POST", "/weights/nccl", json={"version": target, "tensors": wire},
+            applied = pool.submit(self._request, "POST", "/weights/nccl", json=transfer,
                                   headers=self._auth(), timeout=self.cfg.weight_timeout_s)
             try:
                 sender.send(it, metas)

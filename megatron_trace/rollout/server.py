@@ -21,6 +21,8 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   the old weights serving. `POST /weights/abort` (bearer token) closes a push without applying it.
 - `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
   trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
+  Under the same one-push slot as the HTTP push: the announcement (validate_only) opens a push and answers its
+  push_id, the transfer quotes it; an NCCL push while an HTTP or shm update is in progress (or the reverse) gets 409.
 - `POST /weights/shm/begin`, `/weights/shm`, `/weights/shm/finish`, `/weights/shm/commit`, `/weights/shm/abort`
   (bearer token; JSON): the node-local update of colocated servers, each bucket read from a /dev/shm segment the
   trainer wrote (no copy over a socket); protocol and atomicity in shm_weights.py. Separate from the HTTP push
@@ -310,10 +312,14 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
 
     @app.post("/weights/nccl")
     async def nccl_update(request: Request):
-        """Receive an update broadcast over the NCCL weight group: body {version, tensors: [[name, dtype,
-        shape], ...]} in send order; answers when the update is applied. With validate_only=true, checks the
-        announcement and the engine's state and reserves the engine for it (the client does this first: every
-        refusal happens while nothing is broadcast, so a refused update never leaves the sender hanging)."""
+        """An update broadcast over the NCCL weight group, in two calls under the one-push slot (weight_staging.py).
+        Body {version, tensors: [[name, dtype, shape], ...]} in send order. First with validate_only=true: checks
+        the announcement and the engine's state, reserves the engine and opens the push (409 while another push,
+        HTTP, NCCL or shm, is in progress), answering its push_id; every refusal happens while nothing is
+        broadcast, so a refused update never leaves the sender hanging. Then without it, quoting push_id (in the
+        body or header X-Push-Id; a client from before push ids may leave it out): receives the broadcast and
+        answers when the update is applied; a transfer that is not the open push is received, dropped and
+        refused (409)."""
         authorize(request)
         body = await read_json(request)
         try:
@@ -321,21 +327,12 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             version = int(body["version"])
         except (KeyError, TypeError, ValueError) as e:
             raise ApiError(400, f"expected version and tensors [[name, dtype, shape], ...]: {e}") from e
-        if body.get("validate_only"):  # accept (validate + reserve the engine) before any byte moves
-            try:
-                await run_in_threadpool(engine.prepare_nccl_update, metas, version)
-            except ValueError as e:
-                raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
-            except RuntimeError as e:  # asleep
-                raise ApiError(409, f"update to version {version} refused ({e})", "conflict") from e
-            return {"status": "valid", "weight_version": engine.weight_version}
-        try:
-            new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version)
-        except ValueError as e:
-            raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
-        except RuntimeError as e:
-            raise ApiError(409, str(e), "conflict") from e
-        return {"status": "applied", "weight_version": new}
+        if body.get("validate_only"):  # accept (validate + reserve the engine + open the push) before any byte moves
+            return await run_in_threadpool(staging.begin_nccl, metas, version)
+        push_id = body.get("push_id") or request.headers.get(PUSH_HEADER) or None
+        if push_id is not None and not isinstance(push_id, str):
+            push_id = str(push_id)
+        return await run_in_threadpool(staging.apply_nccl, push_id, metas, version)
 
     # ------------------------------------------------ node-local updates over /dev/shm (protocol: shm_weights.py)
     # Separate from the HTTP push's staging, but one update at a time across both (409 while the other is active).

@@ -146,9 +146,33 @@ class Trainer:
                        build_snapshot=lambda: build_qwen3_model(self.hf_config, config=self.tcfg))
 
     def _build_data(self):
-        from megatron_trace.data.dataset import load_problems
+        """The problems, read once, each prompt counted in tokens against the room the run gives it (before any
+        model is built: a problem too long for it would otherwise fail the run only when drawn)."""
+        from megatron_trace.data.dataset import check_prompt_tokens, load_problems
+        from megatron_trace.data.prompts import build_prompt_ids, privileged_messages, student_messages
 
-        return load_problems(self.cfg.data)
+        cfg = self.cfg
+        problems = load_problems(cfg.data)
+        thinking = cfg.rollout.enable_thinking
+
+        def student(p):
+            return build_prompt_ids(self.tokenizer, student_messages(p.problem), enable_thinking=thinking)
+
+        if cfg.train.mode == "sft":  # a prompt must leave at least one target token within sft.max_seq_len
+            check_prompt_tokens(problems, student, cfg.sft.max_seq_len - 1,
+                                f"tokens a prompt may take (sft.max_seq_len={cfg.sft.max_seq_len} - 1)")
+            if cfg.sft.privileged_format:
+                check_prompt_tokens(
+                    problems, lambda p: build_prompt_ids(self.tokenizer, privileged_messages(p.problem, p.solution),
+                                                         enable_thinking=thinking),
+                    cfg.sft.max_seq_len - 1, f"tokens a privileged prompt may take (sft.max_seq_len="
+                                             f"{cfg.sft.max_seq_len} - 1, sft.privileged_format)")
+        else:  # the generation engine refuses prompt + max_tokens > max_model_len
+            r = cfg.rollout
+            check_prompt_tokens(problems, student, r.max_model_len - r.max_response_tokens,
+                                f"tokens a prompt may take (rollout.max_model_len={r.max_model_len} - "
+                                f"rollout.max_response_tokens={r.max_response_tokens})")
+        return problems
 
     def _resolve_resume(self) -> str | None:
         """The checkpoint to resume from (None: a fresh start), checked before any model is built: a fresh start
