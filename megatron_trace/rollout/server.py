@@ -19,8 +19,10 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   count. When exactly buckets 0..count-1 are staged, the whole update is validated and applied in one engine
   reload. All-or-nothing: a bad bucket, a gap, a count that does not match, or a commit that never comes leaves
   the old weights serving. `POST /weights/abort` (bearer token) closes a push without applying it.
-- `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
-  trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
+- `POST /weights/nccl/init`, `POST /weights/nccl`, `/weights/nccl/commit`, `/weights/nccl/close` (bearer token;
+  GPU only, untested here): the fast path, where trainer rank 0 broadcasts the announced tensors over an NCCL
+  group joined by the vLLM workers (nccl_weights.py); with `commit: false` the update is loaded and served only
+  after `/weights/nccl/commit` (the trainer commits every server once all received it).
 - `POST /weights/shm/begin`, `/weights/shm`, `/weights/shm/finish`, `/weights/shm/commit`, `/weights/shm/abort`
   (bearer token; JSON): the node-local update of colocated servers, each bucket read from a /dev/shm segment the
   trainer wrote (no copy over a socket); protocol and atomicity in shm_weights.py. Separate from the HTTP push
@@ -329,13 +331,41 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             except RuntimeError as e:  # asleep
                 raise ApiError(409, f"update to version {version} refused ({e})", "conflict") from e
             return {"status": "valid", "weight_version": engine.weight_version}
+        commit = body.get("commit", True)
+        if not isinstance(commit, bool):
+            raise ApiError(400, f"commit: expected true or false, got {commit!r}")
         try:
-            new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version)
+            new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version, commit=commit)
         except ValueError as e:
             raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
         except RuntimeError as e:
             raise ApiError(409, str(e), "conflict") from e
+        if not commit:  # loaded; served after POST /weights/nccl/commit (the trainer commits every server at once)
+            return {"status": "loaded", "loaded_version": new, "weight_version": engine.weight_version}
         return {"status": "applied", "weight_version": new}
+
+    @app.post("/weights/nccl/commit")
+    async def nccl_commit(request: Request):
+        """Serve the update an NCCL broadcast with commit=false loaded: body {version}."""
+        authorize(request)
+        body = await read_json(request)
+        version = body.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ApiError(400, f"version: expected an integer, got {version!r}")
+        if engine.weight_version == version:  # a retried commit whose answer was lost
+            return {"status": "applied", "weight_version": version}
+        try:
+            new = await run_in_threadpool(engine.commit_loaded_weights, version)
+        except RuntimeError as e:
+            raise ApiError(409, str(e), "conflict") from e
+        return {"status": "applied", "weight_version": new}
+
+    @app.post("/weights/nccl/close")
+    async def nccl_close(request: Request):
+        """Leave the trainer's NCCL weight group (the trainer is closing)."""
+        authorize(request)
+        await run_in_threadpool(engine.close_weight_group)
+        return {"status": "closed"}
 
     # ------------------------------------------------ node-local updates over /dev/shm (protocol: shm_weights.py)
     # Separate from the HTTP push's staging, but one update at a time across both (409 while the other is active).
