@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 
@@ -194,3 +195,166 @@ def test_integer_tensors_and_an_unwritable_output_are_refused_by_name(hf_small, 
     blocker.write_text("x")
     with pytest.raises(ConversionError, match="cannot write beside the output folder .*a-file/out"):
         convert_hf_to_megatron(hf_small, str(blocker / "out"), 1, 1)
+
+
+# ------------------------------------------------------------------------- converter errors name the exact file
+# Before: each of these reached the CLI's catch-all as a library error naming only the input/output folders (or as
+# a bare "Expecting value: line 1 column 1", "pickle data was truncated", a MemoryError, an AttributeError).
+
+
+def _cut(path, keep):
+    with open(path, "r+b") as f:
+        f.truncate(keep(os.path.getsize(path)))
+
+
+def _write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("case, mutate, needle", [
+    ("safetensors cut in its data", lambda d: _cut(f"{d}/model.safetensors", lambda n: n // 2),
+     r"model\.safetensors: truncated \(tensor '.*' needs data bytes up to \d+, the file holds \d+"),
+    ("safetensors cut in its header", lambda d: _cut(f"{d}/model.safetensors", lambda n: 100),
+     r"model\.safetensors: truncated or not a safetensors file \(its header claims \d+ bytes, the file has 100\)"),
+    ("not a safetensors file", lambda d: _write(f"{d}/model.safetensors", b"hello world, not tensors" * 8),
+     r"model\.safetensors: truncated or not a safetensors file \(its header claims"),
+    ("empty safetensors file", lambda d: _write(f"{d}/model.safetensors", b""),
+     r"model\.safetensors: truncated or not a safetensors file \(0 bytes"),
+    ("index without weight_map", lambda d: _write(f"{d}/model.safetensors.index.json", b"{}"),
+     r"model\.safetensors\.index\.json: an empty safetensors index .*got weight_map=None"),
+    ("index with an empty weight_map", lambda d: _write(f"{d}/model.safetensors.index.json", b'{"weight_map": {}}'),
+     r"model\.safetensors\.index\.json: an empty safetensors index .*got weight_map=\{\}"),
+    ("index that is a list", lambda d: _write(f"{d}/model.safetensors.index.json", b"[]"),
+     r"model\.safetensors\.index\.json: an empty safetensors index .*got list"),
+    ("index that is not JSON", lambda d: _write(f"{d}/model.safetensors.index.json", b"garbage"),
+     r"model\.safetensors\.index\.json: not valid JSON"),
+])
+def test_a_bad_hf_weight_file_is_refused_naming_it_and_the_cause(hf_small, tmp_path, case, mutate, needle):
+    mutate(hf_small)
+    with pytest.raises(ValueError, match=needle) as e:
+        convert_hf_to_megatron(hf_small, str(tmp_path / "out"), 1, 1)
+    assert hf_small in str(e.value), case
+    assert not (tmp_path / "out").exists()
+
+
+def _meg_copy(megatron_dir, tmp_path):
+    import shutil
+
+    return shutil.copytree(megatron_dir, str(tmp_path / "meg"))
+
+
+def _set_conversion_meta(d, **edit):
+    from megatron.core.dist_checkpointing.serialization import verify_checkpoint_and_load_strategy
+
+    common = verify_checkpoint_and_load_strategy(d)[1].load_common(d)
+    common["content_metadata"].update(edit)
+    torch.save(common, os.path.join(d, "common.pt"))
+
+
+@pytest.mark.parametrize("case, mutate, needle", [
+    ("a truncated .distcp", lambda d: [_cut(p, lambda n: n // 2) for p in sorted(
+        os.path.join(d, f) for f in os.listdir(d) if f.endswith(".distcp"))],
+     r"__0_\d\.distcp: truncated \(\d+ bytes, but '.*' is stored at bytes \d+\.\.\d+\)"),
+    ("a missing .distcp", lambda d: os.remove(os.path.join(d, "__0_1.distcp")),
+     r"__0_1\.distcp: missing \(the checkpoint's \.metadata places"),
+    ("garbage common.pt", lambda d: _write(f"{d}/common.pt", b"garbage" * 20),
+     r"common\.pt: truncated or not a checkpoint's common state \(a torch\.save file\): UnpicklingError"),
+    ("truncated common.pt", lambda d: _cut(f"{d}/common.pt", lambda n: n // 2),
+     r"common\.pt: truncated or not a checkpoint's common state"),
+    ("truncated .metadata", lambda d: _cut(f"{d}/.metadata", lambda n: n // 2),
+     r"\.metadata: truncated or not a distributed-checkpoint \.metadata \(UnpicklingError: pickle data was trunc"),
+    ("garbage metadata.json", lambda d: _write(f"{d}/metadata.json", b"{{{"),
+     r"metadata\.json: not a distributed checkpoint's metadata\.json \(JSONDecodeError"),
+    ("recorded config that is a list", lambda d: _set_conversion_meta(d, hf_config=[1]),
+     r"common\.pt: conversion metadata hf_config=\[1\]: expected the HF config\.json object"),
+    ("recorded config with a null vocab", lambda d: _set_conversion_meta(
+        d, hf_config={**_recorded_config(d), "vocab_size": None}),
+     r"common\.pt: conversion metadata: HF config vocab_size=None: expected a positive integer"),
+    ("recorded padded vocab missing", lambda d: _set_conversion_meta(d, padded_vocab_size=None),
+     r"common\.pt: conversion metadata padded_vocab_size=None: expected a positive integer"),
+])
+def test_a_bad_megatron_checkpoint_file_is_refused_naming_it_and_the_cause(megatron_dir, tmp_path, case, mutate,
+                                                                           needle):
+    d = _meg_copy(megatron_dir, tmp_path)
+    mutate(d)
+    with pytest.raises(ConversionError, match=needle) as e:
+        convert_megatron_to_hf(d, str(tmp_path / "out"))
+    assert d in str(e.value), case
+    assert not (tmp_path / "out").exists() and [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+def _recorded_config(d):
+    from megatron_trace.checkpoint.convert import read_conversion_metadata
+
+    return read_conversion_metadata(d)["hf_config"]
+
+
+# The exact texts torch's and safetensors' writers give on a full filesystem (recorded on a 64 KiB tmpfs).
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+SAFETENSORS_FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_full_disk_while_writing_a_megatron_checkpoint_names_the_file_and_leaves_nothing(hf_small, tmp_path,
+                                                                                           monkeypatch):
+    def full_disk(obj, f, *a, **k):  # megatron writes common.pt with torch.save(state, path)
+        raise RuntimeError(TORCH_FULL_DISK)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as e:
+        convert_hf_to_megatron(hf_small, str(out), 1, 1)
+    msg = str(e.value)
+    assert re.search(rf"writing {re.escape(str(tmp_path))}/\.out\.tmp-\d+-\w+/common\.pt failed: the write failed, "
+                     r"most likely because the output filesystem is full \(RuntimeError: .*unexpected pos 704 vs 598",
+                     msg), msg
+    assert "nothing was left half-written" in msg and not out.exists()
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []  # the temp folder was removed
+
+
+def test_a_full_disk_while_writing_hf_safetensors_names_the_file_and_leaves_nothing(megatron_dir, tmp_path,
+                                                                                    monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:  # a real full disk leaves a partial file
+            f.write(b"partial")
+        raise SafetensorError(SAFETENSORS_FULL_DISK)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError) as e:
+        convert_megatron_to_hf(megatron_dir, str(out))
+    msg = str(e.value)
+    assert re.search(r"writing .*/\.out\.tmp-\d+-\w+/model\.safetensors failed: the output filesystem is full "
+                     r"\(SafetensorError: .*No space left on device", msg), msg
+    assert "nothing was left half-written" in msg and not out.exists()
+    assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+def test_an_unwritable_output_file_is_named(megatron_dir, tmp_path, monkeypatch):
+    from megatron_trace.checkpoint import hf_io
+
+    real_open = open
+
+    def refuse_config(path, *a, **k):  # e.g. a read-only or permission-less filesystem (root bypasses chmod)
+        if str(path).endswith("config.json") and a and "w" in a[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(hf_io, "open", refuse_config, raising=False)
+    with pytest.raises(ConversionError, match=r"writing .*/\.out\.tmp-\d+-\w+/config\.json failed: the output is "
+                                              r"not writable \(PermissionError"):
+        convert_megatron_to_hf(megatron_dir, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
+
+
+def test_the_cli_prints_the_named_cause_not_a_library_traceback(hf_small, tmp_path):
+    _cut(os.path.join(hf_small, "model.safetensors"), lambda n: n - 10)
+    r = subprocess.run([sys.executable, TOOL, "hf-to-megatron", "--hf-dir", hf_small, "--out-dir",
+                        str(tmp_path / "out"), "--tp", "1", "--pp", "1"], capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"convert_checkpoint: error: {hf_small}/model.safetensors: truncated (tensor" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

@@ -355,11 +355,12 @@ def _pusher(responses):
 
     with mock.patch.dict("os.environ", {"MEGATRON_TRACE_ROLLOUT_TOKEN": "t"}):
         client = RolloutClient(base_url="http://127.0.0.1:9")
-    calls = []
+    calls, bodies = [], []
 
     def request(method, path, **kw):
         key = (path, (kw.get("json") or {}).get("validate_only", False))
         calls.append(key)
+        bodies.append(kw.get("json"))
         out = responses.get(key)
         if isinstance(out, Exception):
             raise out
@@ -368,6 +369,7 @@ def _pusher(responses):
     client._request = request
     client.version = lambda: 0
     pusher = NcclPusher([client], workers_per_server=1, master_address="127.0.0.1", master_port=1)
+    pusher.bodies = bodies
     return pusher, calls
 
 
@@ -383,7 +385,7 @@ def test_the_pusher_broadcasts_nothing_when_the_announcement_is_refused():
 
 
 def test_the_pusher_streams_after_the_announcement_was_accepted_then_commits():
-    pusher, calls = _pusher({("/weights/nccl", True): {"status": "valid"},
+    pusher, calls = _pusher({("/weights/nccl", True): {"status": "valid", "push_id": "p-123"},
                              ("/weights/nccl", False): {"status": "loaded", "loaded_version": 1},
                              ("/weights/nccl/commit", False): {"status": "applied", "weight_version": 1}})
     wire = Wire()
@@ -391,6 +393,10 @@ def test_the_pusher_streams_after_the_announcement_was_accepted_then_commits():
     target = pusher.announce(_metas())
     assert pusher.push(iter(_buckets()), target, _metas()) == 1
     assert calls == [("/weights/nccl", True), ("/weights/nccl", False), ("/weights/nccl/commit", False)]
+    # the transfer and the commit quote the push id the announcement answered (the server's one-push slot)
+    assert "push_id" not in pusher.bodies[0]
+    assert pusher.bodies[1]["push_id"] == pusher.bodies[2]["push_id"] == "p-123"
+    assert pusher.bodies[1]["commit"] is False
     assert wire.sent == len(SHAPES) + 1
     assert int(wire.items[-1]) == 1  # the status word says complete
 
@@ -433,8 +439,14 @@ def test_the_server_routes_an_uncommitted_update_and_its_commit(app_client):
     with mock.patch.object(engine._llm, "collective_rpc", return_value=[None]):
         r = http.post("/weights/nccl", headers=auth, json={"version": 1, "tensors": _wire_metas(), "validate_only": True})
         assert r.status_code == 200
-        r = http.post("/weights/nccl", headers=auth, json={"version": 1, "tensors": _wire_metas(), "commit": False})
-        assert r.status_code == 200 and r.json() == {"status": "loaded", "loaded_version": 1, "weight_version": 0}
+        push_id = r.json()["push_id"]
+        r = http.post("/weights/nccl", headers=auth, json={"version": 1, "tensors": _wire_metas(), "commit": False,
+                                                           "push_id": push_id})
+        assert r.status_code == 200 and r.json()["status"] == "loaded" and r.json()["loaded_version"] == 1
+        assert engine.weight_version == 0
+        # the loaded, uncommitted push keeps the one-push slot: no other update may start before its commit
+        r = http.post("/weights/nccl", headers=auth, json={"version": 2, "tensors": _wire_metas(), "validate_only": True})
+        assert r.status_code == 409 and push_id in r.json()["error"]["message"]
         r = http.post("/weights/nccl/commit", headers=auth, json={"version": 2})
         assert r.status_code == 409 and engine.weight_version == 0
         for _ in range(2):  # the second is a retried commit whose answer was lost
@@ -443,3 +455,156 @@ def test_the_server_routes_an_uncommitted_update_and_its_commit(app_client):
         r = http.post("/weights/nccl/close", headers=auth)
         assert r.status_code == 200
         engine._llm.collective_rpc.assert_called_with("close_weight_update_group")
+
+
+# ------------------------------------------------------------------- the one-push slot (HTTP, NCCL, shm alike)
+
+AUTH = {"Authorization": "Bearer t"}
+
+
+def _announce(http, version=1, metas=None):
+    return http.post("/weights/nccl", headers=AUTH,
+                     json={"version": version, "tensors": metas or _wire_metas(), "validate_only": True})
+
+
+def _transfer(http, version=1, push_id=None, metas=None):
+    body = {"version": version, "tensors": metas or _wire_metas()}
+    if push_id is not None:
+        body["push_id"] = push_id
+    return http.post("/weights/nccl", headers=AUTH, json=body)
+
+
+def _http_push(http, version=1, buckets=None):
+    """An HTTP push to `version`, fully staged but not committed; answers its push id."""
+    from megatron_trace.rollout.weight_buckets import CHECKSUM_HEADER, INDEX_HEADER, PUSH_HEADER, \
+        VERSION_HEADER, encode_bucket
+
+    r = http.post("/weights/begin", headers={**AUTH, VERSION_HEADER: str(version)})
+    assert r.status_code == 200, r.text
+    push_id = r.json()["push_id"]
+    for i, bucket in enumerate(buckets or _buckets()):
+        data, digest = encode_bucket(bucket)
+        r = http.post("/weights", headers={**AUTH, PUSH_HEADER: push_id, INDEX_HEADER: str(i),
+                                           CHECKSUM_HEADER: digest}, content=data)
+        assert r.status_code == 200, r.text
+    return push_id
+
+
+def _commit(http, push_id, count=2):
+    from megatron_trace.rollout.weight_buckets import COUNT_HEADER, PUSH_HEADER
+
+    return http.post("/weights/commit", headers={**AUTH, PUSH_HEADER: push_id, COUNT_HEADER: str(count)})
+
+
+def test_an_nccl_push_while_an_http_push_is_staged_gets_409_and_leaves_both_intact(app_client):
+    engine, http = app_client
+    push_id = _http_push(http)
+    r = _announce(http)  # before: accepted, reserving the engine beside the staged HTTP push
+    assert r.status_code == 409 and f"HTTP weight push ({push_id}" in r.json()["error"]["message"]
+    assert engine._nccl_pending is None and engine._llm.calls == []
+    # a transfer nobody announced (a sender already broadcasting) is received and dropped, then refused
+    r = _transfer(http)
+    assert r.status_code == 409 and "received and dropped" in r.json()["error"]["message"]
+    assert engine._llm.calls == ["drain_weights_nccl"] and engine.weight_version == 0
+    r = _commit(http, push_id)  # the HTTP push was never disturbed
+    assert r.status_code == 200 and r.json()["weight_version"] == 1
+
+
+def test_an_http_push_or_a_second_nccl_push_while_an_nccl_push_is_open_gets_409(app_client):
+    engine, http = app_client
+    r = _announce(http)
+    assert r.status_code == 200 and r.json()["status"] == "valid"
+    nccl_id = r.json()["push_id"]
+    pending = engine._nccl_pending
+    from megatron_trace.rollout.weight_buckets import VERSION_HEADER
+
+    r = http.post("/weights/begin", headers={**AUTH, VERSION_HEADER: "1"})  # before: staged beside it
+    assert r.status_code == 409 and f"NCCL weight push ({nccl_id}, to version 1)" in r.json()["error"]["message"]
+    r = _announce(http, version=2)  # before: silently replaced the first pusher's reservation
+    assert r.status_code == 409 and engine._nccl_pending == pending
+    r = _commit(http, nccl_id)  # an NCCL push's id is no key to the HTTP routes
+    assert r.status_code == 409 and "not an HTTP push" in r.json()["error"]["message"]
+    r = _transfer(http, push_id="someone-else")  # the wrong id: drained and refused, the open push kept
+    assert r.status_code == 409 and "received and dropped" in r.json()["error"]["message"]
+    assert engine._nccl_pending == pending and engine.weight_version == 0
+    r = _transfer(http, push_id=nccl_id)
+    assert r.status_code == 200 and r.json() == {"status": "applied", "push_id": nccl_id, "weight_version": 1}
+    assert engine._llm.calls == ["drain_weights_nccl", "receive_weights_nccl", "reset_prefix_cache"]
+    assert _http_push(http, version=2)  # the slot is free again
+
+
+def test_a_transfer_without_a_push_id_from_an_older_client_is_the_open_nccl_push(app_client):
+    engine, http = app_client
+    assert _announce(http).status_code == 200
+    r = _transfer(http)
+    assert r.status_code == 200 and r.json()["weight_version"] == 1
+    assert _announce(http, version=2).status_code == 200  # closed by the transfer
+
+
+def test_an_aborted_nccl_push_frees_the_slot_and_its_late_broadcast_is_dropped(app_client):
+    from megatron_trace.rollout.weight_buckets import PUSH_HEADER
+
+    engine, http = app_client
+    nccl_id = _announce(http).json()["push_id"]
+    r = http.post("/weights/abort", headers={**AUTH, PUSH_HEADER: nccl_id})
+    assert r.json()["status"] == "aborted" and engine._nccl_pending is None
+    r = _transfer(http, push_id=nccl_id)
+    assert r.status_code == 409 and "received and dropped" in r.json()["error"]["message"]
+    assert engine.weight_version == 0
+    assert _commit(http, _http_push(http)).json()["weight_version"] == 1
+
+
+def test_nccl_and_shm_updates_refuse_each_other():
+    from megatron_trace.rollout.shm_loader import ShmUpdateError, ShmWeightLoader
+    from megatron_trace.rollout.weight_staging import ApiError, WeightStaging
+
+    now = [0.0]
+    engine = recording_engine()
+    staging = WeightStaging(engine, idle_timeout_s=60, clock=lambda: now[0])
+    shm = ShmWeightLoader(engine, 1 << 20, idle_timeout_s=60, other_update=staging.active, clock=lambda: now[0])
+    staging.other_update = shm.active
+    push_id = staging.begin_nccl(_wire_metas(), 1)["push_id"]
+    with pytest.raises(ShmUpdateError) as e:
+        shm.begin(1, _wire_metas())
+    assert e.value.status == 409 and f"NCCL weight push ({push_id}" in str(e.value)
+    now[0] += 61  # the announced push's sender never came: the slot may be taken over
+    shm.begin(1, _wire_metas())
+    with pytest.raises(ApiError) as e:
+        staging.begin_nccl(_wire_metas(), 1)
+    assert e.value.status == 409 and "shared-memory update to version 1" in e.value.message
+    shm.abort("test")
+
+
+def test_a_transfer_in_progress_is_never_idle_and_never_replaced():
+    """The broadcast is received outside the staging's lock; meanwhile (however long it takes) every other
+    push is refused, and the slot is free the moment it ends."""
+    from megatron_trace.rollout.weight_staging import ApiError, WeightStaging
+
+    now = [0.0]
+    engine = recording_engine()
+    staging = WeightStaging(engine, idle_timeout_s=60, clock=lambda: now[0])
+    push_id = staging.begin_nccl(_wire_metas(), 1)["push_id"]
+    entered, release = threading.Event(), threading.Event()
+    receive = engine.update_weights_from_nccl
+
+    def slow_receive(metas, version, commit=True):
+        entered.set()
+        assert release.wait(30)
+        return receive(metas, version, commit=commit)
+
+    engine.update_weights_from_nccl = slow_receive
+    result = {}
+    t = threading.Thread(target=lambda: result.update(staging.apply_nccl(push_id, _wire_metas(), 1)))
+    t.start()
+    assert entered.wait(30)
+    now[0] += 3600
+    for attempt in (lambda: staging.begin(1), lambda: staging.begin_nccl(_wire_metas(), 1),
+                    lambda: staging.abort(push_id)):
+        with pytest.raises(ApiError) as e:
+            attempt()
+        assert e.value.status == 409 and "receiving its broadcast" in e.value.message
+    assert staging.active() is not None
+    release.set()
+    t.join(30)
+    assert result["weight_version"] == 1 and staging.active() is None
+    assert staging.begin(2)["status"] == "open"

@@ -259,13 +259,18 @@ def test_nccl_update_announcement_is_validated_before_any_broadcast(server, mode
     metas = [[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for b in buckets_of(models["b"]) for n, t in b]
     auth = {"Authorization": f"Bearer {TOKEN}"}
     v = client.version()
-    ok = httpx.post(server + "/weights/nccl", headers=auth, timeout=30,
-                    json={"version": v + 1, "tensors": metas, "validate_only": True})
-    assert ok.status_code == 200 and ok.json()["status"] == "valid"
     wrong = [m if i else [m[0], m[1], [m[2][0] + 1] + m[2][1:]] for i, m in enumerate(metas)]
     r = httpx.post(server + "/weights/nccl", headers=auth, timeout=30,
                    json={"version": v + 1, "tensors": wrong, "validate_only": True})
     assert r.status_code == 422 and "shape" in r.json()["error"]["message"]
+    ok = httpx.post(server + "/weights/nccl", headers=auth, timeout=30,
+                    json={"version": v + 1, "tensors": metas, "validate_only": True})
+    assert ok.status_code == 200 and ok.json()["status"] == "valid" and ok.json()["push_id"]
+    # the announcement holds the one-push slot until its transfer (or an abort): a second pusher gets 409
+    r = httpx.post(server + "/weights/begin", headers={**auth, "X-Weight-Version": str(v + 1)}, timeout=30)
+    assert r.status_code == 409 and "NCCL weight push" in r.json()["error"]["message"]
+    r = httpx.post(server + "/weights/abort", headers={**auth, "X-Push-Id": ok.json()["push_id"]}, timeout=30)
+    assert r.json()["status"] == "aborted"
     r = httpx.post(server + "/weights/nccl", timeout=30, json={"version": v + 1, "tensors": metas})
     assert r.status_code == 401
     r = httpx.post(server + "/weights/nccl/init", headers=auth, timeout=30,

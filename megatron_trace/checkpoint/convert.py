@@ -17,7 +17,6 @@ was (absent, unless it existed and `overwrite` was not given).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -35,8 +34,11 @@ from megatron_trace.checkpoint.hf_io import (
     HF_ASSET_FILES,
     HFTensorSource,
     TensorInfo,
+    WriteFailed,
     plan_shards,
     read_hf_config,
+    write_failure_cause,
+    write_json,
     write_safetensors_shards,
 )
 from megatron_trace.checkpoint.hf_mapping import (
@@ -93,22 +95,87 @@ _NON_MODEL_PREFIXES = ("optimizer.", "teacher.")
 
 
 def _read_common_state(megatron_dir: str) -> dict:
-    """The checkpoint's common (non-sharded) state, read from `common.pt` alone (no tensor data)."""
+    """The checkpoint's common (non-sharded) state, read from `common.pt` alone (no tensor data). ConversionError
+    naming metadata.json or common.pt when either is not what a distributed checkpoint holds."""
     from megatron.core.dist_checkpointing.serialization import verify_checkpoint_and_load_strategy
 
-    if not os.path.isfile(os.path.join(megatron_dir, "metadata.json")):
+    config = os.path.join(megatron_dir, "metadata.json")
+    if not os.path.isfile(config):
         raise ConversionError(f"{megatron_dir!r} is not a Megatron distributed checkpoint (no metadata.json)")
-    _, common_strategy = verify_checkpoint_and_load_strategy(megatron_dir)
-    return common_strategy.load_common(megatron_dir)
+    try:
+        _, common_strategy = verify_checkpoint_and_load_strategy(megatron_dir)
+    except Exception as e:  # noqa: BLE001 - JSONDecodeError, TypeError (unknown keys), CheckpointingException
+        raise ConversionError(f"{config}: not a distributed checkpoint's metadata.json ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+    common = os.path.join(megatron_dir, "common.pt")
+    try:
+        state = common_strategy.load_common(megatron_dir)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (weights-only), EOFError, zip errors
+        raise ConversionError(f"{common}: truncated or not a checkpoint's common state (a torch.save file): "
+                              f"{type(e).__name__}: {_first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{common}: not a checkpoint's common state (holds a {type(state).__name__}, not a "
+                              "dict)")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
+_META_INTS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "vocab_size", "padded_vocab_size")
 
 
 def read_conversion_metadata(megatron_dir: str) -> dict:
-    """The metadata a conversion recorded in a distributed checkpoint (ConversionError if there is none)."""
+    """The metadata a conversion recorded in a distributed checkpoint (ConversionError if there is none, or if
+    it lacks a field, naming common.pt and the field)."""
     meta = _read_common_state(megatron_dir).get("content_metadata")
     if not isinstance(meta, dict) or meta.get("format") != CONVERSION_FORMAT:
         raise ConversionError(f"{megatron_dir!r} has no {CONVERSION_FORMAT} conversion metadata "
                               f"(content_metadata={meta!r}); it was not written by this converter")
+    where = os.path.join(megatron_dir, "common.pt")
+    if not isinstance(meta.get("hf_config"), dict):
+        raise ConversionError(f"{where}: conversion metadata hf_config={meta.get('hf_config')!r}: expected the HF "
+                              "config.json object")
+    for key in _META_INTS:
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConversionError(f"{where}: conversion metadata {key}={v!r}: expected a positive integer")
     return meta
+
+
+def _read_dcp_metadata(megatron_dir: str):
+    """torch DCP `Metadata` of the checkpoint (through the allowlist); ConversionError naming `.metadata`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = os.path.join(megatron_dir, ".metadata")
+    try:
+        return FileSystemReader(megatron_dir).read_metadata()
+    except safe_pickle.UnsafeCheckpointError:
+        raise
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: missing (not a complete distributed checkpoint)") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, AttributeError...
+        raise ConversionError(f"{path}: truncated or not a distributed-checkpoint .metadata ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+
+
+def _check_data_files(megatron_dir: str, metadata) -> None:
+    """Every byte range the `.metadata` places in a data file (`*.distcp`) must lie inside that file: a truncated
+    or missing file is named before anything is read or written."""
+    sizes: dict[str, int] = {}
+    storage = getattr(metadata, "storage_data", None) or {}
+    for index, info in storage.items():
+        rel = info.relative_path
+        if rel not in sizes:
+            path = os.path.join(megatron_dir, rel)
+            if os.path.basename(rel) != rel or not os.path.isfile(path):
+                raise ConversionError(f"{path}: missing (the checkpoint's .metadata places {index.fqn!r} in it)")
+            sizes[rel] = os.path.getsize(path)
+        if info.offset + info.length > sizes[rel]:
+            raise ConversionError(f"{os.path.join(megatron_dir, rel)}: truncated ({sizes[rel]} bytes, but "
+                                  f"{index.fqn!r} is stored at bytes {info.offset}..{info.offset + info.length})")
 
 
 class _SliceLoadPlanner(DefaultLoadPlanner):
@@ -140,10 +207,18 @@ def _read_slices(megatron_dir: str, requests: dict[str, tuple[tuple[int, ...], t
 
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({k: buf for k, (_, buf) in requests.items()}, storage_reader=dcp.FileSystemReader(megatron_dir),
-                 planner=_SliceLoadPlanner(requests), no_dist=True)
+    reader = dcp.FileSystemReader(megatron_dir)
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process"
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({k: buf for k, (_, buf) in requests.items()}, storage_reader=reader,
+                     planner=_SliceLoadPlanner(requests), no_dist=True)
+    except Exception as e:  # noqa: BLE001 - CheckpointException wraps the reader's own error
+        files = sorted({info.relative_path for index, info in (reader.storage_data or {}).items()
+                        if index.fqn in requests})
+        where = ", ".join(os.path.join(megatron_dir, f) for f in files) or megatron_dir
+        raise ConversionError(f"{where}: cannot read {', '.join(sorted(requests))} (a corrupt data file?): "
+                              f"{type(e).__name__}: {_first_line(e)}") from None
 
 
 @contextlib.contextmanager
@@ -230,6 +305,55 @@ def _atomic_output_dir(out_dir: str, overwrite: bool, in_dir: str) -> Iterator[s
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _naming_write_failures(tmp: str, out_dir: str) -> Iterator[None]:
+    """Turn a failed write into `tmp` into a ConversionError naming the file and the cause (a full output
+    filesystem said so); `_atomic_output_dir` then removes `tmp`, so nothing is left half-written.
+
+    The file comes from the error (WriteFailed, an OSError's filename) or, for megatron's checkpoint writer,
+    from `torch.save`, watched for the duration (it writes `common.pt` by path; the tensor files are written by
+    forked workers whose errors name no file: then the newest file in `tmp` is the one that was being written).
+    """
+    import torch
+
+    writing: list[str] = []
+    save = torch.save
+
+    def watched_save(obj, f, *args, **kwargs):
+        name = f if isinstance(f, (str, os.PathLike)) else getattr(f, "name", None)
+        if isinstance(name, (str, os.PathLike)):
+            writing.append(os.fspath(name))
+        return save(obj, f, *args, **kwargs)
+
+    torch.save = watched_save
+    try:
+        yield
+    except ValueError:  # ConversionError, an unreadable input file (named by its reader): not a write failure
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's, megatron's and safetensors' writers have their own errors
+        path = getattr(e, "path", None) or _error_filename(e) or (writing[-1] if writing else None) \
+            or _newest_file(tmp)
+        what = f"writing {path}" if path else f"writing into {tmp}"
+        raise ConversionError(f"{what} failed: {write_failure_cause(e.__cause__ if isinstance(e, WriteFailed) else e)}"
+                              f"; nothing was left half-written (the temporary folder {tmp} was removed, "
+                              f"{out_dir} is as it was)") from e
+    finally:
+        torch.save = save
+
+
+def _error_filename(e: BaseException) -> str | None:
+    for x in (e, e.__cause__, e.__context__):
+        name = getattr(x, "filename", None)
+        if isinstance(name, (str, os.PathLike)):
+            return os.fspath(name)
+    return None
+
+
+def _newest_file(folder: str) -> str | None:
+    paths = [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs]
+    return max(paths, key=os.path.getmtime, default=None)
+
+
 def _dims_or_error(hf_config: dict, where: str) -> Qwen3Dims:
     try:
         return Qwen3Dims.from_hf_config(hf_config)
@@ -272,7 +396,8 @@ def convert_hf_to_megatron(hf_dir: str, out_dir: str, tp: int, pp: int, *, overw
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "vocab_size": dims.vocab, "padded_vocab_size": padded_vocab,
     }
-    with _atomic_output_dir(out_dir, overwrite, hf_dir) as tmp, _single_process_group():
+    with _atomic_output_dir(out_dir, overwrite, hf_dir) as tmp, _naming_write_failures(tmp, out_dir), \
+            _single_process_group():
         sharded: dict[str, object] = {}
         for name in megatron_param_names(dims):
             tensor = megatron_tensor_from_hf(name, source.get, dims, padded_vocab)
@@ -338,13 +463,13 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, overwrite: bool =
     Every stored tensor is checked against the recorded HF config before anything is written. Reads one layer
     at a time and holds at most one output shard file in memory; each HF tensor keeps the stored dtype.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
     check_output_dir(megatron_dir, out_dir)
     meta = read_conversion_metadata(megatron_dir)
     hf_config = meta["hf_config"]
-    dims = _dims_or_error(hf_config, f"{megatron_dir} conversion metadata")
-    stored = FileSystemReader(megatron_dir).read_metadata().state_dict_metadata
+    dims = _dims_or_error(hf_config, f"{os.path.join(megatron_dir, 'common.pt')}: conversion metadata")
+    metadata = _read_dcp_metadata(megatron_dir)
+    _check_data_files(megatron_dir, metadata)
+    stored = metadata.state_dict_metadata
     expected: dict[str, tuple[int, ...]] = {}
     for name in megatron_param_names(dims):
         key, layer = dist_checkpoint_key(name)
@@ -366,14 +491,10 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, overwrite: bool =
                 for name in megatron_param_names(dims) for hf_name in hf_names_for(name, dims)}
     plan = plan_shards(((n, TensorInfo(shape, hf_dtype[n])) for n, shape in hf_param_shapes(dims).items()),
                        max_shard_bytes)
-    with _atomic_output_dir(out_dir, overwrite, megatron_dir) as tmp:
+    with _atomic_output_dir(out_dir, overwrite, megatron_dir) as tmp, _naming_write_failures(tmp, out_dir):
         write_safetensors_shards(tmp, plan, iter_hf_tensors_from_megatron(
             _iter_megatron_tensors(megatron_dir, dims, stored), hf_config))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(os.path.join(tmp, "config.json"), hf_config)
         assets = os.path.join(megatron_dir, HF_ASSETS_DIR)
         if os.path.isdir(assets):
             _copy_assets(assets, tmp)

@@ -52,6 +52,52 @@ def read_hf_config(hf_dir: str) -> dict:
     return config
 
 
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """The `weight_map` ({tensor name: shard file name}) of a safetensors index; ValueError naming the path."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{index_path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        got = type(index).__name__ if not isinstance(index, dict) else f"weight_map={weight_map!r}"
+        raise ValueError(f"{index_path}: an empty safetensors index (expected a non-empty 'weight_map' of tensor "
+                         f"name -> shard file, got {got})")
+    bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v or os.path.isabs(v)
+           or os.path.normpath(v).startswith("..")]
+    if bad:
+        raise ValueError(f"{index_path}: weight_map entry {bad[0][0]!r} -> {bad[0][1]!r} is not a shard file name "
+                         "inside the folder")
+    return weight_map
+
+
+class WriteFailed(OSError):
+    """Writing one output file failed; `path` is the file, the message says why (a full disk said so)."""
+
+    def __init__(self, path: str, error: BaseException):
+        super().__init__(f"writing {path} failed: {write_failure_cause(error)}")
+        self.path = path
+
+
+def write_failure_cause(e: BaseException) -> str:
+    """Why a write failed, in words: a full output filesystem is recognised in the forms torch's and
+    safetensors' writers report it (ENOSPC/EDQUOT; torch's zip writer: "unexpected pos 704 vs 598" after a short
+    write; safetensors: "No space left on device (os error 28)")."""
+    import errno
+
+    text = f"{type(e).__name__}: {e}"
+    codes = {getattr(x, "errno", None) for x in (e, e.__cause__, e.__context__) if x is not None}
+    if codes & {errno.ENOSPC, errno.EDQUOT} or "No space left on device" in text or "os error 28" in text \
+            or "Disk quota exceeded" in text:
+        return f"the output filesystem is full ({text})"
+    if "unexpected pos" in text or "file write failed" in text:  # torch's zip writer after a short write
+        return f"the write failed, most likely because the output filesystem is full ({text})"
+    if codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
+        return f"the output is not writable ({text})"
+    return text
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -80,11 +126,7 @@ class HFTensorSource:
         self.description = f"HF folder {hf!r}"
         index_path = os.path.join(hf, SAFETENSORS_INDEX)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index_path} has no 'weight_map'")
-            self._file_of = {name: os.path.join(hf, fname) for name, fname in weight_map.items()}
+            self._file_of = {name: os.path.join(hf, fname) for name, fname in _read_weight_map(index_path).items()}
         elif os.path.isfile(os.path.join(hf, SINGLE_SAFETENSORS)):
             single = os.path.join(hf, SINGLE_SAFETENSORS)
             self._file_of = {name: single for name in self._read_header(single)}
@@ -105,16 +147,41 @@ class HFTensorSource:
 
     @staticmethod
     def _read_header(path: str) -> dict[str, TensorInfo]:
-        """Names, shapes and dtypes from a safetensors header (8-byte length + JSON), without reading data."""
+        """Names, shapes and dtypes from a safetensors header (8-byte length + JSON), without reading data.
+
+        The header is checked against the file: a truncated file (the header, or a tensor's bytes, running past
+        its end) or one that is not safetensors at all is a ValueError naming the path, before any tensor is read.
+        """
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
+            if size < 8:
+                raise ValueError(f"{path}: truncated or not a safetensors file ({size} bytes, less than the 8-byte "
+                                 "header length)")
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+            if n > size - 8:
+                raise ValueError(f"{path}: truncated or not a safetensors file (its header claims {n} bytes, the "
+                                 f"file has {size})")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
-        out = {}
+        out, data_bytes = {}, size - 8 - n
         for name, meta in header.items():
-            if meta["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-            out[name] = TensorInfo(tuple(meta["shape"]), _SAFETENSORS_DTYPES[meta["dtype"]])
+            try:
+                dtype, shape, (start, end) = meta["dtype"], tuple(int(x) for x in meta["shape"]), meta["data_offsets"]
+                start, end = int(start), int(end)
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{path}: not a safetensors file (header entry {name!r} is {meta!r})") from None
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+            if end > data_bytes:
+                raise ValueError(f"{path}: truncated (tensor {name!r} needs data bytes up to {end}, the file holds "
+                                 f"{data_bytes} after its header)")
+            out[name] = TensorInfo(shape, _SAFETENSORS_DTYPES[dtype])
         return out
 
     def names(self) -> list[str]:
@@ -133,10 +200,13 @@ class HFTensorSource:
         from safetensors import safe_open
 
         path = self._file_of[name]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            return handle.get_tensor(name)
+        except Exception as e:  # SafetensorError (its own class), OSError: name the file
+            raise ValueError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from e
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows/columns [start, stop) of one tensor along `dim` (0 or 1); from a folder only those bytes are read."""
@@ -145,11 +215,14 @@ class HFTensorSource:
         from safetensors import safe_open
 
         path = self._file_of[name]
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
-        sl = handle.get_slice(name)
-        return sl[start:stop] if dim == 0 else sl[:, start:stop]
+        try:
+            handle = self._handles.get(path)
+            if handle is None:
+                handle = self._handles[path] = safe_open(path, framework="pt", device="cpu")
+            sl = handle.get_slice(name)
+            return sl[start:stop] if dim == 0 else sl[:, start:stop]
+        except Exception as e:  # SafetensorError (its own class), OSError: name the file
+            raise ValueError(f"{path}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         self._handles.clear()
@@ -196,17 +269,31 @@ def write_safetensors_shards(
             chunk[name] = tensor.contiguous()
             total += tensor.numel() * tensor.element_size()
             weight_map[name] = fname
-        save_file(chunk, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        path = os.path.join(out_dir, fname)
+        try:
+            save_file(chunk, path, metadata={"format": "pt"})
+            fsync_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError is its own class; the caller removes out_dir
+            raise WriteFailed(path, e) from e
         del chunk
-        fsync_file(os.path.join(out_dir, fname))
     leftover = next(stream, None)
     if leftover is not None:
         raise ValueError(f"tensor stream has a tensor the plan does not: {leftover[0]!r}")
     if len(files) > 1:
-        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_json(os.path.join(out_dir, SAFETENSORS_INDEX), {"metadata": {"total_size": total},
+                                                               "weight_map": weight_map})
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as indented JSON and flush it to disk; WriteFailed naming `path` (and a full disk) on error."""
+    try:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+    except OSError as e:
+        raise WriteFailed(path, e) from e
 
 
 def fsync_file(path: str) -> None:

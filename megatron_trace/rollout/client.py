@@ -281,23 +281,41 @@ class RolloutClient:
         self._request("POST", "/weights/nccl/init", json=body, headers=self._auth(), retries=0,
                       timeout=self.cfg.weight_timeout_s)
 
-    def nccl_announce(self, version: int, tensors: list[list]) -> dict[str, Any]:
+    def nccl_announce(self, version: int, tensors: list[list]) -> str | None:
         """Announce an update ([[name, dtype, shape], ...] in send order) to `version`: the server validates it and
-        its own state and reserves its engine for it; every refusal happens here, before any byte is broadcast."""
-        return self._request("POST", "/weights/nccl", headers=self._auth(), timeout=self.cfg.weight_timeout_s,
-                             json={"version": int(version), "tensors": tensors, "validate_only": True})
+        its own state, reserves its engine and opens its one push slot for it; every refusal happens here, before
+        any byte is broadcast. Returns the push id the server issued (None from a server before push ids)."""
+        out = self._request("POST", "/weights/nccl", headers=self._auth(), timeout=self.cfg.weight_timeout_s,
+                            json={"version": int(version), "tensors": tensors, "validate_only": True})
+        return str(out["push_id"]) if isinstance(out, dict) and out.get("push_id") else None
 
-    def nccl_receive(self, version: int, tensors: list[list], *, commit: bool = True) -> dict[str, Any]:
-        """Receive the announced update from the broadcast (answers when it is loaded; commit=False: not served
-        until `nccl_commit`). Never retried: a second receive would wait for a broadcast that never comes."""
+    def nccl_receive(self, version: int, tensors: list[list], push_id: str | None, *,
+                     commit: bool = True) -> dict[str, Any]:
+        """Receive the announced push `push_id` from the broadcast (answers when it is loaded; commit=False: not
+        served, and the push kept open, until `nccl_commit`). Never retried: a second receive would wait for a
+        broadcast that never comes."""
+        body = {"version": int(version), "tensors": tensors, "commit": bool(commit)}
+        if push_id is not None:
+            body["push_id"] = push_id
         return self._request("POST", "/weights/nccl", headers=self._auth(), timeout=self.cfg.weight_timeout_s,
-                             retries=0, json={"version": int(version), "tensors": tensors, "commit": bool(commit)})
+                             retries=0, json=body)
 
-    def nccl_commit(self, version: int) -> int:
-        """Serve the update to `version` that `nccl_receive(commit=False)` loaded; returns the serving version."""
-        out = self._request("POST", "/weights/nccl/commit", json={"version": int(version)}, headers=self._auth(),
+    def nccl_commit(self, version: int, push_id: str | None) -> int:
+        """Serve the update to `version` that `nccl_receive(commit=False)` loaded (and close its push); returns the
+        serving version."""
+        body = {"version": int(version)}
+        if push_id is not None:
+            body["push_id"] = push_id
+        out = self._request("POST", "/weights/nccl/commit", json=body, headers=self._auth(),
                             timeout=self.cfg.weight_timeout_s)
         return int(out["weight_version"])
+
+    def nccl_abort(self, push_id: str) -> None:
+        """Close NCCL push `push_id` without serving it (best effort, errors logged: the update failed elsewhere)."""
+        try:
+            self._request("POST", "/weights/abort", headers={**self._auth(), PUSH_HEADER: push_id})
+        except Exception:  # noqa: BLE001 - the update's own error is the one that matters
+            logger.exception("aborting NCCL weight push %s", push_id)
 
     def nccl_close(self) -> None:
         """The server's workers leave the NCCL weight group."""

@@ -543,6 +543,18 @@ class VLLMEngine:
             logger.warning("%s cancels the announced NCCL update to version %d", why, self._nccl_pending[0])
             self._nccl_pending = None
 
+    def cancel_nccl_update(self, why: str) -> None:
+        """Drop the announced, unreceived NCCL update (its push was aborted): a later broadcast of it is refused."""
+        with self._lock:
+            self._cancel_nccl_pending(why)
+
+    def drain_nccl_update(self, metas: Sequence[tuple[str, str, Sequence[int]]]) -> None:
+        """Receive a broadcast of `metas` and drop it, leaving the weights and any announced update alone (the
+        server refused the transfer while its sender was already broadcasting: without receivers it would hang)."""
+        metas = _norm_metas(metas)
+        with self._lock:
+            self._llm.collective_rpc("drain_weights_nccl", args=(metas,))
+
     def update_weights_from_nccl(
         self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None, *, commit: bool = True
     ) -> int:

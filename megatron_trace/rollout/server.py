@@ -21,8 +21,11 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   the old weights serving. `POST /weights/abort` (bearer token) closes a push without applying it.
 - `POST /weights/nccl/init`, `POST /weights/nccl`, `/weights/nccl/commit`, `/weights/nccl/close` (bearer token;
   GPU only, untested here): the fast path, where trainer rank 0 broadcasts the announced tensors over an NCCL
-  group joined by the vLLM workers (nccl_weights.py); with `commit: false` the update is loaded and served only
-  after `/weights/nccl/commit` (the trainer commits every server once all received it).
+  group joined by the vLLM workers (nccl_weights.py). Under the same one-push slot as the HTTP push: the
+  announcement (validate_only) opens a push and answers its push_id, the transfer quotes it; an NCCL push while an
+  HTTP or shm update is in progress (or the reverse) gets 409. With `commit: false` the transfer loads the update
+  and keeps the push open; it is served only after `/weights/nccl/commit` (the trainer commits every server once
+  all of them received it).
 - `POST /weights/shm/begin`, `/weights/shm`, `/weights/shm/finish`, `/weights/shm/commit`, `/weights/shm/abort`
   (bearer token; JSON): the node-local update of colocated servers, each bucket read from a /dev/shm segment the
   trainer wrote (no copy over a socket); protocol and atomicity in shm_weights.py. Separate from the HTTP push
@@ -312,10 +315,14 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
 
     @app.post("/weights/nccl")
     async def nccl_update(request: Request):
-        """Receive an update broadcast over the NCCL weight group: body {version, tensors: [[name, dtype,
-        shape], ...]} in send order; answers when the update is applied. With validate_only=true, checks the
-        announcement and the engine's state and reserves the engine for it (the client does this first: every
-        refusal happens while nothing is broadcast, so a refused update never leaves the sender hanging)."""
+        """An update broadcast over the NCCL weight group, in two calls under the one-push slot (weight_staging.py).
+        Body {version, tensors: [[name, dtype, shape], ...]} in send order. First with validate_only=true: checks
+        the announcement and the engine's state, reserves the engine and opens the push (409 while another push,
+        HTTP, NCCL or shm, is in progress), answering its push_id; every refusal happens while nothing is
+        broadcast, so a refused update never leaves the sender hanging. Then without it, quoting push_id (in the
+        body or header X-Push-Id; a client from before push ids may leave it out): receives the broadcast and
+        answers when the update is applied; a transfer that is not the open push is received, dropped and
+        refused (409)."""
         authorize(request)
         body = await read_json(request)
         try:
@@ -323,42 +330,27 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
             version = int(body["version"])
         except (KeyError, TypeError, ValueError) as e:
             raise ApiError(400, f"expected version and tensors [[name, dtype, shape], ...]: {e}") from e
-        if body.get("validate_only"):  # accept (validate + reserve the engine) before any byte moves
-            try:
-                await run_in_threadpool(engine.prepare_nccl_update, metas, version)
-            except ValueError as e:
-                raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
-            except RuntimeError as e:  # asleep
-                raise ApiError(409, f"update to version {version} refused ({e})", "conflict") from e
-            return {"status": "valid", "weight_version": engine.weight_version}
+        if body.get("validate_only"):  # accept (validate + reserve the engine + open the push) before any byte moves
+            return await run_in_threadpool(staging.begin_nccl, metas, version)
+        push_id = body.get("push_id") or request.headers.get(PUSH_HEADER) or None
+        if push_id is not None and not isinstance(push_id, str):
+            push_id = str(push_id)
         commit = body.get("commit", True)
         if not isinstance(commit, bool):
             raise ApiError(400, f"commit: expected true or false, got {commit!r}")
-        try:
-            new = await run_in_threadpool(engine.update_weights_from_nccl, metas, version, commit=commit)
-        except ValueError as e:
-            raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
-        except RuntimeError as e:
-            raise ApiError(409, str(e), "conflict") from e
-        if not commit:  # loaded; served after POST /weights/nccl/commit (the trainer commits every server at once)
-            return {"status": "loaded", "loaded_version": new, "weight_version": engine.weight_version}
-        return {"status": "applied", "weight_version": new}
+        return await run_in_threadpool(staging.apply_nccl, push_id, metas, version, commit=commit)
 
     @app.post("/weights/nccl/commit")
     async def nccl_commit(request: Request):
-        """Serve the update an NCCL broadcast with commit=false loaded: body {version}."""
+        """Serve the update an NCCL transfer with commit=false loaded: body {version, push_id} (push_id optional:
+        the open NCCL push)."""
         authorize(request)
         body = await read_json(request)
         version = body.get("version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise ApiError(400, f"version: expected an integer, got {version!r}")
-        if engine.weight_version == version:  # a retried commit whose answer was lost
-            return {"status": "applied", "weight_version": version}
-        try:
-            new = await run_in_threadpool(engine.commit_loaded_weights, version)
-        except RuntimeError as e:
-            raise ApiError(409, str(e), "conflict") from e
-        return {"status": "applied", "weight_version": new}
+        push_id = body.get("push_id") or request.headers.get(PUSH_HEADER) or None
+        return await run_in_threadpool(staging.commit_nccl, None if push_id is None else str(push_id), version)
 
     @app.post("/weights/nccl/close")
     async def nccl_close(request: Request):

@@ -9,15 +9,18 @@ server). One broadcast reaches every server, whatever their number.
 
 One update (`announce`, then `push`), all-or-nothing across servers:
 1. announce to every server (HTTP): names, dtypes, shapes in send order (`weight_bridge.export_announcement`,
-   from the config alone) and the target version (the highest serving version + 1). Every refusal (a bad
-   announcement, an asleep engine) happens here, while nothing is broadcast; a refusal anywhere stops the update
-   before the bridge exports anything.
+   from the config alone) and the target version (the highest serving version + 1). Each server opens its one
+   push slot for it and answers the push id the later requests quote (rollout/weight_staging.py). Every refusal
+   (a bad announcement, an asleep engine, another update in progress) happens here, while nothing is broadcast;
+   a refusal anywhere stops the update before the bridge exports anything, and the pushes the other servers
+   opened are aborted.
 2. every server is asked to receive it without serving it (`commit: false`, one request each, in flight), and
    rank 0 streams the bridge's buckets into the broadcast (`NcclWeightSender.send`: one bucket alive at a time,
    then a status word; a failing export pads the stream so no receiver blocks).
 3. only if every server loaded it is every server committed (`/weights/nccl/commit`), so the run never serves two
    versions. A failure before the commit leaves every server on the previous version (a server whose weights
-   were touched refuses to generate until a complete update); the error names the server(s).
+   were touched refuses to generate until a complete update), aborts the open pushes so the next update can
+   start, and the error names the server(s).
 
 What NCCL cannot do: a server that dies after its announcement leaves the broadcast waiting for it (NCCL has no
 per-peer timeout); the trainer's run then ends at the process group's own timeout.
@@ -74,6 +77,7 @@ class NcclPusher:
         self.master_address, self.master_port, self.device = master_address, int(master_port), device
         self._make_sender = make_sender
         self.sender = None
+        self._push_ids: dict[int, str | None] = {}  # server index -> push id of the announced update
         # One thread per server: the receives (and the group join) block until the broadcast is over.
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="nccl-push")
 
@@ -128,12 +132,24 @@ class NcclPusher:
             raise WeightSyncError("reading the serving version failed on " + self._describe(errors))
         target = max(versions.values()) + 1
         wire = _wire(metas)
-        _, errors = self._collect(self._on_all(lambda i: self.clients[i].nccl_announce(target, wire)))
+        push_ids, errors = self._collect(self._on_all(lambda i: self.clients[i].nccl_announce(target, wire)))
+        self._push_ids = push_ids  # server index -> the push id its announcement opened (None: an older server)
         if errors:
+            self._abort("the update was refused by another server")
             raise WeightSyncError(f"weight update to version {target} refused at its announcement by "
                                   + self._describe(errors) + "; nothing was broadcast, every server keeps "
                                   f"serving version {max(versions.values())} or its own")
         return target
+
+    def _abort(self, why: str) -> None:
+        """Close the pushes the last announcement opened (each server's one-push slot), so the next update can
+        start; best effort (a server that failed may not answer). A server that loaded the update keeps refusing
+        to generate until a complete update: its weights are no longer the version it serves."""
+        push_ids, self._push_ids = self._push_ids, {}
+        for i, push_id in push_ids.items():
+            if push_id is not None:
+                logger.warning("aborting NCCL weight push %s on %s: %s", push_id, self.names[i], why)
+                self.clients[i].nccl_abort(push_id)
 
     def push(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], target: int, metas: Sequence[Any]) -> int:
         """Steps 2-3: broadcast `buckets` (consumed as a stream; drained to its end on failure, it is the bridge's
@@ -142,7 +158,8 @@ class NcclPusher:
         already succeeded, which the message lists)."""
         it = iter(buckets)
         wire = _wire(metas)
-        receives = self._on_all(lambda i: self.clients[i].nccl_receive(target, wire, commit=False))
+        push_ids = dict(self._push_ids)
+        receives = self._on_all(lambda i: self.clients[i].nccl_receive(target, wire, push_ids.get(i), commit=False))
         send_error: BaseException | None = None
         try:
             self.sender.send(it, list(metas))
@@ -157,14 +174,19 @@ class NcclPusher:
                 parts.append("receiving failed on " + self._describe(errors))
             if wrong:
                 parts.append("; ".join(f"{self.names[i]} answered {r}" for i, r in wrong.items()))
+            self._abort("the update failed")
             raise WeightSyncError(f"weight update to version {target} over NCCL: " + "; ".join(parts)
                                   + "; no server was committed: none serves the new version")
         from megatron_trace.sync.shm_push import commit_all
 
+        index = {id(c): i for i, c in enumerate(self.clients)}
         try:
-            commit_all(self.clients, target, self.names, commit=lambda c, v: c.nccl_commit(v))
+            commit_all(self.clients, target, self.names,
+                       commit=lambda c, v: c.nccl_commit(v, push_ids.get(index[id(c)])))
         except RolloutServerError as e:
+            self._abort("the commit failed on another server")
             raise WeightSyncError(f"weight update to version {target} over NCCL: {e}") from e
+        self._push_ids = {}
         return target
 
     # ---------------------------------------------------------------- teardown
