@@ -347,51 +347,114 @@ def test_the_server_maps_refusals_before_any_broadcast(app_client):
     assert "receive_weights_nccl" not in engine._llm.calls and "drain_weights_nccl" not in engine._llm.calls
 
 
-def _client(responses):
+def _pusher(responses):
+    """An NcclPusher over one RolloutClient whose requests are answered from `responses`, keyed by (path,
+    validate_only); the sender is set as if the group were formed."""
     from megatron_trace.rollout.client import RolloutClient
+    from megatron_trace.sync.nccl_push import NcclPusher
 
     with mock.patch.dict("os.environ", {"MEGATRON_TRACE_ROLLOUT_TOKEN": "t"}):
         client = RolloutClient(base_url="http://127.0.0.1:9")
-    calls = []
+    calls, bodies = [], []
 
     def request(method, path, **kw):
-        calls.append((path, (kw.get("json") or {}).get("validate_only", False)))
-        out = responses.get((path, (kw.get("json") or {}).get("validate_only", False)))
+        key = (path, (kw.get("json") or {}).get("validate_only", False))
+        calls.append(key)
+        bodies.append(kw.get("json"))
+        out = responses.get(key)
         if isinstance(out, Exception):
             raise out
         return out
 
     client._request = request
     client.version = lambda: 0
-    return client, calls
+    pusher = NcclPusher([client], workers_per_server=1, master_address="127.0.0.1", master_port=1)
+    pusher.bodies = bodies
+    return pusher, calls
 
 
-def test_the_client_broadcasts_nothing_when_the_announcement_is_refused():
+def test_the_pusher_broadcasts_nothing_when_the_announcement_is_refused():
     from megatron_trace.rollout.client import RolloutServerError
+    from megatron_trace.sync.nccl_push import WeightSyncError
 
-    client, calls = _client({("/weights/nccl", True): RolloutServerError("HTTP 409: asleep", 409)})
-    sender, drained = mock.Mock(), []
+    pusher, calls = _pusher({("/weights/nccl", True): RolloutServerError("HTTP 409: asleep", 409)})
+    pusher.sender = mock.Mock()
+    with pytest.raises(WeightSyncError, match="asleep.*nothing was broadcast"):
+        pusher.announce(_metas())
+    assert pusher.sender.send.call_count == 0 and calls == [("/weights/nccl", True)]
+
+
+def test_the_pusher_streams_after_the_announcement_was_accepted_then_commits():
+    pusher, calls = _pusher({("/weights/nccl", True): {"status": "valid", "push_id": "p-123"},
+                             ("/weights/nccl", False): {"status": "loaded", "loaded_version": 1},
+                             ("/weights/nccl/commit", False): {"status": "applied", "weight_version": 1}})
+    wire = Wire()
+    pusher.sender = SimpleNamespace(send=lambda it, metas: send_announced(it, metas, wire.send, "cpu"))
+    target = pusher.announce(_metas())
+    assert pusher.push(iter(_buckets()), target, _metas()) == 1
+    assert calls == [("/weights/nccl", True), ("/weights/nccl", False), ("/weights/nccl/commit", False)]
+    # the transfer and the commit quote the push id the announcement answered (the server's one-push slot)
+    assert "push_id" not in pusher.bodies[0]
+    assert pusher.bodies[1]["push_id"] == pusher.bodies[2]["push_id"] == "p-123"
+    assert pusher.bodies[1]["commit"] is False
+    assert wire.sent == len(SHAPES) + 1
+    assert int(wire.items[-1]) == 1  # the status word says complete
+
+
+def test_a_sender_failure_drains_the_export_and_commits_nothing():
+    from megatron_trace.sync.nccl_push import WeightSyncError
+
+    pusher, calls = _pusher({("/weights/nccl", False): RuntimeError("HTTP 409: the sender failed part-way")})
+    wire, drained = Wire(), []
 
     def gen():
         for b in _buckets():
             yield b
             drained.append(len(b))
+        raise OSError("the bridge's export failed")
 
-    with pytest.raises(RolloutServerError, match="asleep"):
-        client.update_weights_nccl(sender, gen(), _metas())
-    assert sender.send.call_count == 0 and calls == [("/weights/nccl", True)]
-    assert drained == [1, 2]  # the collective export generator was still run to its end
+    pusher.sender = SimpleNamespace(send=lambda it, metas: send_announced(it, metas, wire.send, "cpu"))
+    with pytest.raises(WeightSyncError, match="export failed.*http://127.0.0.1:9.*no server was committed"):
+        pusher.push(gen(), 1, _metas())
+    assert drained == [1, 2] and ("/weights/nccl/commit", False) not in calls
+    assert int(wire.items[-1]) == 0  # the receivers were told the stream is incomplete
 
 
-def test_the_client_streams_after_the_announcement_was_accepted():
-    client, calls = _client({("/weights/nccl", True): {"status": "valid"},
-                             ("/weights/nccl", False): {"status": "applied", "weight_version": 1}})
-    wire = Wire()
-    sender = SimpleNamespace(send=lambda it, metas: send_announced(it, metas, wire.send, "cpu"))
-    assert client.update_weights_nccl(sender, iter(_buckets()), _metas()) == 1
-    assert calls[0] == ("/weights/nccl", True) and ("/weights/nccl", False) in calls
-    assert wire.sent == len(SHAPES) + 1
-    assert int(wire.items[-1]) == 1  # the status word says complete
+def test_an_uncommitted_nccl_update_is_not_served_until_committed():
+    from megatron_trace.rollout.types import SamplingConfig
+
+    engine = recording_engine()
+    engine.prepare_nccl_update(_wire_metas(), 1)
+    assert engine.update_weights_from_nccl(_wire_metas(), 1, commit=False) == 1
+    assert engine.weight_version == 0
+    with pytest.raises(RuntimeError, match="loaded but not committed"):
+        engine.generate([], SamplingConfig())
+    assert engine.commit_loaded_weights(1) == 1 and engine.weight_version == 1
+    assert engine.generate([], SamplingConfig()) == []
+
+
+def test_the_server_routes_an_uncommitted_update_and_its_commit(app_client):
+    engine, http = app_client
+    auth = {"Authorization": "Bearer t"}
+    with mock.patch.object(engine._llm, "collective_rpc", return_value=[None]):
+        r = http.post("/weights/nccl", headers=auth, json={"version": 1, "tensors": _wire_metas(), "validate_only": True})
+        assert r.status_code == 200
+        push_id = r.json()["push_id"]
+        r = http.post("/weights/nccl", headers=auth, json={"version": 1, "tensors": _wire_metas(), "commit": False,
+                                                           "push_id": push_id})
+        assert r.status_code == 200 and r.json()["status"] == "loaded" and r.json()["loaded_version"] == 1
+        assert engine.weight_version == 0
+        # the loaded, uncommitted push keeps the one-push slot: no other update may start before its commit
+        r = http.post("/weights/nccl", headers=auth, json={"version": 2, "tensors": _wire_metas(), "validate_only": True})
+        assert r.status_code == 409 and push_id in r.json()["error"]["message"]
+        r = http.post("/weights/nccl/commit", headers=auth, json={"version": 2})
+        assert r.status_code == 409 and engine.weight_version == 0
+        for _ in range(2):  # the second is a retried commit whose answer was lost
+            r = http.post("/weights/nccl/commit", headers=auth, json={"version": 1})
+            assert r.status_code == 200 and r.json()["weight_version"] == 1
+        r = http.post("/weights/nccl/close", headers=auth)
+        assert r.status_code == 200
+        engine._llm.collective_rpc.assert_called_with("close_weight_update_group")
 
 
 # ------------------------------------------------------------------- the one-push slot (HTTP, NCCL, shm alike)
@@ -524,10 +587,10 @@ def test_a_transfer_in_progress_is_never_idle_and_never_replaced():
     entered, release = threading.Event(), threading.Event()
     receive = engine.update_weights_from_nccl
 
-    def slow_receive(metas, version):
+    def slow_receive(metas, version, commit=True):
         entered.set()
         assert release.wait(30)
-        return receive(metas, version)
+        return receive(metas, version, commit=commit)
 
     engine.update_weights_from_nccl = slow_receive
     result = {}
@@ -545,20 +608,3 @@ def test_a_transfer_in_progress_is_never_idle_and_never_replaced():
     t.join(30)
     assert result["weight_version"] == 1 and staging.active() is None
     assert staging.begin(2)["status"] == "open"
-
-
-def test_the_client_quotes_the_push_id_the_announcement_answered():
-    client, calls = _client({})
-    bodies = []
-
-    def request(method, path, **kw):
-        bodies.append(kw["json"])
-        if kw["json"].get("validate_only"):
-            return {"status": "valid", "push_id": "p-123", "weight_version": 0}
-        return {"status": "applied", "push_id": "p-123", "weight_version": 1}
-
-    client._request = request
-    wire = Wire()
-    sender = SimpleNamespace(send=lambda it, metas: send_announced(it, metas, wire.send, "cpu"))
-    assert client.update_weights_nccl(sender, iter(_buckets()), _metas()) == 1
-    assert "push_id" not in bodies[0] and bodies[1]["push_id"] == "p-123"

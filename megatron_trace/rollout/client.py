@@ -101,12 +101,15 @@ class RolloutClient:
 
     # ---------------------------------------------------------------- transport
     def _request(self, method: str, path: str, *, timeout: float | None = None, body: bytes | None = None,
-                 **kw) -> dict[str, Any]:
+                 retries: int | None = None, **kw) -> dict[str, Any]:
+        """retries: None = the client's; 0 for requests that must not run twice (joining a group, receiving a
+        broadcast: a second one would wait for peers that never come)."""
         import httpx
 
         delay = self.cfg.backoff_s
-        for attempt in range(self.cfg.retries + 1):
-            last = attempt == self.cfg.retries
+        retries = self.cfg.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            last = attempt == retries
             if body is not None:
                 # Streamed in slices: httpx's sync client sends one large `bytes` body ~10x slower than this.
                 kw["content"] = _slices(body)
@@ -117,7 +120,7 @@ class RolloutClient:
                 if last:
                     raise RolloutServerError(
                         f"{method} {self.cfg.base_url}{path}: {type(e).__name__} ({e}) after "
-                        f"{self.cfg.retries + 1} attempts"
+                        f"{retries + 1} attempts"
                     ) from e
                 logger.warning("%s %s: %s; retry %d in %.1fs", method, path, type(e).__name__, attempt + 1, delay)
             else:
@@ -269,60 +272,54 @@ class RolloutClient:
         return int(out["weight_version"])
 
     # ---------------------------------------------------------------- NCCL fast path (GPU; untested here)
-    def init_nccl_weights(self, master_address: str, master_port: int, world_size: int, device=0):
-        """Form the NCCL weight group with the server's vLLM workers; returns the `NcclWeightSender` (rank 0).
+    # One request each; `sync.nccl_push.NcclPusher` runs the protocol over every server of the run.
+    def nccl_init(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Have the server's vLLM workers join the NCCL weight group as ranks rank_offset.. (blocks until every
+        rank joined, the trainer's sender included: call it beside the sender's creation)."""
+        body = {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+                "world_size": int(world_size)}
+        self._request("POST", "/weights/nccl/init", json=body, headers=self._auth(), retries=0,
+                      timeout=self.cfg.weight_timeout_s)
 
-        world_size = 1 + the server engine's TP x PP (one rank per vLLM worker); master_address must be reachable
-        from the server.
-        """
-        from megatron_trace.rollout.nccl_weights import NcclWeightSender
+    def nccl_announce(self, version: int, tensors: list[list]) -> str | None:
+        """Announce an update ([[name, dtype, shape], ...] in send order) to `version`: the server validates it and
+        its own state, reserves its engine and opens its one push slot for it; every refusal happens here, before
+        any byte is broadcast. Returns the push id the server issued (None from a server before push ids)."""
+        out = self._request("POST", "/weights/nccl", headers=self._auth(), timeout=self.cfg.weight_timeout_s,
+                            json={"version": int(version), "tensors": tensors, "validate_only": True})
+        return str(out["push_id"]) if isinstance(out, dict) and out.get("push_id") else None
 
-        body = {"master_address": master_address, "master_port": master_port, "rank_offset": 1,
-                "world_size": world_size}
-        with ThreadPoolExecutor(max_workers=1) as pool:  # both sides block until everyone joined
-            joined = pool.submit(self._request, "POST", "/weights/nccl/init", json=body, headers=self._auth(),
-                                 timeout=self.cfg.weight_timeout_s)
-            sender = NcclWeightSender(master_address, master_port, world_size, device)
-            joined.result()
-        return sender
+    def nccl_receive(self, version: int, tensors: list[list], push_id: str | None, *,
+                     commit: bool = True) -> dict[str, Any]:
+        """Receive the announced push `push_id` from the broadcast (answers when it is loaded; commit=False: not
+        served, and the push kept open, until `nccl_commit`). Never retried: a second receive would wait for a
+        broadcast that never comes."""
+        body = {"version": int(version), "tensors": tensors, "commit": bool(commit)}
+        if push_id is not None:
+            body["push_id"] = push_id
+        return self._request("POST", "/weights/nccl", headers=self._auth(), timeout=self.cfg.weight_timeout_s,
+                             retries=0, json=body)
 
-    def update_weights_nccl(self, sender, buckets: Iterable[list[tuple[str, torch.Tensor]]], metas,
-                            version: int | None = None) -> int:
-        """Announce the update over HTTP, then broadcast the tensors over NCCL; returns the server's new version.
+    def nccl_commit(self, version: int, push_id: str | None) -> int:
+        """Serve the update to `version` that `nccl_receive(commit=False)` loaded (and close its push); returns the
+        serving version."""
+        body = {"version": int(version)}
+        if push_id is not None:
+            body["push_id"] = push_id
+        out = self._request("POST", "/weights/nccl/commit", json=body, headers=self._auth(),
+                            timeout=self.cfg.weight_timeout_s)
+        return int(out["weight_version"])
 
-        metas: the announcement, a `TensorMeta` per tensor in the order `buckets` will produce them (for the
-        weight bridge: `weight_bridge.export_announcement`), known without materialising any tensor. The server
-        validates it and reserves its engine before the first byte moves (every refusal happens then, with
-        nothing broadcast); `buckets` is then consumed as a stream, one bucket alive at a time. As with
-        `update_weights`, the iterable is always consumed to its end (the bridge's generator is collective).
-        """
-        it = iter(buckets)
+    def nccl_abort(self, push_id: str) -> None:
+        """Close NCCL push `push_id` without serving it (best effort, errors logged: the update failed elsewhere)."""
         try:
-            target = self.version() + 1 if version is None else int(version)
-            wire = [[m.name, m.dtype, list(m.shape)] for m in metas]
-            accepted = self._request("POST", "/weights/nccl", json={"version": target, "tensors": wire,
-                                                                     "validate_only": True}, headers=self._auth())
-        except Exception:
-            drain(it)
-            raise
-        # The announcement opened the server's one push slot; the transfer quotes its id (servers before push ids
-        # answered none and take the transfer without it).
-        transfer = {"version": target, "tensors": wire}
-        if isinstance(accepted, dict) and accepted.get("push_id"):
-            transfer["push_id"] = accepted["push_id"]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            applied = pool.submit(self._request, "POST", "/weights/nccl", json=transfer,
-                                  headers=self._auth(), timeout=self.cfg.weight_timeout_s)
-            try:
-                sender.send(it, metas)
-            except Exception:
-                drain(it)
-                try:  # the receivers got the abort status and refuse the update; the sender's error is the cause
-                    applied.result()
-                except Exception:  # noqa: BLE001
-                    logger.exception("the server's answer to the aborted NCCL update")
-                raise
-            return int(applied.result()["weight_version"])
+            self._request("POST", "/weights/abort", headers={**self._auth(), PUSH_HEADER: push_id})
+        except Exception:  # noqa: BLE001 - the update's own error is the one that matters
+            logger.exception("aborting NCCL weight push %s", push_id)
+
+    def nccl_close(self) -> None:
+        """The server's workers leave the NCCL weight group."""
+        self._request("POST", "/weights/nccl/close", headers=self._auth(), timeout=self.cfg.weight_timeout_s)
 
     # ---------------------------------------------------------------- node-local shared-memory path
     def shm_begin(self, version: int, tensors: list[list]) -> dict[str, Any]:

@@ -84,12 +84,16 @@ class RolloutConfig:
     # every step. "separate": the servers at server_url(s), run by the user elsewhere (weights pushed over HTTP).
     # "driver": num_servers servers beside global rank 0 (or server_url(s) when given), weights over HTTP.
     placement: Literal["driver", "colocated", "separate"] = "driver"
-    tensor_parallel_size: int = 1  # vLLM tensor parallelism of each colocated server (local GPUs per server)
+    # vLLM tensor parallelism of each generation server: the colocated ones (local GPUs per server), the ones
+    # started beside rank 0, and, under weight_sync nccl, the external ones (each joins the NCCL weight group
+    # with this many workers).
+    tensor_parallel_size: int = 1
     # Colocated: vLLM sleep level while the trainer runs (1: weights offloaded to host memory, KV cache freed;
     # 2: both freed, the next update overwrites the weights anyway; 0: never sleep). No-op on CPU.
     sleep_level: int = 2
     # Colocated: the address other nodes reach this node's servers at (None: 127.0.0.1 on one node, the host
-    # name on several; servers then listen on every interface, behind the bearer token).
+    # name on several; servers then listen on every interface, behind the bearer token). weight_sync nccl with
+    # external servers: the address they reach rank 0's NCCL rendezvous at (None: rank 0's host name).
     advertise_host: Optional[str] = None
     # Engine settings, as in EngineConfig (documented there; same defaults). kv_cache_memory_bytes None = the
     # platform's default (rollout/platform.py: CPU_KV_CACHE_BYTES on CPU; on GPU vLLM sizes the cache from
@@ -100,6 +104,18 @@ class RolloutConfig:
     max_model_len: int = EngineConfig.max_model_len
     enable_sleep_mode: bool = EngineConfig.enable_sleep_mode
     weight_bucket_mb: float = 64.0  # weight sync bucket size: the bridge's peak extra memory
+    # How the updated weights reach the servers after every step (docs/design.md, "Weight sync"):
+    # http: checksummed buckets over HTTP (portable; any placement but colocated).
+    # shm: node-local /dev/shm (CUDA IPC on GPU); placement colocated only.
+    # nccl: GPU only: rank 0 broadcasts the tensors over one NCCL group joined by every server's workers (world
+    #   size 1 + servers x tensor_parallel_size; set up once, torn down when the trainer closes); the update is
+    #   announced over HTTP first and committed on every server only after all of them received it. Needs the
+    #   servers on GPUs other than rank 0's (server_gpus), or external servers that reach rank 0 (advertise_host).
+    # auto: in-process engine: direct; colocated: shm; servers started beside rank 0 on GPUs of their own: nccl;
+    #   on CPU, without server_gpus, or with server_url(s): http.
+    # Checked when the config is loaded (nccl on a machine without CUDA is refused, naming the field);
+    # `weight_transport` is what auto resolved to.
+    weight_sync: Literal["auto", "http", "shm", "nccl"] = "auto"
     recompute_old_logprobs: bool = True  # trainer recomputes log p_old (else the sampler's log-probs are used)
     # Dynamic sampling (loss.dynamic_sampling) with refill: up to this many generate rounds per step, each on fresh
     # prompts, until prompts_per_step groups with signal are collected (DAPO); 1 = no refill (the batch shrinks).
@@ -165,6 +181,17 @@ class RolloutConfig:
             if self.num_servers != 1 or self.server_gpus:
                 raise ConfigError("num_servers/server_gpus: placement colocated derives its servers from each "
                                   "node's GPUs (one per tensor_parallel_size of them); leave them unset")
+        from megatron_trace.rollout.platform import resolve_weight_sync
+
+        # Not a dataclass field: derived, and re-derived on every load (the platform may differ).
+        self._weight_transport = resolve_weight_sync(
+            self.weight_sync, placement=self.placement, engine=self.engine, external=bool(self.external_urls),
+            server_gpus=self.server_gpus)
+
+    @property
+    def weight_transport(self) -> str:
+        """What `weight_sync` resolved to when the config was loaded: http, shm, nccl or inprocess."""
+        return self._weight_transport
 
     @property
     def external_urls(self) -> list[str]:

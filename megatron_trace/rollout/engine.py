@@ -237,6 +237,8 @@ class VLLMEngine:
         # The NCCL update announced and accepted by prepare_nccl_update, (version, metas), until its broadcast is
         # received; sleep() or another update cancels it (its broadcast is then drained and refused).
         self._nccl_pending: tuple[int, list] | None = None
+        # The version a streamed (shm) or uncommitted NCCL update loaded, until commit_loaded_weights serves it.
+        self._loaded_version: int | None = None
         # Watchdog state: monotonic time of the last engine step that returned (or of going busy), and whether a
         # generate is running. stalled_s() reads them without the lock.
         self._busy = False
@@ -426,8 +428,10 @@ class VLLMEngine:
                     "reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True}),
                 new_version, lambda: started)
 
-    def _reload(self, run, new_version: int, started) -> int:
-        """Run a reload (`run()`), then repack the tied head, reset the prefix cache and bump the version."""
+    def _reload(self, run, new_version: int, started, *, commit: bool = True) -> int:
+        """Run a reload (`run()`), then repack the tied head, reset the prefix cache and bump the version.
+        commit=False: the weights are loaded but not served (generate refuses) until
+        `commit_loaded_weights(new_version)`, as a streamed shm update is."""
         try:
             run()
             if self.tied:
@@ -435,11 +439,17 @@ class VLLMEngine:
         except Exception as e:
             if started():
                 self._inconsistent = f"{type(e).__name__}: {e}"
+                self._loaded_version = None
                 self._llm.collective_rpc(_finish_aborted_reload)
             raise
         self._llm.reset_prefix_cache()
+        if not commit:
+            self._inconsistent = f"version {new_version} is loaded but not committed"
+            self._loaded_version = new_version
+            return new_version
         self._inconsistent = None
         self._weights_discarded = False
+        self._loaded_version = None  # a loaded, uncommitted update is overwritten: it can no longer be committed
         self._version = new_version
         return new_version
 
@@ -506,7 +516,7 @@ class VLLMEngine:
         return self._refit_problem
 
     def commit_loaded_weights(self, version: int) -> int:
-        """Serve the version `load_weights_stream` loaded; returns it."""
+        """Serve the version `load_weights_stream` (or `update_weights_from_nccl(commit=False)`) loaded; returns it."""
         with self._lock:
             if getattr(self, "_loaded_version", None) != int(version):
                 raise RuntimeError(f"commit of version {version}, but the loaded version is "
@@ -572,13 +582,15 @@ class VLLMEngine:
             self._llm.collective_rpc("drain_weights_nccl", args=(metas,))
 
     def update_weights_from_nccl(
-        self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None
+        self, metas: Sequence[tuple[str, str, Sequence[int]]], version: int | None = None, *, commit: bool = True
     ) -> int:
         """Receive the update accepted by `prepare_nccl_update` (same version and announcement), broadcast by
         trainer rank 0, through the same reload path as update_weights; returns the new version.
 
         Cannot be refused once prepared. An update that was not prepared is received and dropped (the sender is
         already broadcasting: leaving it without receivers would hang it), then refused.
+        commit=False: loaded, not served, until `commit_loaded_weights(version)`: the trainer commits every server
+        only once all of them received the update (one version across the run, or none).
         """
         metas = _norm_metas(metas)
         with self._lock:
@@ -591,7 +603,13 @@ class VLLMEngine:
                                    f"{what}); its tensors were received and dropped: call prepare_nccl_update "
                                    "(POST /weights/nccl with validate_only) first")
             return self._reload(lambda: self._llm.collective_rpc("receive_weights_nccl", args=(metas,)),
-                                new_version, lambda: True)
+                                new_version, lambda: True, commit=commit)
+
+    def close_weight_group(self) -> None:
+        """Leave the trainer's NCCL weight group (the trainer closes; a later init_weight_group forms a new one)."""
+        with self._lock:
+            self._cancel_nccl_pending("closing the weight group")
+            self._llm.collective_rpc("close_weight_update_group")
 
     # ---------------------------------------------------------------- colocation
     def sleep(self, level: int = 1) -> None:

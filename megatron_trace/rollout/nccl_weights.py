@@ -2,7 +2,8 @@
 
 This is the pattern of vLLM's RLHF examples: a process group outside torch.distributed's global state
 (`StatelessProcessGroup` + `PyNcclCommunicator`) joins the trainer's sender (rank 0) and the vLLM workers
-(ranks 1..world_size-1, one per vLLM worker), so world_size = 1 + the engine's TP x PP.
+(ranks 1..world_size-1, one per vLLM worker), so world_size = 1 + the engine's TP x PP; with several servers in
+one group (the trainer's `sync.nccl_push`), 1 + the sum of their TP x PP, server i's workers from rank_offset on.
 
 Protocol of one update (nothing is broadcast until the engine accepted it):
 1. announce: every (name, dtype, shape) in send order plus the target version; the engine validates them
@@ -64,7 +65,7 @@ class WeightReceiverExtension:
 
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int):
         """Join the trainer's weight group as rank `rank_offset + worker rank` (blocks until all ranks joined);
-        world_size = 1 + the engine's TP x PP."""
+        world_size = 1 + the engine's TP x PP (1 + every server's, when several share the group)."""
         _require_cuda("init_weight_update_group")
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
@@ -91,7 +92,9 @@ class WeightReceiverExtension:
         torch.cuda.synchronize()
 
     def close_weight_update_group(self) -> None:
-        self._weight_group = None
+        """Leave the weight group (the trainer is closing): its communicator is destroyed, not left to the GC."""
+        group, self._weight_group = getattr(self, "_weight_group", None), None
+        _destroy(group)
 
 
 class WeightStreamAborted(RuntimeError):
@@ -158,9 +161,9 @@ def receive_announced(metas, broadcast: Callable[[torch.Tensor], None], device,
 class NcclWeightSender:
     """Trainer side (rank 0 of the weight group): broadcasts each announced tensor from this GPU.
 
-    world_size = 1 + the vLLM engine's TP x PP (one rank per vLLM worker). Create it at the same time as the
-    server runs `init_weight_update_group` (both block until everyone joined), e.g. through
-    `RolloutClient.init_nccl_weights`.
+    world_size = 1 + the vLLM engines' TP x PP (one rank per vLLM worker, over every server). Create it at the same time as the
+    server runs `init_weight_update_group` (both block until everyone joined): `sync.nccl_push.NcclPusher.init`
+    does both, for every server of the run.
     """
 
     def __init__(self, master_address: str, master_port: int, world_size: int, device: torch.device | int = 0):
@@ -185,6 +188,18 @@ class NcclWeightSender:
         """Broadcast the tensors of `buckets` (consumed as a stream) in the order `metas` announced them."""
         send_announced(buckets, metas, self._broadcast, self.device)
         torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Leave the group (the trainer's close())."""
+        group, self.group = self.group, None
+        _destroy(group)
+
+
+def _destroy(group) -> None:
+    """Destroy a PyNcclCommunicator (vLLM's `destroy`: an abort bounded in time), if it has one."""
+    destroy = getattr(group, "destroy", None)
+    if destroy is not None:
+        destroy()
 
 
 def send_announced(buckets: Iterable[list[tuple[str, torch.Tensor]]], metas: Sequence[TensorMeta],

@@ -19,10 +19,13 @@ Routes (JSON errors everywhere: `{"error": {"message", "type", "code"}}`):
   count. When exactly buckets 0..count-1 are staged, the whole update is validated and applied in one engine
   reload. All-or-nothing: a bad bucket, a gap, a count that does not match, or a commit that never comes leaves
   the old weights serving. `POST /weights/abort` (bearer token) closes a push without applying it.
-- `POST /weights/nccl/init`, `POST /weights/nccl` (bearer token; GPU only, untested here): the fast path, where
-  trainer rank 0 broadcasts the announced tensors over an NCCL group joined by the vLLM workers (nccl_weights.py).
-  Under the same one-push slot as the HTTP push: the announcement (validate_only) opens a push and answers its
-  push_id, the transfer quotes it; an NCCL push while an HTTP or shm update is in progress (or the reverse) gets 409.
+- `POST /weights/nccl/init`, `POST /weights/nccl`, `/weights/nccl/commit`, `/weights/nccl/close` (bearer token;
+  GPU only, untested here): the fast path, where trainer rank 0 broadcasts the announced tensors over an NCCL
+  group joined by the vLLM workers (nccl_weights.py). Under the same one-push slot as the HTTP push: the
+  announcement (validate_only) opens a push and answers its push_id, the transfer quotes it; an NCCL push while an
+  HTTP or shm update is in progress (or the reverse) gets 409. With `commit: false` the transfer loads the update
+  and keeps the push open; it is served only after `/weights/nccl/commit` (the trainer commits every server once
+  all of them received it).
 - `POST /weights/shm/begin`, `/weights/shm`, `/weights/shm/finish`, `/weights/shm/commit`, `/weights/shm/abort`
   (bearer token; JSON): the node-local update of colocated servers, each bucket read from a /dev/shm segment the
   trainer wrote (no copy over a socket); protocol and atomicity in shm_weights.py. Separate from the HTTP push
@@ -332,7 +335,29 @@ def build_app(engine, *, model_name: str, token: str | None, limits: ServerLimit
         push_id = body.get("push_id") or request.headers.get(PUSH_HEADER) or None
         if push_id is not None and not isinstance(push_id, str):
             push_id = str(push_id)
-        return await run_in_threadpool(staging.apply_nccl, push_id, metas, version)
+        commit = body.get("commit", True)
+        if not isinstance(commit, bool):
+            raise ApiError(400, f"commit: expected true or false, got {commit!r}")
+        return await run_in_threadpool(staging.apply_nccl, push_id, metas, version, commit=commit)
+
+    @app.post("/weights/nccl/commit")
+    async def nccl_commit(request: Request):
+        """Serve the update an NCCL transfer with commit=false loaded: body {version, push_id} (push_id optional:
+        the open NCCL push)."""
+        authorize(request)
+        body = await read_json(request)
+        version = body.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ApiError(400, f"version: expected an integer, got {version!r}")
+        push_id = body.get("push_id") or request.headers.get(PUSH_HEADER) or None
+        return await run_in_threadpool(staging.commit_nccl, None if push_id is None else str(push_id), version)
+
+    @app.post("/weights/nccl/close")
+    async def nccl_close(request: Request):
+        """Leave the trainer's NCCL weight group (the trainer is closing)."""
+        authorize(request)
+        await run_in_threadpool(engine.close_weight_group)
+        return {"status": "closed"}
 
     # ------------------------------------------------ node-local updates over /dev/shm (protocol: shm_weights.py)
     # Separate from the HTTP push's staging, but one update at a time across both (409 while the other is active).

@@ -51,6 +51,7 @@ class _Push:
     names: dict[str, int] = field(default_factory=dict)  # tensor name -> index of the bucket holding it
     kind: str = "http"  # "http": buckets over POST /weights; "nccl": announced, then broadcast over NCCL
     transferring: bool = False  # nccl: the broadcast is being received (never idle meanwhile)
+    loaded: bool = False  # nccl, commit=False transfer: loaded into the engine, waiting for its commit
 
     def describe(self) -> str:
         what = "an NCCL weight push" if self.kind == "nccl" else "an HTTP weight push"
@@ -216,9 +217,13 @@ class WeightStaging:
             return {"status": "valid", "push_id": self._push.push_id, "version": version,
                     "weight_version": self.engine.weight_version}
 
-    def apply_nccl(self, push_id: str | None, metas: list[tuple[str, str, list[int]]], version: int) -> dict[str, Any]:
+    def apply_nccl(self, push_id: str | None, metas: list[tuple[str, str, list[int]]], version: int, *,
+                   commit: bool = True) -> dict[str, Any]:
         """Receive the broadcast of NCCL push `push_id` into the engine; answers the new version. The push is
-        closed either way. push_id None (a client from before push ids) means the open NCCL push.
+        closed either way, except by a successful commit=False transfer: the update is then loaded, not served,
+        and its push stays open (no other update may start) until `commit_nccl` (the trainer commits every server
+        of the run once all of them loaded it) or an abort. push_id None (a client from before push ids) means the
+        open NCCL push.
 
         The sender is already broadcasting when this is called: a transfer that is not the open NCCL push is
         still received and dropped (`engine.drain_nccl_update`, leaving the open push's reservation alone), then
@@ -245,8 +250,13 @@ class WeightStaging:
             self.engine.drain_nccl_update(metas)
             raise ApiError(refused.status, f"{refused.message}; its broadcast was received and dropped, the old "
                                            "weights keep serving", refused.kind)
+        loaded = False
         try:  # outside the lock: the broadcast takes as long as the sender does, other requests get their 409
-            new = self.engine.update_weights_from_nccl(metas, version)
+            new = self.engine.update_weights_from_nccl(metas, version, commit=commit)
+            if not commit:
+                loaded = True
+                return {"status": "loaded", "push_id": push.push_id, "loaded_version": new,
+                        "weight_version": self.engine.weight_version}
             return {"status": "applied", "push_id": push.push_id, "weight_version": new}
         except ValueError as e:
             raise ApiError(422, f"update to version {version} rejected ({e})", "weight_update_error") from e
@@ -255,7 +265,34 @@ class WeightStaging:
         finally:
             with self._lock:
                 if self._push is push:
-                    self._push = None
+                    if loaded:  # open until its commit (or abort); idle from now on
+                        push.transferring, push.loaded = False, True
+                        push.last_activity = self._clock()
+                    else:
+                        self._push = None
+
+    def commit_nccl(self, push_id: str | None, version: int) -> dict[str, Any]:
+        """Serve the update NCCL push `push_id` loaded (a commit=False transfer) and close the push. push_id None:
+        the open NCCL push. A repeated commit of the version now serving answers "applied" (its answer was lost)."""
+        with self._lock:
+            push = self._push
+            if push_id is None and push is not None and push.kind == "nccl":
+                push_id = push.push_id
+            if self.engine.weight_version == version and (push is None or push.push_id != push_id):
+                return {"status": "applied", "push_id": push_id, "weight_version": version}
+            if push_id is None:
+                raise ApiError(409, f"commit of version {version} while no NCCL push is open", "conflict")
+            push = self._open(push_id, kind="nccl")
+            if not push.loaded or push.version != version:
+                state = f"loaded version {push.version}" if push.loaded else "its transfer has not loaded it"
+                raise ApiError(409, f"commit of version {version}, but push {push_id} has {state}", "conflict")
+            try:
+                new = self.engine.commit_loaded_weights(version)
+            except RuntimeError as e:
+                raise ApiError(409, str(e), "conflict") from e
+            finally:
+                self._push = None
+            return {"status": "applied", "push_id": push_id, "weight_version": new}
 
     def check_push_version(self, push_id: str, version: int) -> None:
         """409 unless `push_id` is the open push and targets `version` (a request's optional version header)."""

@@ -158,14 +158,17 @@ class ShmPusher:
         self.writer.close()
 
 
-def commit_all(clients: Sequence[RolloutClient], version: int, names: Sequence[str] | None = None) -> int:
+def commit_all(clients: Sequence[RolloutClient], version: int, names: Sequence[str] | None = None,
+               commit=None) -> int:
     """The driver's last step of a node-local update: every server of the run (all nodes) serves `version`.
 
     Called only after every node's `ShmPusher.load` succeeded, so each server holds `version` loaded; a failure
-    here names the server (`names[i]`, default its URL) and lists the ones that did commit."""
+    here names the server (`names[i]`, default its URL) and lists the ones that did commit. commit(client,
+    version) -> serving version: default `shm_commit` (the NCCL update passes its own, `sync/nccl_push.py`)."""
     names = list(names) if names is not None else [c.cfg.base_url for c in clients]
+    commit = commit or (lambda c, v: c.shm_commit(v))
     with ThreadPoolExecutor(max_workers=max(1, len(clients))) as pool:
-        futures = [pool.submit(c.shm_commit, version) for c in clients]
+        futures = [pool.submit(commit, c, version) for c in clients]
         failed, done = [], []
         for name, fut in zip(names, futures):
             try:

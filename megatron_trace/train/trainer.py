@@ -55,6 +55,7 @@ class Trainer:
         self._closers: list = []
         self.engine = None
         self.colocated = None  # rollout.placement colocated: this rank's part of the per-node servers
+        self.nccl = None  # rollout.weight_sync nccl, driver: rank 0's end of the NCCL weight group (NcclPusher)
         self.experience = None
         self.logger = None
         self.layout = self._build_distributed()
@@ -235,6 +236,7 @@ class Trainer:
         else:
             engine = start_engine(cfg, self._export_rollout_model)
             self._closes(engine.close)
+            self._build_weight_sync(engine)
         engine.on_progress = self.progress.counter("rollout")
 
         from megatron_trace.annotate.config import build_annotator
@@ -249,6 +251,27 @@ class Trainer:
         if annotator is not None:
             annotator.on_progress = self.progress.counter("annotate")
         return engine, experience
+
+    def _build_weight_sync(self, engine) -> None:
+        """Driver, `rollout.weight_transport` nccl: form the NCCL weight group with every server of `engine`, once
+        per run (left again in close(), before the engine stops). Other transports need no set-up."""
+        if self.cfg.rollout.weight_transport != "nccl":
+            return
+        import socket
+
+        from megatron_trace.distributed.setup import free_ports
+        from megatron_trace.sync.nccl_push import NcclPusher, clients_of
+
+        r = self.cfg.rollout
+        clients, names = clients_of(engine)
+        # Servers beside rank 0 reach it on loopback; external ones at the address this host is known by.
+        address = (r.advertise_host or socket.getfqdn()) if r.external_urls else "127.0.0.1"
+        # Rank 0 broadcasts from the device its collectives use (its CUDA device under NCCL).
+        self.nccl = NcclPusher(clients, names=names, workers_per_server=r.tensor_parallel_size,
+                               master_address=address, master_port=free_ports(1)[0],
+                               device=collectives.comm_device() or torch.device("cpu"))
+        self._closes(self.nccl.close)
+        self.nccl.init()
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -618,7 +641,9 @@ class Trainer:
 
     def sync_weights(self) -> None:
         """Push the updated policy into the generation engine (collective; the driver talks to the engine;
-        colocated: every node refreshes its own servers, the driver commits them all)."""
+        colocated: every node refreshes its own servers, the driver commits them all). The transport is
+        `rollout.weight_transport` (what `rollout.weight_sync` resolved to): shm (colocated), nccl, http or
+        in process."""
         from megatron_trace.sync.weight_bridge import export_hf_buckets
 
         bucket_bytes = int(self.cfg.rollout.weight_bucket_mb * 2**20)
@@ -630,13 +655,47 @@ class Trainer:
                 lambda dsts: export_hf_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes, dsts=dsts),
                 announce_model(self.hf_config, params_dtype_of(self.model[0])))
             return
-        buckets = export_hf_buckets(self.model[0], self.hf_config,
-                                    bucket_bytes=int(self.cfg.rollout.weight_bucket_mb * 2**20), dst=0)
+        if self.cfg.rollout.weight_transport == "nccl":
+            self._sync_weights_nccl(bucket_bytes)
+            return
+        buckets = export_hf_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes, dst=0)
         if self.is_driver:
             self.engine.update_weights(buckets)
         else:
             for _ in buckets:
                 pass
+
+    def _sync_weights_nccl(self, bucket_bytes: int) -> None:
+        """sync_weights over the NCCL weight group (sync/nccl_push.py), collective: the driver announces the update
+        to every server before anything is exported, every rank takes part in the export while the driver
+        broadcasts it, and every server is committed only if all of them received it. A failure is raised on every
+        rank with the driver's message (naming the server); the servers keep their previous version."""
+        from megatron_trace.rollout.client import drain
+        from megatron_trace.sync.nccl_push import WeightSyncError
+        from megatron_trace.sync.weight_bridge import export_announcement, export_hf_buckets, params_dtype_of
+
+        metas = export_announcement(self.hf_config, params_dtype_of(self.model[0]))
+        error, target = None, None
+        if self.is_driver:
+            try:
+                if self.nccl is None:
+                    raise RuntimeError("the NCCL weight group was never formed (Trainer._build_weight_sync)")
+                target = self.nccl.announce(metas)
+            except Exception as e:  # noqa: BLE001 - every rank raises it below, before exporting anything
+                error = f"{type(e).__name__}: {e}"
+        error = self._broadcast(error)
+        if error is None:
+            buckets = export_hf_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes, dst=0)
+            if self.is_driver:
+                try:
+                    self.nccl.push(buckets, target, metas)  # drains the export on failure
+                except Exception as e:  # noqa: BLE001
+                    error = f"{type(e).__name__}: {e}"
+            else:
+                drain(iter(buckets))
+            error = self._broadcast(error)
+        if error is not None:
+            raise WeightSyncError(f"step {self.step}: weight sync (rollout.weight_sync nccl) failed: {error}")
 
     # ------------------------------------------------------------------------------------------------ SFT
 
@@ -700,4 +759,4 @@ class Trainer:
         process groups last); idempotent."""
         while self._closers:
             self._closers.pop()()
-        self.engine = self.experience = self.logger = self.colocated = None
+        self.engine = self.experience = self.logger = self.colocated = self.nccl = None
