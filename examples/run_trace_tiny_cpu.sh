@@ -4,10 +4,10 @@
 #      privileged-prompt formats), so that sampling finds some correct answers;
 #   2. TRACE from that checkpoint: rollouts on real vLLM (CPU build) in a colocated generation server (one per
 #      node, started by its local rank 0, asleep while training, refreshed through /dev/shm after each step),
-#      rewards by math-verify, key spans by the rule-based reference-match annotator, forward KL to the
-#      privileged teacher on key spans (annealed away after the warm-up), GRPO everywhere else; TP=2 over two
-#      gloo processes;
-#   3. the reward curve.
+#      rewards by math-verify, error spans by the rule-based reference-match annotator, reverse KL to the
+#      privileged teacher on the error spans of incorrect responses (annealed away after the warm-up; the best
+#      TRACE arm of the tiny grid, docs/results_tiny_cpu.md), GRPO everywhere else; TP=2 over two gloo processes;
+#   3. the reward curve, then this run beside the shipped GRPO curve of the results page (mean of its 3 seeds).
 #
 #   OUTPUT_DIR=runs/tiny_cpu bash examples/run_trace_tiny_cpu.sh   # metrics in $OUTPUT_DIR/metrics.jsonl
 # Extra dotted overrides go to the TRACE run: bash examples/run_trace_tiny_cpu.sh train.steps=10
@@ -35,4 +35,5 @@ run --config examples/configs/tiny_cpu.yaml "parallel.tp=$NPROC" "logging.output
     "model.load=$OUTPUT_DIR/sft/checkpoints" rollout.placement=colocated "$@"
 
 echo "== 3/3 reward over the TRACE run"
-"$PY" tools/show_metrics.py "$OUTPUT_DIR/metrics.jsonl" --key reward_mean
+"$PY" tools/show_metrics.py "$OUTPUT_DIR/metrics.jsonl" --key reward_mean --extra lambda kl_rkl entropy response_len \
+    --reference docs/results_tiny_cpu/grpo_reward_mean.json
