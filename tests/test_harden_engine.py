@@ -136,7 +136,8 @@ def test_non_finite_weights_are_refused_and_the_old_weights_keep_serving(engine,
 def test_a_busy_server_dies_with_its_trainer_killed_by_sigkill(model_dir, tmp_path):
     """The trainer's launcher (ManagedServer with its defaults) in a parent process; SIGKILL the parent while the
     server generates a long request: the server is gone within the bounded shutdown (before: it ran on, reparented
-    to init, and a busy one ignored SIGTERM)."""
+    to init, and a busy one ignored SIGTERM). The parent also holds the checkpoint writer's results queue, as a
+    trainer does after its first save: no child of the killed parent survives, the queue's manager included."""
     info = tmp_path / "info"
     parent = textwrap.dedent(f"""
         import sys, time
@@ -144,6 +145,8 @@ def test_a_busy_server_dies_with_its_trainer_killed_by_sigkill(model_dir, tmp_pa
         from megatron_trace.rollout.launch import ManagedServer
         s = ManagedServer({model_dir!r}, log_path={str(tmp_path / 'server.log')!r}, max_model_len=256,
                           token="k", extra_env={{"OMP_NUM_THREADS": "1"}}, start_timeout_s=240)
+        from megatron_trace.train.checkpointing import _install_write_results_queue
+        _install_write_results_queue()
         open({str(info)!r}, "w").write(f"{{s.url}} {{s.proc.pid}}")
         time.sleep(3600)
     """)
@@ -160,18 +163,38 @@ def test_a_busy_server_dies_with_its_trainer_killed_by_sigkill(model_dir, tmp_pa
             url + "/v1/completions", json={"prompt": [[1, 2, 3]] * 16, "n": 2, "max_tokens": 240}, timeout=120)))
         busy.start()
         time.sleep(3)
+        children = _children(proc.pid)
+        assert server_pid in children and len(children) >= 2, children  # the server and the results manager
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         t0 = time.monotonic()
-        while _alive(server_pid) and time.monotonic() - t0 < 60:
+        while any(_alive(c) for c in children) and time.monotonic() - t0 < 60:
             time.sleep(0.5)
         assert not _alive(server_pid), "the server outlived its killed parent"
+        assert not [c for c in children if _alive(c)], "a child outlived its killed parent"
         busy.join(30)
     finally:
         if proc.poll() is None:
             proc.kill()
         if server_pid is not None and _alive(server_pid):
             os.kill(server_pid, signal.SIGKILL)
+        for c in locals().get("children", []):
+            if _alive(c):
+                os.kill(c, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (from /proc/*/stat)."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(p))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
 
 
 def _quietly(fn):

@@ -96,6 +96,44 @@ def _sharded_state(model_chunks: list, optimizer, teacher_chunks: list | None, *
     return state
 
 
+_results_manager = None  # the manager behind megatron's write-results queue; kept so it lives as long as we do
+
+
+def _manager_dies_with(parent_pid: int) -> None:
+    """Initializer of the results manager's server process: SIGKILL it when its parent dies (it holds nothing
+    worth flushing), and leave at once if the parent already died before the signal was armed."""
+    import signal
+
+    from megatron_trace.parent_death import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _install_write_results_queue() -> None:
+    """Give megatron's async filesystem writer a results queue whose manager process dies with this one.
+
+    megatron's `filesystem_async._get_write_results_queue` otherwise creates, on the first save, a module-global
+    queue from `mp.get_context("spawn").Manager()`: a server process nobody stops, which survives a `kill -9` of
+    the trainer, reparented to init. We start the manager ourselves, with a parent-death signal, and set that
+    global first. Forked, not spawned: a spawned child re-imports the parent's `__main__` (pytest's under the
+    tests, where it fails), and megatron already forks its writer workers from this same process on every save;
+    the manager's server runs only multiprocessing's own code, with no torch state. Called from the saving
+    (main) thread, which lives as long as the trainer: PR_SET_PDEATHSIG fires when the forking *thread* exits."""
+    global _results_manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _results_manager is not None or filesystem_async._results_queue is not None:
+        return
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=torch.multiprocessing.get_context("fork"))
+    manager.start(initializer=_manager_dies_with, initargs=(os.getpid(),))
+    _results_manager = manager
+    filesystem_async._results_queue = manager.Queue()
+
+
 def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, trainer_state: dict, *,
                     teacher_chunks: list | None = None, save_optimizer: bool = True, keep_last: int = 2,
                     hf_config: dict | None = None) -> str:
@@ -115,6 +153,7 @@ def save_checkpoint(ckpt_root: str, step: int, model_chunks: list, optimizer, tr
                 shutil.rmtree(os.path.join(ckpt_root, entry), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
+    _install_write_results_queue()
     state = _sharded_state(model_chunks, optimizer, teacher_chunks, with_optimizer=save_optimizer, loading=False)
     dist_checkpointing.save(state, tmp, content_metadata=_conversion_metadata(model_chunks, hf_config))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank():05d}.pt"))
