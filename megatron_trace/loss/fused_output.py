@@ -30,6 +30,7 @@ Vocabulary padding: columns with global id >= vocab_size (Megatron pads the voca
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -100,14 +101,7 @@ class _FusedOutputStats(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device)
         grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device)
 
-        def sink(g: torch.Tensor, rows_h: torch.Tensor, at) -> None:
-            g = g.to(h.dtype)  # the matmuls run in the input dtype, as the output layer's own backward does
-            gh = g @ w
-            if isinstance(at, slice):
-                grad_h[at] += gh
-            else:
-                grad_h.index_add_(0, at, gh.to(dtype))
-            grad_w.add_(g.t() @ rows_h)
+        sink = functools.partial(_add_block_grads, w=w, grad_h=grad_h, grad_w=grad_w)
 
         with torch.no_grad():
             if need_student:
@@ -126,6 +120,21 @@ class _FusedOutputStats(torch.autograd.Function):
         return (grad_h.to(h.dtype) if ctx.needs_input_grad[0] else None,
                 grad_w.to(w.dtype) if ctx.needs_input_grad[1] else None) + nones
 
+
+
+def _add_block_grads(g: torch.Tensor, rows_h: torch.Tensor, at, *, w: torch.Tensor, grad_h: torch.Tensor,
+                     grad_w: torch.Tensor) -> None:
+    """Add one block's output-layer gradients: grad_h[at] += g @ w, grad_w += g^T @ rows_h.
+
+    g: [n, V/tp] gradient of the block's logits; rows_h: [n, hidden] its hidden rows; at: a slice or [n] row ids.
+    The matmuls run in the hidden states' dtype, as the output layer's own backward does; accumulation in grad's."""
+    g = g.to(rows_h.dtype)
+    gh = g @ w
+    if isinstance(at, slice):
+        grad_h[at] += gh
+    else:
+        grad_h.index_add_(0, at, gh.to(grad_h.dtype))
+    grad_w.add_(g.t() @ rows_h)
 
 def _prepare(hidden, weight, target_ids, vocab_start, group, vocab_size, teacher_hidden, teacher_weight, kl_rows,
              kl_reverse, kl_clip, chunk_rows, check_values):
@@ -289,14 +298,7 @@ def loss_forward(src: HiddenLogits, target, kl_rows, kl_reverse, vocab_start, cl
     local_target = target - vocab_start
     block = torch.empty(min(chunk_rows + 1, rows), width, dtype=dtype, device=device) if need_grad else None
 
-    def sink(g: torch.Tensor, rows_h: torch.Tensor, at) -> None:
-        g = g.to(h.dtype)  # the matmuls run in the input dtype, as the output layer's own backward does
-        gh = g @ w
-        if isinstance(at, slice):
-            grad_h[at] += gh
-        else:
-            grad_h.index_add_(0, at, gh.to(dtype))
-        grad_w.add_(g.t() @ rows_h)
+    sink = functools.partial(_add_block_grads, w=w, grad_h=grad_h, grad_w=grad_w) if need_grad else None
 
     for s, e in chunks(rows, chunk_rows):
         z = src.student(s, e)
