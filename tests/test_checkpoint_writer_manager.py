@@ -11,18 +11,7 @@ import sys
 import textwrap
 import time
 
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(p))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+from proc_tree import children_of
 
 
 def _alive(pid: int) -> bool:
@@ -57,7 +46,7 @@ def test_the_results_manager_is_ours_and_dies_with_its_killed_parent(tmp_path):
         while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert ready.exists(), f"the parent exited with {proc.poll()} before its queue worked"
-        children = _children(proc.pid)
+        children = children_of(proc.pid)
         assert len(children) == 1, children  # exactly one manager process
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

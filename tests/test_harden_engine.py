@@ -33,6 +33,7 @@ from megatron_trace.rollout.types import SamplingConfig  # noqa: E402
 from megatron_trace.rollout.weight_buckets import (  # noqa: E402
     CHECKSUM_HEADER, COUNT_HEADER, INDEX_HEADER, PUSH_HEADER, VERSION_HEADER, encode_bucket,
 )
+from proc_tree import children_of  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0.0, max_tokens=6)
 PROMPT = [9707, 11, 1879, 0, 3555]
@@ -163,7 +164,7 @@ def test_a_busy_server_dies_with_its_trainer_killed_by_sigkill(model_dir, tmp_pa
             url + "/v1/completions", json={"prompt": [[1, 2, 3]] * 16, "n": 2, "max_tokens": 240}, timeout=120)))
         busy.start()
         time.sleep(3)
-        children = _children(proc.pid)
+        children = children_of(proc.pid)
         assert server_pid in children and len(children) >= 2, children  # the server and the results manager
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -181,20 +182,6 @@ def test_a_busy_server_dies_with_its_trainer_killed_by_sigkill(model_dir, tmp_pa
         for c in locals().get("children", []):
             if _alive(c):
                 os.kill(c, signal.SIGKILL)
-
-
-def _children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (from /proc/*/stat)."""
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(p))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
 
 
 def _quietly(fn):

@@ -210,18 +210,21 @@ class RecordingLLM:
 ON_GPU = mock.patch("torch.cuda.is_available", new=lambda: True)
 
 
-def recording_engine() -> VLLMEngine:
-    engine = VLLMEngine.__new__(VLLMEngine)
+def recording_engine(cls=VLLMEngine, llm=None, validator=None) -> VLLMEngine:
+    """A `cls` engine (VLLMEngine or a subclass) in its just-started state around a stand-in LLM: what
+    VLLMEngine.__init__ sets, without starting vLLM."""
+    engine = cls.__new__(cls)
     engine.cfg = SimpleNamespace(enable_sleep_mode=True, max_model_len=64)
     engine.tied = False
-    engine._validator = WeightValidator(SHAPES, tied=False)
-    engine._llm = RecordingLLM()
+    engine._validator = validator if validator is not None else WeightValidator(SHAPES, tied=False)
+    engine._llm = llm if llm is not None else RecordingLLM()
     engine._lock = threading.RLock()
     engine._version = 0
     engine._sleeping = False
     engine._inconsistent = None
     engine._weights_discarded = False
     engine._nccl_pending = None
+    engine._loaded_version = None
     engine.on_progress = None
     return engine
 

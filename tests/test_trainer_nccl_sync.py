@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
 from types import SimpleNamespace
 from unittest import mock
 
@@ -28,6 +27,7 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
+from test_nccl_weights import recording_engine
 from megatron_trace.config import ConfigError, load_config
 
 GPU = mock.patch("torch.cuda.is_available", return_value=True)
@@ -211,19 +211,7 @@ def _server(index: int, wire: Wire, log: list, shapes: dict):
             log.append((index, "close_weight_group"))
             return super().close_weight_group()
 
-    engine = Engine.__new__(Engine)
-    engine.cfg = SimpleNamespace(enable_sleep_mode=True, max_model_len=64)
-    engine.tied = False
-    engine._validator = WeightValidator(shapes, tied=False, dtype=torch.float32)
-    engine._llm = LLM()
-    engine._lock = threading.RLock()
-    engine._version = 0
-    engine._sleeping = False
-    engine._inconsistent = None
-    engine._weights_discarded = False
-    engine._nccl_pending = None
-    engine._loaded_version = None
-    engine.on_progress = None
+    engine = recording_engine(Engine, LLM(), WeightValidator(shapes, tied=False, dtype=torch.float32))
     return engine, worker
 
 

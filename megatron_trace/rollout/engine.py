@@ -518,9 +518,9 @@ class VLLMEngine:
     def commit_loaded_weights(self, version: int) -> int:
         """Serve the version `load_weights_stream` (or `update_weights_from_nccl(commit=False)`) loaded; returns it."""
         with self._lock:
-            if getattr(self, "_loaded_version", None) != int(version):
+            if self._loaded_version != int(version):
                 raise RuntimeError(f"commit of version {version}, but the loaded version is "
-                                   f"{getattr(self, '_loaded_version', None)}")
+                                   f"{self._loaded_version}")
             self._version = int(version)
             self._loaded_version = None
             self._inconsistent = None
