@@ -11,13 +11,14 @@ privileged prompts 64 tokens longer.
   attention on CPU, THD + TE attention on GPU).
 Both layouts run with the recipes' memory settings (examples/configs/qwen3_8b.yaml): teacher logits for one
 micro-batch at a time (teacher.microbatches_per_pass 1), and the packed budget sized as the recipes size theirs
-(see RECIPE_BUDGET).
+(see RECIPE_BUDGET); and with the loss kernels the recipes run (`loss.kernels` auto compiles them on GPU; here
+`--kernels compiled` by default, `eager` for the CPU default of small vocabularies).
 tokens/s = response tokens of the batch / update time (median of --repeats after one warm-up). Peak memory, rank 0
-(its TP shard of the model), each layout in fresh processes: on GPU torch.cuda.max_memory_allocated minus the
-memory allocated before the first update; on CPU likewise the process's resident-set high-water mark (VmHWM,
-reset through /proc/self/clear_refs just before the first update) minus its resident set at that moment. Both
-include what the updates allocate once (the optimizer's Adam moments, created by the first step): the same in both
-layouts.
+(its TP shard of the model), each layout in fresh processes, over the timed updates: on GPU
+torch.cuda.max_memory_allocated minus the memory allocated after the warm-up; on CPU likewise the process's
+resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after the warm-up and a malloc_trim)
+minus its resident set at that moment. What the first update allocates once and keeps (the optimizer's Adam
+moments, the compiled kernels' code: the same in both layouts) is not an update's working memory and is left out.
 What the peak is made of (measured per phase, rank 0): at Qwen3's vocabulary everything of size
 [rows, vocab/tp] (fp32, 297 KiB a row at TP=2) dominates; the peak is in the routed loss's forward: the output
 layer's logits of the whole micro-batch row(s), the padding-masked copy of its response rows, the teacher's span
@@ -95,7 +96,17 @@ def _reset_peak_rss() -> None:
                            "update alone cannot be measured here") from e
 
 
-def _bench(rank, world_size, tp, repeats, micro_batch_size, budget, teacher_per_pass):
+def _trim_heap() -> None:
+    """Hand glibc's free heap memory back to the OS (malloc_trim), so the resident set counts live memory only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the resident set may then include freed memory, lowering the measured growth
+        pass
+
+
+def _bench(rank, world_size, tp, repeats, micro_batch_size, budget, teacher_per_pass, kernels="compiled"):
     import torch
 
     from megatron_trace.config import load_config
@@ -105,19 +116,23 @@ def _bench(rank, world_size, tp, repeats, micro_batch_size, budget, teacher_per_
         f"parallel.tp={tp}", "checkpoint.resume=none", "model.hf_config=tiny", "model.tokenizer=null",
         f"optim.micro_batch_size={micro_batch_size}", f"optim.max_tokens_per_microbatch={budget}",
         f"rollout.max_response_tokens={MAX_LEN}", f"rollout.max_model_len={2 * MAX_LEN}",
-        f"teacher.microbatches_per_pass={teacher_per_pass}", "logging.output_dir=/tmp/bench_packing",
+        f"teacher.microbatches_per_pass={teacher_per_pass}", f"loss.kernels={kernels}",
+        "logging.output_dir=/tmp/bench_packing",
         "logging.tensorboard=false"])
     trainer = Trainer(cfg, start_rollout=False)
     samples = _samples()
     on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _proc_status_bytes("VmRSS")
-        _reset_peak_rss()
-    times, metrics = [], {}
+    times, metrics, base = [], {}, 0
     for i in range(repeats + 1):  # the first is the warm-up
+        if i == 1:  # the peak covers the timed updates
+            if on_gpu:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _trim_heap()
+                base = _proc_status_bytes("VmRSS")
+                _reset_peak_rss()
         if on_gpu:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -142,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=RECIPE_BUDGET,
                    help="packed layout: tokens per micro-batch (default: the recipes' rule, 1.5x the maximum "
                         f"response = {RECIPE_BUDGET}; at least the longest teacher sequence, {LONGEST_TEACHER})")
+    p.add_argument("--kernels", choices=["compiled", "eager"], default="compiled",
+                   help="loss.kernels of both layouts (default: compiled, what the recipes run on GPU)")
     p.add_argument("--teacher-microbatches-per-pass", type=int, default=TEACHER_MICROBATCHES_PER_PASS,
                    help="teacher.microbatches_per_pass of both layouts (the recipes' 1: one micro-batch's teacher "
                         "logits held at a time)")
@@ -161,13 +178,14 @@ def main(argv=None) -> int:
     res = {}
     for name, mbs, budget in (("padded", args.micro_batch_size, 0), ("packed", args.micro_batch_size, args.budget)):
         res[name] = run_distributed(_bench, args.tp, args.tp, args.repeats, mbs, budget,
-                                    args.teacher_microbatches_per_pass, init_gloo=False, timeout=3600)[0]
+                                    args.teacher_microbatches_per_pass, args.kernels, init_gloo=False,
+                                    timeout=3600)[0]
     print(f"\nTRACE update of the tiny Qwen3 at TP={args.tp}: {len(lengths)} responses of {min(lengths)}-{max(lengths)} "
           f"tokens (mean {tokens / len(lengths):.0f} = {tokens / len(lengths) / max(lengths):.0%} of the max), "
           f"{PROMPT}-token prompts, teacher on; median of {args.repeats}")
     print(f"padded: micro_batch_size={args.micro_batch_size}; packed: max_tokens_per_microbatch={args.budget}; "
-          f"both: teacher.microbatches_per_pass={args.teacher_microbatches_per_pass}; peak = rank 0's growth over "
-          f"its memory before the first update\n")
+          f"both: teacher.microbatches_per_pass={args.teacher_microbatches_per_pass}, loss.kernels={args.kernels}; "
+          f"peak = rank 0's growth over its memory after the warm-up update\n")
     print("| layout | micro-batches | padding_frac | update s | tokens/s | peak memory MiB | tokens/s vs padded "
           "| memory vs padded |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -106,16 +106,21 @@ def test_packed_rows_address_the_tokens_they_score():
     from megatron_trace.train.batching import make_step_batches
 
     samples = _samples()
-    for dp in (1, 2):
-        seen = 0
+    for dp, fixed in ((1, True), (2, True), (1, False), (2, False)):
+        seen, processed, longest = 0, 0, 0
         for r in range(dp):
             b = make_step_batches(samples, dp_size=dp, dp_rank=r, micro_batch_size=2, max_tokens_per_microbatch=BUDGET,
-                                  with_teacher=True)
+                                  with_teacher=True, fixed_row_length=fixed)
             assert b.micro_batch_size == 1 and b.seq_length <= BUDGET and b.teacher_seq_length <= BUDGET
             assert b.stats["microbatches"] == len(b.microbatches) >= 2
             for mb in b.microbatches:
                 tokens, pos, cu = mb["tokens"][0], mb["position_ids"][0], mb["cu_seqlens"]
-                assert tokens.shape == (b.seq_length,) and int(cu[0]) == 0 and int(cu[-1]) == b.seq_length
+                # a pipeline's rows all have the step's length; a single stage's end at their own tokens (the
+                # end of the last of its n sequences) rounded up to a multiple of 8
+                used = int(cu[mb["response_lengths"].numel()])
+                row = b.seq_length if fixed else max(8, -(-used // 8) * 8)
+                assert tokens.shape == (row,) and int(cu[0]) == 0 and int(cu[-1]) == row
+                processed, longest = processed + row, max(longest, row)
                 for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
                     assert pos[a:e].tolist() == list(range(e - a))  # positions restart in every sequence
                 # the logit at row r predicts token r + 1: the target
@@ -126,6 +131,9 @@ def test_packed_rows_address_the_tokens_they_score():
                 assert int(mb["response_lengths"].sum()) == mb["rows"].numel()
                 seen += mb["rows"].numel()
         assert seen == sum(len(s.response_ids) for s in samples)
+        real = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples if s.response_ids)
+        assert b.stats["padding_frac"] == pytest.approx(1 - real / processed)  # over the rows actually computed
+        assert b.seq_length == longest  # what a pipeline schedule is told
     padded = make_step_batches(samples, dp_size=1, dp_rank=0, micro_batch_size=2, with_teacher=True)
     assert b.stats["padding_frac"] < padded.stats["padding_frac"]
     real = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
@@ -344,15 +352,19 @@ def _trainer_updates(rank, world_size, hf_dir, runs):
     from test_trainer_step import KL_CLIP, KL_WEIGHT, W0, _samples as trainer_samples
 
     out = {}
-    for tp, pp, budget, n_samples in runs:
-        cfg = load_config(None, [f"model.hf_config={hf_dir}", f"model.load={hf_dir}", f"parallel.tp={tp}",
+    for tp, pp, budget, n_samples, *variant in runs:
+        fused = "fused" in variant
+        kernels = "compiled" if "compiled" in variant else "auto"
+        cfg = load_config(None, [f"loss.fused_output_layer={str(fused).lower()}", f"loss.kernels={kernels}",
+                                 f"model.hf_config={hf_dir}", f"model.load={hf_dir}", f"parallel.tp={tp}",
                                  f"parallel.pp={pp}", "data.path=megatron_trace/data/assets/arith_test.jsonl",
                                  "annotate.annotator=reference_match", f"loss.w0={W0}", f"loss.kl_clip={KL_CLIP}",
                                  "loss.eps_low=0.2", "loss.eps_high=0.28", "optim.lr=0.01", "optim.clip_grad=100.0",
                                  "optim.adam_eps=0.01", "optim.micro_batch_size=2",
                                  f"optim.max_tokens_per_microbatch={budget}", "rollout.max_response_tokens=16",
                                  "checkpoint.resume=none", "teacher.microbatches_per_pass=1",
-                                 f"logging.output_dir=/tmp/packing_{world_size}_{tp}{pp}{budget}_{n_samples}",
+                                 f"logging.output_dir=/tmp/packing_{world_size}_{tp}{pp}{budget}_{n_samples}"
+                                 f"{''.join('_' + v for v in variant)}",
                                  "logging.tensorboard=false"])
         trainer = Trainer(cfg, start_rollout=False)
         metrics = trainer.update(trainer_samples()[:n_samples], KL_WEIGHT)
@@ -360,7 +372,7 @@ def _trainer_updates(rank, world_size, hf_dir, runs):
         for bucket in export_hf_buckets(trainer.model[0], trainer.hf_config, bucket_bytes=1 << 20):
             weights.update({n: t.numpy().copy() for n, t in bucket})
         trainer.close()
-        out[(tp, pp, budget, n_samples)] = {"metrics": metrics, "weights": weights}
+        out[(tp, pp, budget, n_samples, *variant)] = {"metrics": metrics, "weights": weights}
     return out
 
 
@@ -374,15 +386,20 @@ def trainer_runs(tmp_path_factory):
                                  tokenizer="truncated", init_std=None, lm_head_scale=20.0)
     runs = [(2, 2, 0, 6), (2, 2, 40, 6),  # TP=2 x PP=2
             (1, 2, 0, 6), (1, 2, 40, 6),  # DP=2 (x PP=2)
-            (1, 2, 0, 1), (1, 2, 40, 1)]  # a batch of one at DP=2
+            (1, 2, 0, 1), (1, 2, 40, 1),  # a batch of one at DP=2
+            (2, 1, 0, 6), (2, 1, 40, 6),  # TP=2 x DP=2, one stage: each packed row ends at its own tokens
+            (2, 1, 40, 6, "fused"),  # the same, the output layer fused into the loss (loss.fused_output_layer)
+            (2, 1, 40, 6, "compiled")]  # the same, the loss kernels compiled (loss.kernels, the GPU default)
     return run_distributed(_trainer_updates, 4, hf_dir, runs, timeout=600)[0]  # one gloo group for all runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, pp, n_samples", [(2, 2, 6), (1, 2, 6), (1, 2, 1)],
-                         ids=["tp2-pp2", "dp2-pp2", "dp2-batch-of-one"])
-def test_packed_trace_update_equals_padded(trainer_runs, tp, pp, n_samples):
-    a, b = trainer_runs[(tp, pp, 0, n_samples)], trainer_runs[(tp, pp, 40, n_samples)]
+@pytest.mark.parametrize("tp, pp, n_samples, variant", [(2, 2, 6, ()), (1, 2, 6, ()), (1, 2, 1, ()), (2, 1, 6, ()),
+                                                        (2, 1, 6, ("fused",)), (2, 1, 6, ("compiled",))],
+                         ids=["tp2-pp2", "dp2-pp2", "dp2-batch-of-one", "tp2-dp2-own-row-lengths",
+                              "tp2-dp2-fused-output-layer", "tp2-dp2-compiled-kernels"])
+def test_packed_trace_update_equals_padded(trainer_runs, tp, pp, n_samples, variant):
+    a, b = trainer_runs[(tp, pp, 0, n_samples)], trainer_runs[(tp, pp, 40, n_samples, *variant)]
     for key in ("loss", "pg_loss", "kl_loss", "entropy", "grad_norm", "tokens", "span_tokens"):
         assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-5, abs=1e-6), key
     if n_samples > 1:

@@ -298,3 +298,5 @@ def test_trainer_value_checks_run_per_step_and_name_the_bad_micro_batch():
         TraceLoss(cfg)(stats, **batch, kl_weight=0.25)
     with pytest.raises(ValueError, match="fused_output_grad"):
         LossConfig(fused_output_grad="later")
+    with pytest.raises(ValueError, match="kernels: 'fast' is not one of auto, compiled, eager"):
+        LossConfig(kernels="fast")

@@ -240,16 +240,26 @@ def test_dp2_tp2_pp2_step_equals_single_process(dp2_tp2_pp2, reference):
     _check_against_reference(dp2_tp2_pp2, reference, dp=2)
 
 
-def test_microbatches_must_share_one_shape():
-    from megatron_trace.train.step import forward_backward
+def test_microbatch_shapes_are_fixed_under_a_pipeline_and_may_shrink_on_one_stage():
+    from megatron_trace.train.step import _check_microbatches
 
-    mbs = [dict(tokens=torch.zeros(1, 8, dtype=torch.long), position_ids=torch.zeros(1, 8, dtype=torch.long)),
-           dict(tokens=torch.zeros(1, 6, dtype=torch.long), position_ids=torch.zeros(1, 6, dtype=torch.long))]
-    with pytest.raises(ValueError, match="microbatch 1: tokens has shape"):
-        forward_backward([], mbs, None, seq_length=8, micro_batch_size=1)
+    def mb(b, s):
+        return dict(tokens=torch.zeros(b, s, dtype=torch.long), position_ids=torch.zeros(b, s, dtype=torch.long))
+
+    # a pipeline: every micro-batch [micro_batch_size, seq_length] (stages exchange fixed-size activations)
+    with pytest.raises(ValueError, match="microbatch 1: tokens has shape \\(1, 6\\).*pipeline"):
+        _check_microbatches([mb(1, 8), mb(1, 6)], 8, 1, fixed=True)
+    # one stage: shorter rows are fine, longer ones or another batch size are not
+    _check_microbatches([mb(1, 8), mb(1, 6)], 8, 1, fixed=False)
+    with pytest.raises(ValueError, match="microbatch 1: tokens has shape \\(1, 9\\)"):
+        _check_microbatches([mb(1, 8), mb(1, 9)], 8, 1, fixed=False)
+    with pytest.raises(ValueError, match="microbatch 0: tokens has shape \\(2, 8\\)"):
+        _check_microbatches([mb(2, 8)], 8, 1, fixed=False)
+    with pytest.raises(ValueError, match="position_ids has shape"):
+        _check_microbatches([dict(tokens=torch.zeros(1, 8, dtype=torch.long),
+                                  position_ids=torch.zeros(1, 6, dtype=torch.long))], 8, 1, fixed=False)
     with pytest.raises(KeyError, match="position_ids"):
-        forward_backward([], [dict(tokens=torch.zeros(1, 8, dtype=torch.long))], None, seq_length=8,
-                         micro_batch_size=1)
+        _check_microbatches([dict(tokens=torch.zeros(1, 8, dtype=torch.long))], 8, 1, fixed=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only limitation")

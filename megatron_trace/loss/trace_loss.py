@@ -74,6 +74,11 @@ class LossConfig:
     # once; two or three all-reduces per block). recompute: backward multiplies every block out again (three
     # all-reduces per call; fused_output_token_stats).
     fused_output_grad: Literal["in_forward", "recompute"] = "in_forward"
+    # How the vocabulary-wide math of the loss runs (log-prob, entropy, KL and their gradients over [rows, vocab/tp];
+    # loss/vocab_parallel.py): compiled (torch.compile: one fused loop per kernel, inductor's C++ on CPU, Triton on
+    # GPU; compiled once per process, tens of seconds on CPU), eager (the same functions op by op: a pass over the
+    # rows per op), auto (compiled on GPU, eager on CPU, where small test vocabularies never repay a compile).
+    kernels: Literal["auto", "compiled", "eager"] = "auto"
     # Debug: check the values of every micro-batch's loss inputs once per step, before the micro-batch loop
     # (targets inside the vocabulary, kl_rows in range and equal to the span positions, route ids, response
     # indices and lengths). Costs host syncs; off, the micro-batch loop reads no tensor value on the host.
@@ -99,6 +104,8 @@ class LossConfig:
             raise ConfigError(f"kl_schedule: {self.kl_schedule!r} is not one of anneal, constant")
         if self.pg_on_kl_tokens not in ("anneal", "full", "off"):
             raise ConfigError(f"pg_on_kl_tokens: {self.pg_on_kl_tokens!r} is not one of anneal, full, off")
+        if self.kernels not in ("auto", "compiled", "eager"):
+            raise ConfigError(f"kernels: {self.kernels!r} is not one of auto, compiled, eager")
         if self.fused_output_grad not in ("in_forward", "recompute"):
             raise ConfigError(f"fused_output_grad: {self.fused_output_grad!r} is not one of in_forward, recompute")
         if self.tis_cap is not None and not self.tis_cap > 0:

@@ -11,7 +11,8 @@ Two layouts, chosen by `optim.max_tokens_per_microbatch`:
 - packed (> 0): sequences are grouped into micro-batches of at most that many tokens (best-fit decreasing,
   deterministic, balanced over DP ranks) and laid back to back in ONE row per micro-batch, with per-sequence
   position ids and `cu_seqlens` (sequence boundaries) so attention stays inside each sequence (train/packing.py).
-  Rows are right-padded to one length for the step (PP needs fixed shapes), at most the budget. The number of
+  Under pipeline parallelism rows are right-padded to one length for the step (stages exchange fixed shapes),
+  at most the budget; on a single stage each row ends at its own tokens (a multiple of 8). The number of
   micro-batches per step varies with the lengths; the loss normalisation does not (the trainer divides by
   global token and response counts, whatever the grouping).
 """
@@ -278,13 +279,17 @@ def _pack_row(seqs: list[list[int]], row: int, pad_id: int) -> dict:
 
 
 def build_packed_microbatches(samples: list[Sample], groups: list[list[int]], *, seq_length: int,
-                              teacher_seq_length: int | None = None, pad_id: int = 0) -> list[dict]:
+                              teacher_seq_length: int | None = None, pad_id: int = 0,
+                              fixed_length: bool = True) -> list[dict]:
     """One packed micro-batch per group of sample indices (see pack_token_budget).
 
-    Each dict holds the keys of build_microbatches with b = 1 (rows index the single row of s = seq_length
-    positions), plus cu_seqlens [n + 1] int32 (sequence boundaries in the row, padding tail last) and
-    max_seqlen (int); with teacher_seq_length also teacher_cu_seqlens and teacher_max_seqlen. The teacher row
-    holds only the samples with KL rows. Empty responses are not laid out.
+    Each dict holds the keys of build_microbatches with b = 1 (rows index the single row of s positions), plus
+    cu_seqlens [n + 1] int32 (sequence boundaries in the row, padding tail last) and max_seqlen (int); with
+    teacher_seq_length also teacher_cu_seqlens and teacher_max_seqlen. The teacher row holds only the samples with
+    KL rows. Empty responses are not laid out.
+    fixed_length (pipelines: stages exchange fixed-size activations): every row has s = seq_length (teacher rows
+    teacher_seq_length); otherwise each row is padded only to a multiple of 8 of its own tokens (at most
+    seq_length), so a single stage never computes the tail the longest row sets.
     """
     _validate(samples, teacher_seq_length is not None)
     out = []
@@ -303,14 +308,15 @@ def build_packed_microbatches(samples: list[Sample], groups: list[list[int]], *,
                 t_offset += len(t_seqs[-1])
             entries.append((s, offset, teacher_at))
             offset += len(seq)
-        mb = _pack_row(seqs, seq_length, pad_id)
+        mb = _pack_row(seqs, seq_length if fixed_length else min(padded_length(used), seq_length), pad_id)
         mb.update(_loss_fields(entries))
         teacher_rows = mb.pop("teacher_rows")
         if teacher_seq_length is not None:
             if t_offset > teacher_seq_length:
                 raise ValueError(f"micro-batch {g}: {t_offset} teacher tokens > teacher_seq_length "
                                  f"{teacher_seq_length}")
-            t = _pack_row(t_seqs, teacher_seq_length, pad_id)
+            t_row = teacher_seq_length if fixed_length else min(padded_length(t_offset), teacher_seq_length)
+            t = _pack_row(t_seqs, t_row, pad_id)
             mb.update(teacher_tokens=t["tokens"], teacher_position_ids=t["position_ids"],
                       teacher_cu_seqlens=t["cu_seqlens"], teacher_max_seqlen=t["max_seqlen"],
                       teacher_rows=teacher_rows)
@@ -344,9 +350,11 @@ def _padding_frac(real: int, processed: int) -> float:
 
 def make_step_batches(samples: list[Sample], *, dp_size: int, dp_rank: int, micro_batch_size: int,
                       max_tokens_per_microbatch: int = 0, with_teacher: bool = False,
-                      pad_id: int = 0) -> StepBatches:
+                      pad_id: int = 0, fixed_row_length: bool = True) -> StepBatches:
     """The micro-batches of `samples` (the GLOBAL batch, the same on every rank) for DP rank `dp_rank`:
-    padded (`max_tokens_per_microbatch` = 0, `micro_batch_size` sequences each) or packed (token budget)."""
+    padded (`max_tokens_per_microbatch` = 0, `micro_batch_size` sequences each) or packed (token budget).
+    fixed_row_length: False (no pipeline) lets each packed row end at its own tokens (a multiple of 8) instead
+    of the step's longest row; seq_length is then the longest row. The padded layout is unchanged."""
     if not samples:
         raise ValueError("make_step_batches needs at least one sample")
     _validate(samples, with_teacher)
@@ -376,12 +384,18 @@ def make_step_batches(samples: list[Sample], *, dp_size: int, dp_rank: int, micr
         longest = max((sum(lengths[i] for i in g if samples[i].response_ids) for g in groups), default=0)
         return min(padded_length(longest), max(budget, longest))
 
+    def processed(lengths: list[int], row: int) -> int:
+        """Positions the pass computes over every micro-batch of every DP rank."""
+        if fixed_row_length:
+            return len(groups) * row
+        return sum(min(padded_length(sum(lengths[i] for i in g if samples[i].response_ids)), row) for g in groups)
+
     seq_length = row_length(student)
     t_seq = row_length(teacher) if with_teacher else None
     mbs = build_packed_microbatches(samples, plan[dp_rank], seq_length=seq_length, teacher_seq_length=t_seq,
-                                    pad_id=pad_id)
-    stats = {"padding_frac": _padding_frac(sum(student[i] for i in laid_out), len(groups) * seq_length),
+                                    pad_id=pad_id, fixed_length=fixed_row_length)
+    stats = {"padding_frac": _padding_frac(sum(student[i] for i in laid_out), processed(student, seq_length)),
              "microbatches": float(len(plan[0]))}
     if with_teacher:
-        stats["teacher_padding_frac"] = _padding_frac(sum(teacher[i] for i in laid_out), len(groups) * t_seq)
+        stats["teacher_padding_frac"] = _padding_frac(sum(teacher[i] for i in laid_out), processed(teacher, t_seq))
     return StepBatches(mbs, seq_length, 1, t_seq, stats)

@@ -79,18 +79,25 @@ def _to_device(microbatch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in microbatch.items()}
 
 
-def _check_microbatches(microbatches: list[dict], seq_length: int, micro_batch_size: int) -> None:
+def _check_microbatches(microbatches: list[dict], seq_length: int, micro_batch_size: int, fixed: bool) -> None:
+    """fixed (a pipeline: stages exchange fixed-size activations): every micro-batch is [micro_batch_size,
+    seq_length]; otherwise (one stage) each may be shorter, [micro_batch_size, s_i <= seq_length]."""
     if not microbatches:
         raise ValueError("forward_backward needs at least one microbatch")
     for i, mb in enumerate(microbatches):
         for key in ("tokens", "position_ids"):
             if key not in mb:
                 raise KeyError(f"microbatch {i} has no {key!r} (needs tokens [b, s] and position_ids [b, s])")
-            shape = tuple(mb[key].shape)
-            if shape != (micro_batch_size, seq_length):
-                raise ValueError(f"microbatch {i}: {key} has shape {shape}, expected (micro_batch_size, "
-                                 f"seq_length) = ({micro_batch_size}, {seq_length}); pad every microbatch to "
-                                 f"the same shape (pipeline stages exchange fixed-size activations)")
+        shape, positions = tuple(mb["tokens"].shape), tuple(mb["position_ids"].shape)
+        if positions != shape:
+            raise ValueError(f"microbatch {i}: position_ids has shape {positions}, tokens {shape}")
+        if fixed and shape != (micro_batch_size, seq_length):
+            raise ValueError(f"microbatch {i}: tokens has shape {shape}, expected (micro_batch_size, "
+                             f"seq_length) = ({micro_batch_size}, {seq_length}); pad every microbatch to "
+                             f"the same shape (pipeline stages exchange fixed-size activations)")
+        if not fixed and (len(shape) != 2 or shape[0] != micro_batch_size or shape[1] > seq_length):
+            raise ValueError(f"microbatch {i}: tokens has shape {shape}, expected (micro_batch_size, s <= "
+                             f"seq_length) = ({micro_batch_size}, <= {seq_length})")
 
 
 def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: LossFn, *, seq_length: int,
@@ -102,7 +109,9 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
     microbatches: this rank's microbatches (every stage of a pipeline gets the same list), each a dict with
       `tokens [b, s]` int64 and `position_ids [b, s]` int64 plus any tensors `loss_fn` needs; right-padded, so
       the causal mask is the only mask; or packed (b = 1, several sequences back to back, with `cu_seqlens`
-      [n + 1] int32 and `max_seqlen`: see train/packing.py). Every microbatch of a call has the same shape.
+      [n + 1] int32 and `max_seqlen`: see train/packing.py). Under pipeline parallelism every microbatch of a
+      call has the same shape [micro_batch_size, seq_length]; on a single stage each may be shorter than
+      seq_length (megatron's no-pipelining schedule exchanges no activations).
     loss_fn(logits, microbatch) -> (loss, metrics): logits `[b, s, padded_vocab / tp]` (this TP rank's vocab
       slice), loss a scalar tensor already normalised by the caller (see the module docstring: gradients are
       summed over microbatches and DP/CP ranks), metrics anything picklable.
@@ -116,7 +125,8 @@ def forward_backward(model_chunks: list, microbatches: list[dict], loss_fn: Loss
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    _check_microbatches(microbatches, seq_length, micro_batch_size)
+    _check_microbatches(microbatches, seq_length, micro_batch_size,
+                        fixed=ps.get_pipeline_model_parallel_world_size() > 1)
     num_microbatches = len(microbatches)
     # Cancels the schedule's cp/num_microbatches and DDP's 1/(dp*cp): see the module docstring.
     loss_scale = float(num_microbatches * ps.get_data_parallel_world_size())

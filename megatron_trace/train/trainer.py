@@ -435,7 +435,7 @@ class Trainer:
         batches = make_step_batches(samples, dp_size=lay.dp, dp_rank=lay.dp_rank,
                                     micro_batch_size=cfg.optim.micro_batch_size,
                                     max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
-                                    with_teacher=with_teacher, pad_id=self.pad_id)
+                                    with_teacher=with_teacher, pad_id=self.pad_id, fixed_row_length=lay.pp > 1)
         return {"mbs": batches.microbatches, "seq_length": batches.seq_length,
                 "teacher_seq": batches.teacher_seq_length, "micro_batch_size": batches.micro_batch_size,
                 "stats": batches.stats, "with_teacher": with_teacher,
@@ -452,7 +452,7 @@ class Trainer:
             if rows.numel() == 0:
                 return logits.sum() * 0.0, logits.new_zeros(0)
             stats = token_stats(self._rows(logits, rows), mb["targets"], vocab_start=self.vocab_start,
-                                group=tp_group)
+                                group=tp_group, kernels=self.cfg.loss.kernels)
             return logits.sum() * 0.0, stats.logprob.detach().float().cpu()
 
         with torch.no_grad():
@@ -476,7 +476,7 @@ class Trainer:
                 with self.timer("teacher"):
                     if cfg.loss.fused_output_layer:  # hidden rows + output weight; the loss makes the logits
                         for mb, out in zip(group, self.teacher.hidden_rows(
-                                group, micro_batch_size=cfg.optim.micro_batch_size, seq_length=teacher_seq)):
+                                group, micro_batch_size=micro_batch_size, seq_length=teacher_seq)):
                             if out is not None:
                                 mb["teacher_hidden"], mb["teacher_weight"] = out
                         return
@@ -513,7 +513,7 @@ class Trainer:
         if not self.cfg.loss.fused_output_layer:
             teacher = dict(teacher_logits=mb["teacher_logits"], **kl) if use_kl else {}
             return token_stats(self._rows(output, mb["rows"]), mb["targets"], vocab_start=self.vocab_start,
-                               group=tp_group, **teacher)
+                               group=tp_group, kernels=self.cfg.loss.kernels, **teacher)
         from megatron_trace.loss.fused_output import fused_output_token_stats
         from megatron_trace.train.output_layer import OUTPUT_WEIGHT
 
@@ -521,7 +521,8 @@ class Trainer:
         teacher = dict(teacher_hidden=mb["teacher_hidden"], teacher_weight=mb["teacher_weight"], **kl) if use_kl \
             else {}
         return fused_output_token_stats(hidden, mb[OUTPUT_WEIGHT], mb["targets"], vocab_start=self.vocab_start,
-                                        group=tp_group, vocab_size=self.vocab_size, **teacher)
+                                        group=tp_group, vocab_size=self.vocab_size, kernels=self.cfg.loss.kernels,
+                                        **teacher)
 
     def _output_context(self):
         """The model_context of forward_backward: under loss.fused_output_layer the model returns hidden states."""
@@ -580,7 +581,8 @@ class Trainer:
         teacher = dict(teacher_hidden=mb["teacher_hidden"], teacher_weight=mb["teacher_weight"],
                        kl_rows=mb["kl_rows"], kl_reverse=mb["kl_reverse"], kl_clip=kl_clip) if use_kl else {}
         return fused_output_loss(rows, mb[OUTPUT_WEIGHT], mb["targets"], loss_rows.row_loss(),
-                                 vocab_start=self.vocab_start, group=tp_group, vocab_size=self.vocab_size, **teacher)
+                                 vocab_start=self.vocab_start, group=tp_group, vocab_size=self.vocab_size,
+                                 kernels=self.cfg.loss.kernels, **teacher)
 
     def _check_loss_inputs(self, mbs: list[dict], kl_weight: float, with_teacher: bool) -> None:
         """loss.check_values: the value checks of every micro-batch's loss inputs, once per step before the
@@ -707,7 +709,7 @@ class Trainer:
         batches = make_step_batches(samples, dp_size=self.layout.dp, dp_rank=self.layout.dp_rank,
                                     micro_batch_size=cfg.optim.micro_batch_size,
                                     max_tokens_per_microbatch=cfg.optim.max_tokens_per_microbatch,
-                                    pad_id=self.pad_id)
+                                    pad_id=self.pad_id, fixed_row_length=self.layout.pp > 1)
         num_tokens = float(sum(len(s.response_ids) for s in samples))
         tp_group = self.layout.tp_group() if self.layout.tp > 1 else None
 
