@@ -433,6 +433,74 @@ def megatron_shard_from_hf(megatron_name: str, source, dims: Qwen3Dims, padded_v
     return source.get_slice(hf_names[0], 1, tp_rank * per, (tp_rank + 1) * per).contiguous()
 
 
+def write_shard_into_hf(megatron_name: str, shard: torch.Tensor, dims: Qwen3Dims, tp_rank: int, tp_size: int,
+                        hf: Mapping[str, torch.Tensor]) -> int:
+    """Write this TP rank's shard of one Megatron parameter into its place in the full HF tensors `hf[name]`
+    (e.g. views of a shared segment that every TP rank of a node maps), so that after every rank wrote its shard
+    the HF tensors equal `iter_hf_tensors_from_megatron` of the merged parameter, without any rank gathering.
+
+    The inverse of `megatron_shard_from_hf`: vocab rows (padding rows dropped), the rank's query groups of q, k and
+    v, its rows of gate and up, its input columns of a row-parallel weight. A replicated tensor is written by TP
+    rank 0 only. Returns the bytes this rank wrote. A tied model's output layer writes nothing (no lm_head).
+    """
+    name = canonical_megatron_name(megatron_name)
+    if name == OUTPUT_LAYER and dims.tied:
+        return 0
+    rule = tp_rule(name) if tp_size > 1 else "replicated"
+    hf_names = hf_names_for(name, dims)
+    shard = shard.detach()
+    if rule == "replicated":
+        if tp_rank != 0:
+            return 0
+        if name in (EMBEDDING, OUTPUT_LAYER):
+            return _copy_rows(hf[hf_names[0]], 0, shard, dims.vocab)
+        for n, part in zip(hf_names, _split_megatron(name, shard, dims, dims.groups)):
+            hf[n].view(part.shape).copy_(part)
+        return shard.numel() * shard.element_size()
+    if rule == "vocab":
+        start = tp_rank * shard.shape[0]
+        return _copy_rows(hf[hf_names[0]], start, shard, dims.vocab)
+    if rule == "column":  # fused QKV: this rank's query groups
+        _check_divisible(name, dims.groups, tp_size, "query groups")
+        g, d, qg = dims.groups // tp_size, dims.head_dim, dims.q_per_group
+        q, k, v = _split_megatron(name, shard, dims, g)  # [g, rows per group, H] views
+        hf[hf_names[0]][tp_rank * g * qg * d:(tp_rank + 1) * g * qg * d].view(q.shape).copy_(q)
+        hf[hf_names[1]][tp_rank * g * d:(tp_rank + 1) * g * d].view(k.shape).copy_(k)
+        hf[hf_names[2]][tp_rank * g * d:(tp_rank + 1) * g * d].view(v.shape).copy_(v)
+        return shard.numel() * shard.element_size()
+    if rule == "gate_up":
+        gate, up = shard.chunk(2, dim=0)
+        per = gate.shape[0]
+        hf[hf_names[0]][tp_rank * per:(tp_rank + 1) * per].copy_(gate)
+        hf[hf_names[1]][tp_rank * per:(tp_rank + 1) * per].copy_(up)
+        return shard.numel() * shard.element_size()
+    per = shard.shape[1]  # row parallel: this rank's input columns
+    hf[hf_names[0]][:, tp_rank * per:(tp_rank + 1) * per].copy_(shard)
+    return shard.numel() * shard.element_size()
+
+
+def _copy_rows(dst: torch.Tensor, start: int, rows: torch.Tensor, vocab: int) -> int:
+    """dst[start:start + n] = rows[:n], n the rows below `vocab` (megatron's padding rows are dropped)."""
+    n = max(0, min(rows.shape[0], vocab - start))
+    if n:
+        dst[start:start + n].copy_(rows[:n])
+    return n * rows[0].numel() * rows.element_size() if n else 0
+
+
+def _split_megatron(name: str, tensor: torch.Tensor, dims: Qwen3Dims, groups: int) -> list[torch.Tensor]:
+    """The HF parts of a (shard of a) Megatron tensor as views, no copy: q, k, v of `groups` query groups of a
+    fused QKV weight as `[groups, rows per group, H]` strided views (the destination rows, contiguous, are viewed
+    the same way), gate and up of fc1, else the tensor itself."""
+    _, suffix = split_layer_name(name)
+    if suffix == "self_attention.linear_qkv.weight":
+        d, qg = dims.head_dim, dims.q_per_group
+        x = tensor.reshape(groups, (qg + 2) * d, *tensor.shape[1:])
+        return list(x.split([qg * d, d, d], dim=1))
+    if suffix == "mlp.linear_fc1.weight":
+        return list(tensor.chunk(2, dim=0))
+    return [tensor]
+
+
 def iter_hf_tensors_from_megatron(
     named_full_tensors: Iterable[tuple[str, torch.Tensor]], hf_config: Mapping
 ) -> Iterator[tuple[str, torch.Tensor]]:
