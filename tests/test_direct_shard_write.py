@@ -33,3 +33,22 @@ def test_ranks_writing_their_shards_build_the_merged_hf_tensors(model, tp):
         for n, t in expected.items():
             assert torch.equal(hf[n], t), (mname, n)  # every element written, none left NaN
         assert written == sum(t.numel() * t.element_size() for t in expected.values()), mname
+
+
+def test_names_missing_from_the_destination_are_skipped():
+    """A parameter split over two buckets (q in one, k and v in the next) is written bucket by bucket."""
+    cfg = dict(load_hf_config("tiny"))
+    dims = Qwen3Dims.from_hf_config(cfg)
+    mname = "decoder.layers.0.self_attention.linear_qkv.weight"
+    full = torch.randn(megatron_param_shape(mname, dims, 1))
+    expected = dict(iter_hf_tensors_from_megatron([(mname, full)], cfg))
+    q_name, k_name, v_name = hf_names_for(mname, dims)
+    first = {q_name: torch.full_like(expected[q_name], float("nan"))}
+    second = {n: torch.full_like(expected[n], float("nan")) for n in (k_name, v_name)}
+    for r in range(2):
+        shard = shard_for_tp(mname, full, r, 2)
+        write_shard_into_hf(mname, shard, dims, r, 2, first)
+        write_shard_into_hf(mname, shard, dims, r, 2, second)
+    for part in (first, second):
+        for n, t in part.items():
+            assert torch.equal(t, expected[n]), n

@@ -438,6 +438,8 @@ def write_shard_into_hf(megatron_name: str, shard: torch.Tensor, dims: Qwen3Dims
     """Write this TP rank's shard of one Megatron parameter into its place in the full HF tensors `hf[name]`
     (e.g. views of a shared segment that every TP rank of a node maps), so that after every rank wrote its shard
     the HF tensors equal `iter_hf_tensors_from_megatron` of the merged parameter, without any rank gathering.
+    HF names absent from `hf` are skipped (a parameter whose q, k, v land in two buckets is written bucket by
+    bucket).
 
     The inverse of `megatron_shard_from_hf`: vocab rows (padding rows dropped), the rank's query groups of q, k and
     v, its rows of gate and up, its input columns of a row-parallel weight. A replicated tensor is written by TP
@@ -453,30 +455,35 @@ def write_shard_into_hf(megatron_name: str, shard: torch.Tensor, dims: Qwen3Dims
         if tp_rank != 0:
             return 0
         if name in (EMBEDDING, OUTPUT_LAYER):
-            return _copy_rows(hf[hf_names[0]], 0, shard, dims.vocab)
-        for n, part in zip(hf_names, _split_megatron(name, shard, dims, dims.groups)):
-            hf[n].view(part.shape).copy_(part)
-        return shard.numel() * shard.element_size()
+            return _copy_rows(hf[hf_names[0]], 0, shard, dims.vocab) if hf_names[0] in hf else 0
+        return sum(_put(hf, n, None, part) for n, part in zip(hf_names, _split_megatron(name, shard, dims, dims.groups)))
     if rule == "vocab":
         start = tp_rank * shard.shape[0]
-        return _copy_rows(hf[hf_names[0]], start, shard, dims.vocab)
+        return _copy_rows(hf[hf_names[0]], start, shard, dims.vocab) if hf_names[0] in hf else 0
     if rule == "column":  # fused QKV: this rank's query groups
         _check_divisible(name, dims.groups, tp_size, "query groups")
         g, d, qg = dims.groups // tp_size, dims.head_dim, dims.q_per_group
         q, k, v = _split_megatron(name, shard, dims, g)  # [g, rows per group, H] views
-        hf[hf_names[0]][tp_rank * g * qg * d:(tp_rank + 1) * g * qg * d].view(q.shape).copy_(q)
-        hf[hf_names[1]][tp_rank * g * d:(tp_rank + 1) * g * d].view(k.shape).copy_(k)
-        hf[hf_names[2]][tp_rank * g * d:(tp_rank + 1) * g * d].view(v.shape).copy_(v)
-        return shard.numel() * shard.element_size()
+        return (_put(hf, hf_names[0], slice(tp_rank * g * qg * d, (tp_rank + 1) * g * qg * d), q)
+                + _put(hf, hf_names[1], slice(tp_rank * g * d, (tp_rank + 1) * g * d), k)
+                + _put(hf, hf_names[2], slice(tp_rank * g * d, (tp_rank + 1) * g * d), v))
     if rule == "gate_up":
         gate, up = shard.chunk(2, dim=0)
         per = gate.shape[0]
-        hf[hf_names[0]][tp_rank * per:(tp_rank + 1) * per].copy_(gate)
-        hf[hf_names[1]][tp_rank * per:(tp_rank + 1) * per].copy_(up)
-        return shard.numel() * shard.element_size()
+        rows = slice(tp_rank * per, (tp_rank + 1) * per)
+        return _put(hf, hf_names[0], rows, gate) + _put(hf, hf_names[1], rows, up)
     per = shard.shape[1]  # row parallel: this rank's input columns
-    hf[hf_names[0]][:, tp_rank * per:(tp_rank + 1) * per].copy_(shard)
-    return shard.numel() * shard.element_size()
+    return _put(hf, hf_names[0], (slice(None), slice(tp_rank * per, (tp_rank + 1) * per)), shard)
+
+
+def _put(hf: Mapping[str, torch.Tensor], name: str, index, part: torch.Tensor) -> int:
+    """hf[name][index] = part (the destination viewed as part's shape: rows of a contiguous tensor); 0 bytes when
+    `name` is not in `hf`."""
+    if name not in hf:
+        return 0
+    dst = hf[name] if index is None else hf[name][index]
+    (dst.view(part.shape) if dst.is_contiguous() else dst).copy_(part)
+    return part.numel() * part.element_size()
 
 
 def _copy_rows(dst: torch.Tensor, start: int, rows: torch.Tensor, vocab: int) -> int:
