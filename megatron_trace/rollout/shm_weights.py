@@ -77,10 +77,18 @@ def _aligned(n: int) -> int:
 
 def bucket_layout(bucket: Bucket) -> tuple[list[list], int]:
     """([[name, dtype, shape, offset], ...], bytes) of a bucket laid out back to back in one segment."""
+    return slot_layout((name, dtype_name(name, t), t.shape) for name, t in bucket)
+
+
+def slot_layout(entries: Iterable[tuple[str, str, Sequence[int]]]) -> tuple[list[list], int]:
+    """bucket_layout from (name, dtype name, shape) alone: what a bucket's tensors will occupy before they exist."""
     slots, offset = [], 0
-    for name, t in bucket:
-        slots.append([name, dtype_name(name, t), list(t.shape), offset])
-        offset = _aligned(offset + t.numel() * t.element_size())
+    for name, dtype, shape in entries:
+        n = DTYPES[dtype].itemsize
+        for d in shape:
+            n *= int(d)
+        slots.append([name, dtype, [int(d) for d in shape], offset])
+        offset = _aligned(offset + n)
     return slots, offset
 
 
@@ -142,8 +150,8 @@ class ShmBucketWriter:
         self._finalizer = weakref.finalize(self, _close_segments, self._segments)
         atexit.register(self._finalizer)
 
-    def write(self, index: int, bucket: Bucket) -> dict[str, Any]:
-        slots, nbytes = bucket_layout(bucket)
+    def acquire(self, index: int, nbytes: int) -> "_Segment":
+        """A segment of at least `nbytes` for bucket `index`: one whose previous bucket was released, else a new one."""
         with self._lock:
             seg = next((s for s in self._segments if s.holds is None), None)
             if seg is None:
@@ -152,6 +160,11 @@ class ShmBucketWriter:
                 self.max_segments = max(self.max_segments, len(self._segments))
             seg.holds = index
         seg.reserve(max(nbytes, _ALIGN))
+        return seg
+
+    def write(self, index: int, bucket: Bucket) -> dict[str, Any]:
+        slots, nbytes = bucket_layout(bucket)
+        seg = self.acquire(index, nbytes)
         for (name, t), (_, _, _, offset) in zip(bucket, slots):
             n = t.numel() * t.element_size()
             dst = seg.flat[offset:offset + n].view(t.dtype).view(t.shape)

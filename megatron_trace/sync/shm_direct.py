@@ -1,0 +1,135 @@
+"""Gather-free node-local export (WIP, issue 11): every TP rank of a replica that lives inside one node writes its own
+shards straight into the node's /dev/shm bucket segments, at their HF offsets, so no rank gathers the others' shards
+(today's `export_hf_buckets` all-gathers them onto the leader over the process group: on CPU, gloo over loopback).
+
+Every rank computes the same bucket plan from the config alone (`bucket_plan`: the bridge's order and bucket rule,
+the shared-memory slot layout); per bucket the leader picks a segment (`acquire`, which owns the release
+bookkeeping), broadcasts its name, every rank maps it and writes its shards (`write_shard_into_hf`), and after a
+barrier the leader yields the `/weights/shm` descriptor. One copy per byte, made by the rank that holds it.
+Supported: pipeline size 1 (the whole replica in the node), any TP.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_trace.checkpoint.hf_mapping import (Qwen3Dims, hf_param_shapes, megatron_param_names,
+                                                  write_shard_into_hf)
+from megatron_trace.rollout.shm_weights import DTYPES, SHM_DIR, check_segment_name, slot_layout
+from megatron_trace.sync.weight_bridge import _hf_names, local_named_params
+
+__all__ = ["PlannedBucket", "bucket_plan", "write_buckets"]
+
+
+@dataclass
+class PlannedBucket:
+    params: list[str] = field(default_factory=list)  # Megatron parameters with an HF tensor in this bucket
+    entries: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)  # (HF name, dtype, shape)
+    slots: list[list] = field(default_factory=list)  # [[name, dtype, shape, offset], ...] (shm_weights layout)
+    nbytes: int = 0
+
+
+def bucket_plan(hf_config: Mapping, dtype: torch.dtype, bucket_bytes: int) -> list[PlannedBucket]:
+    """The buckets `export_hf_buckets(bucket_bytes=...)` yields for this model, as names, shapes and slot offsets:
+    a parameter's HF tensors share a bucket when they fit in one, a bucket closes before the tensor that would
+    overflow it."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    dims = Qwen3Dims.from_hf_config(hf_config)
+    shapes = hf_param_shapes(dims)
+    dname = str(dtype).removeprefix("torch.")
+    if dname not in DTYPES:
+        raise ValueError(f"dtype {dtype} cannot be sent through shared memory (expected one of {sorted(DTYPES)})")
+    item = DTYPES[dname].itemsize
+    out: list[PlannedBucket] = []
+    cur, size = PlannedBucket(), 0
+
+    def nbytes(n: str) -> int:
+        k = item
+        for d in shapes[n]:
+            k *= d
+        return k
+
+    def flush() -> None:
+        nonlocal cur, size
+        if cur.entries:
+            cur.slots, cur.nbytes = slot_layout(cur.entries)
+            out.append(cur)
+        cur, size = PlannedBucket(), 0
+
+    for mname in megatron_param_names(dims):
+        names = _hf_names(mname, dims)
+        if not names:
+            continue
+        group = sum(nbytes(n) for n in names)
+        if cur.entries and size + group > bucket_bytes >= group:
+            flush()
+        for n in names:
+            if cur.entries and size + nbytes(n) > bucket_bytes:
+                flush()
+            cur.entries.append((n, dname, tuple(shapes[n])))
+            if not cur.params or cur.params[-1] != mname:
+                cur.params.append(mname)
+            size += nbytes(n)
+    flush()
+    return out
+
+
+def _map(cache: dict, name: str, nbytes: int) -> torch.Tensor:
+    """A read-write uint8 view of /dev/shm/<name>, at least `nbytes` long (remapped when the segment grew)."""
+    hit = cache.get(name)
+    if hit is not None and hit[1] >= nbytes:
+        return hit[2]
+    check_segment_name(name)
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise ValueError(f"segment {name}: {size} bytes, the bucket needs {nbytes}")
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    flat = torch.frombuffer(mm, dtype=torch.uint8)
+    cache[name] = (mm, size, flat)
+    return flat
+
+
+def write_buckets(model, hf_config: Mapping, *, bucket_bytes: int, group, leader: int,
+                  acquire: Callable[[int, int], str] | None, tp_rank: int, tp_size: int,
+                  dtype: torch.dtype | None = None) -> Iterator[dict]:
+    """Collective over `group` (the replica's TP ranks, pipeline size 1): write every bucket of `bucket_plan` into
+    the segments the leader (global rank `leader`) acquires, each rank its own shards; yields on the leader, per
+    bucket once every rank wrote it, the `/weights/shm` descriptor {index, segment, nbytes, tensors}. Elsewhere
+    yields nothing (iterate it all the same). acquire(index, nbytes) -> segment name: on the leader only."""
+    dims = Qwen3Dims.from_hf_config(hf_config)
+    params = local_named_params(model, dims, 1, 0)
+    wire = dtype or next(iter(params.values())).dtype
+    rank = dist.get_rank()
+    cache: dict = {}
+    try:
+        for index, bucket in enumerate(bucket_plan(hf_config, wire, bucket_bytes)):
+            box = [acquire(index, bucket.nbytes) if rank == leader else None]
+            dist.broadcast_object_list(box, src=leader, group=group)
+            flat = _map(cache, box[0], bucket.nbytes)
+            views = {}
+            for name, dname, shape, offset in bucket.slots:
+                dt = DTYPES[dname]
+                n = dt.itemsize
+                for d in shape:
+                    n *= d
+                views[name] = flat[offset:offset + n].view(dt).view(shape)
+            with torch.no_grad():
+                for mname in bucket.params:
+                    write_shard_into_hf(mname, params[mname], dims, tp_rank, tp_size, views)
+            del views
+            dist.barrier(group=group)
+            if rank == leader:
+                yield {"index": index, "segment": box[0], "nbytes": bucket.nbytes, "tensors": bucket.slots}
+    finally:
+        cache.clear()  # each mapping closes once no view of it is left
