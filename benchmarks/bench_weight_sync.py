@@ -5,12 +5,16 @@ A synthetic Qwen3 (Qwen3-0.6B widths, --layers deep, tied embedding, fp32, rando
 TP=2 on two local ranks (gloo), as a colocated trainer holds it. Colocated generation server(s)
 (`tools/serve_rollout.py`, vLLM CPU, --servers of them) are started from a constant initial folder. Each refresh,
 timed from the first rank entering the bridge to the last server serving the new version:
-    export (weight bridge: TP gather + merge + HF layout, on both ranks)
-    -> hand-off (rank 0 writes each bucket once into a /dev/shm segment; every server maps the same segment)
+    export (--export direct, the trainer's colocated path: every TP rank writes its own shards into the bucket's
+       /dev/shm segment at their HF offsets, sync/shm_direct.py; --export gather: the weight bridge's TP gather +
+       merge + HF layout onto rank 0)
+    -> hand-off (gather: rank 0 writes each bucket once into a /dev/shm segment; direct: that write is the export;
+       every server maps the same segment)
     -> load (each server copies the mapped tensors into its live weights and re-packs its linear layers:
        rollout/cpu_refit.py; vLLM's checkpoint-format reload where that path does not apply)
     -> commit (every server flips to the new version together).
-Bucket k+1 is exported while the servers load bucket k, so the stage times are measured on rank 0 as: export =
+With --export gather, bucket k+1 is exported while the servers load bucket k (direct waits for their answer on k
+before writing k+1, so a segment is reused only once released); the stage times are measured on rank 0 as: export =
 waiting for the bridge's next bucket, hand-off = writing segments, load = waiting for the servers beyond that,
 finish = the servers' last layers after the last bucket, commit = the version flip. Their sum is the whole refresh.
 
@@ -47,7 +51,7 @@ STAGES = ("export", "handoff", "load", "finish", "commit")
 
 
 def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repeats: int, urls: list[str],
-                  token: str) -> dict:
+                  token: str, export: str = "direct") -> dict:
     import torch.distributed as dist
 
     from megatron_trace.distributed import destroy_distributed, initialize_distributed
@@ -71,10 +75,19 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
         for r in range(repeats):
             dist.barrier()
             t0 = time.perf_counter()
-            buckets = export_hf_buckets(model, cfg, bucket_bytes=bucket_bytes)
+            if export == "direct":  # each rank writes its own shards into the segments (the trainer's path)
+                from megatron.core import parallel_state as ps
+
+                from megatron_trace.sync.shm_direct import write_buckets
+
+                buckets = write_buckets(model, cfg, bucket_bytes=bucket_bytes, group=ps.get_tensor_model_parallel_group(),
+                                        leader=0, acquire=pusher.acquire if rank == 0 else None,
+                                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=2)
+            else:
+                buckets = export_hf_buckets(model, cfg, bucket_bytes=bucket_bytes)
             if rank == 0:
                 version += 1
-                pusher.load(buckets, version, tensors)
+                pusher.load(buckets, version, tensors, written=export == "direct")
                 t1 = time.perf_counter()
                 commit_all(clients, version)
                 commit_s = time.perf_counter() - t1
@@ -106,7 +119,8 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
             for c in clients:
                 c.close()
         if rank == 0:
-            out["trainer_copies"] = trainer_copy_bytes(model, cfg)
+            out["trainer_copies"] = trainer_copy_bytes(model, cfg) if export == "gather" else \
+                dict(gather=0, merge=0, layout=0)  # direct: the one write into the segment is the hand-off
         return out
     finally:
         destroy_distributed()
@@ -157,6 +171,9 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--servers", type=int, default=1, help="colocated servers on this node (all get every bucket)")
+    ap.add_argument("--export", choices=["direct", "gather"], default="direct",
+                    help="direct (the trainer's colocated path): every TP rank writes its own shards into the "
+                         "segments; gather: the bridge gathers onto rank 0, which writes them")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = hf_config(args.layers)
@@ -176,14 +193,14 @@ def main() -> None:
             s.wait_ready()
         t0 = time.perf_counter()
         res = run_distributed(trainer_ranks, 2, cfg, args.bucket_mb << 20, args.repeats, [s.url for s in servers],
-                              token, timeout=3600)[0]
+                              token, args.export, timeout=3600)[0]
         launch_s = time.perf_counter() - t0
         assert res["versions"] == [res["final_version"]] * args.servers, res["versions"]
         nbytes = res["nbytes"]
         base = statistics.median(res["memcpy"])
         total = statistics.median(res["total"])
         print(f"\nweights: {nbytes / 4e9:.3f} B params, {nbytes / 1e9:.2f} GB fp32; buckets <= {args.bucket_mb} MiB; "
-              f"{args.servers} colocated server(s); {args.repeats} repeats; 1 torch thread per process; host CPUs "
+              f"{args.servers} colocated server(s); export {args.export}; {args.repeats} repeats; 1 torch thread per process; host CPUs "
               f"{os.cpu_count()}; load average at end {os.getloadavg()[0]:.1f}; trainer launch {launch_s:.0f} s; "
               f"trainer /dev/shm segments alive at most: {res['segments']}")
         print(f"{'row':<44} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9} {'share':>6}")
@@ -193,7 +210,8 @@ def main() -> None:
         rows += [("  (server: load time, overlapped)", res["server_load"], None)]
         for name, times, share in rows:
             med = statistics.median(times)
-            print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f} "
+            rate = f"{nbytes / med / 1e9:.2f}" if med > 0 else "-"  # direct: no separate hand-off
+            print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {rate:>7} {med / base:>9.1f} "
                   f"{'' if share is None else f'{100 * share:.0f}%':>6}")
         print("runs (s): " + "; ".join(f"{k} {', '.join(f'{x:.3f}' for x in res[k])}"
                                        for k in ("memcpy", "total", *STAGES)))

@@ -125,7 +125,7 @@ class FakePusher:
     def __init__(self, log, fail=False):
         self.log, self.fail = log, fail
 
-    def load(self, buckets, version, tensors):
+    def load(self, buckets, version, tensors, written=False):
         for b in buckets:
             self.log.append(("load", b, version))
         if self.fail:

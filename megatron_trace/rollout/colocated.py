@@ -171,10 +171,12 @@ class ColocatedServers:
             self.asleep = False
 
     # ---------------------------------------------------------------- weight sync
-    def sync(self, export: Callable[[list[int]], Iterable], tensors: list[list]) -> int:
+    def sync(self, export: Callable[[list[int]], Iterable], tensors: list[list], written: bool = False) -> int:
         """Collective: every node refreshes its servers from its replica, then the driver commits all of them.
 
-        export(dsts): the weight bridge's collective generator of buckets, yielding on each rank in `dsts`.
+        export(dsts): the weight bridge's collective generator of buckets, yielding on each rank in `dsts`; with
+        `written`, of descriptors of segments the node's ranks wrote themselves (sync/shm_direct.py: they call
+        `self.pusher.acquire` on the node's leader).
         tensors: the update's announcement (`shm_push.announce_model`). Returns the new version; raises
         ColocatedError on every rank if any node or server failed (no server serves the new version then)."""
         from megatron_trace.rollout.client import drain
@@ -192,7 +194,7 @@ class ColocatedServers:
         buckets = export(self.leaders)
         if self.pusher is not None:
             try:
-                self.pusher.load(buckets, target, tensors)
+                self.pusher.load(buckets, target, tensors, written=written)
             except Exception as e:  # noqa: BLE001 - every rank raises it below
                 error = f"node {self.pusher.node}: weight update to version {target}: {e}"
         else:

@@ -78,11 +78,19 @@ class ShmPusher:
                                getattr(e, "status", None)) from e
         return out
 
-    def load(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int, tensors: list[list]) -> int:
+    def acquire(self, index: int, nbytes: int) -> str:
+        """For `load(..., written=True)`: the name of a segment of >= nbytes to write bucket `index` into."""
+        return self.writer.acquire(index, nbytes).name
+
+    def load(self, buckets: Iterable, version: int, tensors: list[list], written: bool = False) -> int:
         """Stream `buckets` into every local server as the update to `version` (announced as `tensors`); returns
         the bucket count. The servers hold the weights unserved until `commit_all`. stats afterwards: export
         (waiting for the bridge), handoff (writing segments), load (waiting for the servers beyond that),
-        finish (the servers' last layers), in seconds."""
+        finish (the servers' last layers), in seconds.
+        written: the buckets are `/weights/shm` descriptors of segments already written (sync/shm_direct.py, each
+        rank writing its own shards into segments from `acquire`); the previous bucket is then waited for before
+        the next is drawn, so that its segment can be reused (<= 2 segments alive) and export includes the
+        writing."""
         it = iter(buckets)
         stats = dict(export=0.0, handoff=0.0, load=0.0, finish=0.0)
         inflight: Future | None = None
@@ -105,16 +113,21 @@ class ShmPusher:
             self._on_all(f"announcing the update to version {version}", lambda c: c.shm_begin(version, tensors))
             self.writer.release_all()
             while True:
+                if written:
+                    wait()  # the segments the previous buckets let go of are free before the next is written
                 t0 = time.perf_counter()
                 bucket = next(it, None)
                 stats["export"] += time.perf_counter() - t0
                 if bucket is None:
                     break
-                wait()  # the previous bucket is taken (and the segments it let go of are free) before writing
-                t0 = time.perf_counter()
-                desc = self.writer.write(count, bucket)
+                if written:
+                    desc = bucket
+                else:
+                    wait()  # the previous bucket is taken (and the segments it let go of are free) before writing
+                    t0 = time.perf_counter()
+                    desc = self.writer.write(count, bucket)
+                    stats["handoff"] += time.perf_counter() - t0
                 del bucket
-                stats["handoff"] += time.perf_counter() - t0
                 index = count
                 inflight = self._inflight.submit(
                     self._on_all, f"bucket {index} of the update to version {version}",

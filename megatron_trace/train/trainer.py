@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megatron_trace.config import TraceConfig, load_run_tokenizer, to_dict, validate_run_config
 from megatron_trace.distributed import collectives
@@ -653,9 +654,23 @@ class Trainer:
             from megatron_trace.sync.shm_push import announce_model
             from megatron_trace.sync.weight_bridge import params_dtype_of
 
-            self.colocated.sync(
-                lambda dsts: export_hf_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes, dsts=dsts),
-                announce_model(self.hf_config, params_dtype_of(self.model[0])))
+            announce = announce_model(self.hf_config, params_dtype_of(self.model[0]))
+            leader = self._shm_direct_leader()
+            if leader is None:  # the bridge gathers each parameter onto the node's leader
+                self.colocated.sync(lambda dsts: export_hf_buckets(self.model[0], self.hf_config,
+                                                                   bucket_bytes=bucket_bytes, dsts=dsts), announce)
+                return
+            from megatron_trace.sync.shm_direct import write_buckets
+
+            def direct(dsts):  # every rank of the leader's TP group writes its own shards into the node's segments
+                if leader < 0:
+                    return iter(())
+                acquire = self.colocated.pusher.acquire if self.layout.rank == leader else None
+                return write_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes,
+                                     group=self.layout.tp_group(), leader=leader, acquire=acquire,
+                                     tp_rank=self.layout.tp_rank, tp_size=self.layout.tp)
+
+            self.colocated.sync(direct, announce, written=True)
             return
         if self.cfg.rollout.weight_transport == "nccl":
             self._sync_weights_nccl(bucket_bytes)
@@ -666,6 +681,28 @@ class Trainer:
         else:
             for _ in buckets:
                 pass
+
+    def _shm_direct_leader(self) -> int | None:
+        """Whether the colocated refresh can skip the gather (sync/shm_direct.py), the same answer on every rank:
+        None when it cannot (pipeline or context parallelism, GPU parameters, a TP group spanning two nodes);
+        else the node leader this rank's TP group writes for, or -1 when its group holds none (another
+        data-parallel replica of the node). Collective once (one MIN all-reduce), then cached."""
+        if hasattr(self, "_direct_leader"):
+            return self._direct_leader
+        lay = self.layout
+        leaders = sorted(self.colocated.leaders)
+        ranks = dist.get_process_group_ranks(lay.tp_group()) if lay.tp > 1 else [lay.rank]
+
+        def node(r: int) -> int:  # torchrun numbers ranks node by node: a rank's node leader is the last one <= it
+            return max(x for x in leaders if x <= r)
+
+        ok = lay.pp == 1 and lay.cp == 1 and next(self.model[0].parameters()).device.type == "cpu" \
+            and len({node(r) for r in ranks}) == 1
+        flag = torch.tensor([1 if ok else 0], dtype=torch.long)
+        collectives.all_reduce(flag, op=dist.ReduceOp.MIN)
+        mine = [r for r in ranks if r in leaders]
+        self._direct_leader = None if not int(flag[0]) else (mine[0] if mine else -1)
+        return self._direct_leader
 
     def _sync_weights_nccl(self, bucket_bytes: int) -> None:
         """sync_weights over the NCCL weight group (sync/nccl_push.py), collective: the driver announces the update
