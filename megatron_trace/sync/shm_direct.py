@@ -1,12 +1,13 @@
-"""Gather-free node-local export (WIP, issue 11): every TP rank of a replica that lives inside one node writes its own
-shards straight into the node's /dev/shm bucket segments, at their HF offsets, so no rank gathers the others' shards
-(today's `export_hf_buckets` all-gathers them onto the leader over the process group: on CPU, gloo over loopback).
+"""Gather-free node-local export: every TP rank of a replica that lives inside one node writes its own shards
+straight into the node's /dev/shm bucket segments, at their HF offsets, so no rank gathers the others' shards
+(`export_hf_buckets` gathers them onto the leader over the process group: on CPU, gloo over loopback).
 
 Every rank computes the same bucket plan from the config alone (`bucket_plan`: the bridge's order and bucket rule,
 the shared-memory slot layout); per bucket the leader picks a segment (`acquire`, which owns the release
 bookkeeping), broadcasts its name, every rank maps it and writes its shards (`write_shard_into_hf`), and after a
 barrier the leader yields the `/weights/shm` descriptor. One copy per byte, made by the rank that holds it.
-Supported: pipeline size 1 (the whole replica in the node), any TP.
+Supported: pipeline size 1 (the whole replica in the node), any TP, CPU parameters (the trainer uses it for the
+colocated CPU refresh; on GPU, untested here, it keeps the gathering bridge).
 """
 
 from __future__ import annotations
