@@ -20,10 +20,9 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from megatron_trace.checkpoint.hf_mapping import (Qwen3Dims, hf_param_shapes, megatron_param_names,
-                                                  write_shard_into_hf)
+from megatron_trace.checkpoint.hf_mapping import Qwen3Dims, hf_param_shapes, write_shard_into_hf
 from megatron_trace.rollout.shm_weights import DTYPES, SHM_DIR, check_segment_name, slot_layout
-from megatron_trace.sync.weight_bridge import _hf_names, local_named_params
+from megatron_trace.sync.weight_bridge import bucket_names, local_named_params
 
 __all__ = ["PlannedBucket", "bucket_plan", "write_buckets"]
 
@@ -37,48 +36,18 @@ class PlannedBucket:
 
 
 def bucket_plan(hf_config: Mapping, dtype: torch.dtype, bucket_bytes: int) -> list[PlannedBucket]:
-    """The buckets `export_hf_buckets(bucket_bytes=...)` yields for this model, as names, shapes and slot offsets:
-    a parameter's HF tensors share a bucket when they fit in one, a bucket closes before the tensor that would
-    overflow it."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    dims = Qwen3Dims.from_hf_config(hf_config)
-    shapes = hf_param_shapes(dims)
+    """The buckets `export_hf_buckets(bucket_bytes=...)` yields for this model (`weight_bridge.bucket_names`), as
+    names, shapes and the shared-memory slot offsets."""
     dname = str(dtype).removeprefix("torch.")
     if dname not in DTYPES:
         raise ValueError(f"dtype {dtype} cannot be sent through shared memory (expected one of {sorted(DTYPES)})")
-    item = DTYPES[dname].itemsize
-    out: list[PlannedBucket] = []
-    cur, size = PlannedBucket(), 0
-
-    def nbytes(n: str) -> int:
-        k = item
-        for d in shapes[n]:
-            k *= d
-        return k
-
-    def flush() -> None:
-        nonlocal cur, size
-        if cur.entries:
-            cur.slots, cur.nbytes = slot_layout(cur.entries)
-            out.append(cur)
-        cur, size = PlannedBucket(), 0
-
-    for mname in megatron_param_names(dims):
-        names = _hf_names(mname, dims)
-        if not names:
-            continue
-        group = sum(nbytes(n) for n in names)
-        if cur.entries and size + group > bucket_bytes >= group:
-            flush()
-        for n in names:
-            if cur.entries and size + nbytes(n) > bucket_bytes:
-                flush()
-            cur.entries.append((n, dname, tuple(shapes[n])))
-            if not cur.params or cur.params[-1] != mname:
-                cur.params.append(mname)
-            size += nbytes(n)
-    flush()
+    shapes = hf_param_shapes(Qwen3Dims.from_hf_config(hf_config))
+    out = []
+    for names in bucket_names(hf_config, DTYPES[dname].itemsize, bucket_bytes):
+        b = PlannedBucket(params=list(dict.fromkeys(m for _, m in names)),
+                          entries=[(n, dname, tuple(shapes[n])) for n, _ in names])
+        b.slots, b.nbytes = slot_layout(b.entries)
+        out.append(b)
     return out
 
 

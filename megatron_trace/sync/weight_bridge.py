@@ -68,10 +68,6 @@ def local_named_params(model, dims: Qwen3Dims, pp: int, pp_rank: int) -> dict[st
     return out
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int = 0,
                       dtype: torch.dtype | None = None, dsts=None) -> Iterator[Bucket]:
     """Yield, on global rank `dst`, buckets of (HF name, full tensor) covering the whole model; collective.
@@ -113,9 +109,12 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
         source = rank if rank in dsts else -1
     params = local_named_params(model, dims, pp, pp_rank)
     device = next(unwrap_model(model).parameters()).device
+    wire = dtype or params_dtype_of(model)
+    bucket_of = {n: i for i, names in enumerate(bucket_names(hf_config, wire.itemsize, bucket_bytes))
+                 for n, _ in names}
 
     bucket: Bucket = []
-    size = 0
+    current = 0
     with torch.no_grad():
         for mname in megatron_param_names(dims):
             stage = stage_of(mname, dims, pp)
@@ -156,31 +155,55 @@ def export_hf_buckets(model, hf_config: Mapping, *, bucket_bytes: int, dst: int 
                     if rank not in dsts:
                         hf_tensors = []
                 elif rank == source:
-                    names = [n for n in _hf_names(mname, dims)]
-                    wire = dtype or params_dtype_of(model)
-                    for n in names:
+                    for n in _hf_names(mname, dims):
                         # On the model's device (CUDA under NCCL): the leader sends from there too.
                         buf = torch.empty(hf_shapes[n], dtype=wire, device=device)
                         collectives.recv(buf, src=leader)
                         hf_tensors.append((n, buf))
             if rank != source:
                 continue
-            group = sum(_tensor_bytes(t) for _, t in hf_tensors)
-            if bucket and size + group > bucket_bytes >= group:
-                # One parameter's HF tensors (q, k, v; gate, up) share a bucket when they fit in one: the engine
-                # fuses them again, from one mapping without a copy when they lie back to back.
-                yield bucket
-                bucket, size = [], 0
             for name, t in hf_tensors:
-                t = t if (t.is_contiguous() and not _is_view_of_param(t, params)) else t.contiguous()
-                nbytes = _tensor_bytes(t)
-                if bucket and size + nbytes > bucket_bytes:
+                if bucket and bucket_of[name] != current:
                     yield bucket
-                    bucket, size = [], 0
+                    bucket = []
+                current = bucket_of[name]
+                t = t if (t.is_contiguous() and not _is_view_of_param(t, params)) else t.contiguous()
                 bucket.append((name, t.clone() if _is_view_of_param(t, params) else t))
-                size += nbytes
     if rank == source and bucket:
         yield bucket
+
+
+def bucket_names(hf_config: Mapping, itemsize: int, bucket_bytes: int) -> list[list[tuple[str, str]]]:
+    """The buckets of an export, from the config alone: [[(HF name, Megatron name), ...], ...] in export order.
+    A parameter's HF tensors (q, k, v; gate, up) share a bucket when they fit in one (the engine fuses them again,
+    from one mapping without a copy when they lie back to back); a bucket closes before the tensor that would take
+    it past `bucket_bytes`; a tensor larger than that travels alone. itemsize: bytes per element on the wire."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    dims = Qwen3Dims.from_hf_config(hf_config)
+    shapes = hf_param_shapes(dims)
+
+    def nbytes(n: str) -> int:
+        return int(torch.Size(shapes[n]).numel()) * itemsize
+
+    out: list[list[tuple[str, str]]] = []
+    cur: list[tuple[str, str]] = []
+    size = 0
+    for mname in megatron_param_names(dims):
+        names = _hf_names(mname, dims)
+        group = sum(nbytes(n) for n in names)
+        if cur and size + group > bucket_bytes >= group:
+            out.append(cur)
+            cur, size = [], 0
+        for n in names:
+            if cur and size + nbytes(n) > bucket_bytes:
+                out.append(cur)
+                cur, size = [], 0
+            cur.append((n, mname))
+            size += nbytes(n)
+    if cur:
+        out.append(cur)
+    return out
 
 
 def export_announcement(hf_config: Mapping, dtype: torch.dtype):
