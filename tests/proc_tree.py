@@ -1,4 +1,5 @@
-"""Process-tree helpers for the tests that kill a trainer and check what it leaves behind."""
+"""Process helpers for the tests: the children of a pid (what a killed trainer leaves behind), and waiting on
+subprocesses started together."""
 
 from __future__ import annotations
 
@@ -17,3 +18,17 @@ def children_of(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 pass
     return out
+
+
+def wait_all(procs: list, timeout: float) -> None:
+    """Wait for every (Popen, log file) of `procs`, each up to `timeout` s; whatever happens, kill the ones still
+    running and close every log."""
+    try:
+        for p, _ in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()

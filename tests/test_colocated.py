@@ -13,6 +13,7 @@ import pytest
 from megatron_trace.config import load_config
 from megatron_trace.config_base import ConfigError
 from megatron_trace.rollout.colocated import server_gpu_groups
+from proc_tree import wait_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml")
@@ -59,15 +60,7 @@ def _torchrun_two_nodes(script_args: list[str], out_dir, timeout: int, env=None)
                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *script_args]
         log = open(os.path.join(out_dir, f"node{node}.log"), "w")
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        for p, _ in procs:
-            p.wait(timeout=timeout)
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
+    wait_all(procs, timeout)
     return [p.returncode for p, _ in procs]
 
 
@@ -132,14 +125,8 @@ def test_the_multi_node_launcher_runs_two_nodes_on_localhost_each_with_its_own_s
         procs.append((subprocess.Popen(["bash", "examples/lib/launch_trace.sh", *overrides], cwd=REPO,
                                        env={**env, "NODE_RANK": str(node)}, stdout=log, stderr=subprocess.STDOUT),
                       log))
-    try:
-        codes = [p.wait(timeout=1500) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
+    wait_all(procs, 1500)
+    codes = [p.returncode for p, _ in procs]
     assert codes == [0, 0], _tail(tmp_path / "node0.log") + _tail(tmp_path / "node1.log")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [0] and steps[0]["tokens_generated"] > 0

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from proc_tree import wait_all
 from tiny_hf_model import make_tiny_qwen3_dir
 
 pytestmark = pytest.mark.slow
@@ -34,14 +35,8 @@ def _evaluate_together(jobs: list[tuple[str, str]]) -> None:
                    "--k", str(K), "--max-tokens", str(MAX_TOKENS), "--reward-workers", "1"]
             log = open(out + ".log", "w")
             procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
-        for p, _ in procs:
-            p.wait(timeout=400)
     finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
+        wait_all(procs, 400)
     for (model, out), (p, _) in zip(jobs, procs):
         assert p.returncode == 0, f"{model}:\n" + open(out + ".log").read()[-8000:]
 
