@@ -134,6 +134,27 @@ def test_non_finite_weights_are_refused_and_the_old_weights_keep_serving(engine,
         engine.update_weights(half)
 
 
+def test_streamed_updates_of_an_untied_model_are_copied_in_place_and_served(engine, model_dir, tmp_path_factory):
+    """The in-place refit (rollout/cpu_refit.py) of an untied model: the head's own weight is copied while its
+    kernel is re-packed from the new tensor on a second thread; the linear layers re-packed from the stream. To
+    model b, then back to a (the second refit re-packs where the first's kernels were)."""
+    from tiny_hf_model import hf_greedy, hf_logprobs
+    from transformers import Qwen3ForCausalLM
+
+    other = make_tiny_qwen3_dir(str(tmp_path_factory.mktemp("m") / "b"), seed=22, tied=False)
+    for d in (other, model_dir):
+        v = engine.weight_version
+        engine.load_weights_stream(iter(sorted(load_file(f"{d}/model.safetensors").items())), v + 1)
+        refit = engine.last_refit
+        assert refit is not None and refit["packed_bytes"] > 0 and refit["copied_bytes"] > 0, refit
+        assert engine.commit_loaded_weights(v + 1) == v + 1
+        hf = Qwen3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        out = engine.generate([PROMPT], GREEDY)[0][0]
+        assert out.token_ids == hf_greedy(hf, PROMPT, GREEDY.max_tokens)
+        torch.testing.assert_close(torch.tensor(out.logprobs, dtype=torch.float64),
+                                   hf_logprobs(hf, PROMPT, out.token_ids), atol=1e-4, rtol=0)
+
+
 def test_a_busy_server_dies_with_its_trainer_killed_by_sigkill(model_dir, tmp_path):
     """The trainer's launcher (ManagedServer with its defaults) in a parent process; SIGKILL the parent while the
     server generates a long request: the server is gone within the bounded shutdown (before: it ran on, reparented

@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.slow
 
 from megatron_trace.rollout.shm_weights import (
-    SHM_DIR, BucketMapping, ShmBucketWriter, ShmProtocolError, bucket_layout,
+    SHM_DIR, BucketMapping, SegmentMaps, ShmBucketWriter, ShmProtocolError, bucket_layout,
 )
 
 
@@ -42,6 +42,55 @@ def test_a_bucket_written_by_the_trainer_maps_bitwise_on_the_server_side():
     finally:
         writer.close()
     assert not os.path.exists(path)  # close removes the segments
+
+
+def test_kept_segment_mappings_are_reused_checked_and_still_say_when_a_bucket_is_released():
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(1)
+    writer, maps = ShmBucketWriter(), SegmentMaps(capacity=2)
+    try:
+        def mapped(index, bucket):
+            m = BucketMapping(writer.write(index, bucket), max_bytes=1 << 24, maps=maps)
+            writer.release([index])
+            for (n, t), (k, u) in zip(bucket, m.tensors):
+                assert n == k and torch.equal(u, t)  # the values written now, never the ones mapped before
+            return m
+
+        def mm(m):  # the mmap under a bucket's array
+            return m.base.base.obj
+
+        first = mapped(0, [("a", torch.randn(64, generator=g))])
+        released = []
+        weakref.finalize(first.base, released.append, 0)
+        second = mapped(1, [("a", torch.randn(64, generator=g))])  # the same segment, its new content
+        assert second.name == first.name and mm(second) is mm(first)  # one mapping, kept
+        assert second.base is not first.base
+        del first
+        gc.collect()
+        assert released == [0]  # the bucket's own array is collected although the mapping is kept
+        grown = mapped(2, [("a", torch.randn(1 << 16, generator=g))])  # the segment grew: mapped again
+        assert grown.name == second.name and mm(grown) is not mm(second)
+        # a different file under the same name (another inode) is mapped again, not read through the old mapping
+        path = os.path.join(SHM_DIR, grown.name)
+        os.unlink(path)
+        fresh = torch.arange(1 << 16, dtype=torch.float32)
+        with open(path, "wb") as f:
+            f.write(fresh.numpy().tobytes())
+        desc = {"segment": grown.name, "nbytes": fresh.numel() * 4, "tensors": [["a", "float32", [1 << 16], 0]]}
+        again = BucketMapping(desc, max_bytes=1 << 24, maps=maps)
+        assert mm(again) is not mm(grown) and torch.equal(again.tensors[0][1], fresh)
+        # at most `capacity` kept: two more segments push the oldest out
+        writer.write(3, [("a", torch.ones(4))])  # holds its segment: the next bucket gets a new one
+        other = BucketMapping(writer.write(4, [("b", torch.ones(4))]), max_bytes=1 << 24, maps=maps)
+        third = BucketMapping(writer.write(5, [("c", torch.ones(4))]), max_bytes=1 << 24, maps=maps)
+        assert len({grown.name, other.name, third.name}) == 3
+        assert list(maps._maps) == [other.name, third.name]
+        maps.clear()
+        assert not maps._maps and torch.equal(third.tensors[0][1], torch.ones(4))  # views outlive the cache
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -176,6 +225,7 @@ def test_an_update_through_shared_memory_is_served_only_after_the_commit(client,
         # embedding and norms copied into the live weights, nothing through vLLM's checkpoint-format reload
         (refit,) = pusher.refit
         assert refit is not None and refit["packed_bytes"] > 0 and refit["copied_bytes"] > 0, refit
+        assert refit["reuses_freed_memory"] is True  # the CPU server keeps freed pages for its re-packing
         # and back to model a (a second update reuses the segments)
         pusher.load(bridge_order_buckets(models["a"], hf_config_of(models["a"]), 5), v + 2,
                     announce_model(hf_config_of(models["a"]), torch.float32))

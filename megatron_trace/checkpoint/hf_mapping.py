@@ -35,6 +35,8 @@ from typing import Literal
 
 import torch
 
+from megatron_trace.fast_copy import copy_into
+
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
@@ -482,7 +484,7 @@ def _put(hf: Mapping[str, torch.Tensor], name: str, index, part: torch.Tensor) -
     if name not in hf:
         return 0
     dst = hf[name] if index is None else hf[name][index]
-    (dst.view(part.shape) if dst.is_contiguous() else dst).copy_(part)
+    copy_into(dst.view(part.shape) if dst.is_contiguous() else dst, part)
     return part.numel() * part.element_size()
 
 
@@ -490,7 +492,7 @@ def _copy_rows(dst: torch.Tensor, start: int, rows: torch.Tensor, vocab: int) ->
     """dst[start:start + n] = rows[:n], n the rows below `vocab` (megatron's padding rows are dropped)."""
     n = max(0, min(rows.shape[0], vocab - start))
     if n:
-        dst[start:start + n].copy_(rows[:n])
+        copy_into(dst[start:start + n], rows[:n])
     return n * rows[0].numel() * rows.element_size() if n else 0
 
 

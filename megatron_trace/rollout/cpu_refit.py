@@ -12,15 +12,22 @@ live parameters) cannot serve the linear layers either: on CPU their live `weigh
 live only inside the packed handler.
 
 What this module does instead (the minimum the CPU kernels allow):
-- parameters the kernels read as they are (embedding, norms, an untied head's `weight`): `param.copy_(new)`, one
-  copy into the live storage, as vLLM's kernel-format reload does;
+- parameters the kernels read as they are (embedding, norms, an untied head's `weight`): one copy into the live
+  storage (`fast_copy.copy_into`: memcpy speed), as vLLM's kernel-format reload does with `param.copy_`;
 - packed linear layers (qkv_proj, o_proj, gate_up_proj, down_proj): once all of a layer's checkpoint tensors
   arrived, the layer's `weight` is set to them (a view when they lie back to back in one mapping, as the
   shared-memory buckets lay them out; else one concatenation) and the layer's own
   `quant_method.process_weights_after_loading` packs it: vLLM's processing, run once, reading the new bytes once;
-- the output head: its packed copy is redone once (`process_weights_after_loading` of the head) right after its
-  weight was copied (a tied head's is the embedding: the bridge sends it first, so the packing overlaps the rest
-  of the stream).
+- the output head: its packed copy is redone once by the head's own `process_weights_after_loading`, from the
+  new tensor, on a second thread while the same tensor is copied into the live weight (a tied head's is the
+  embedding: the bridge sends it first).
+
+Re-packing allocates: each layer's kernel builds a new packed copy. glibc serves every allocation above 32 MiB
+(the head: vocab x hidden) with fresh pages from the kernel, and faulting them in cost 3x a memcpy of the bytes
+(measured: 0.30 s for the 0.62 GB head, memcpy 0.10 s). So the old kernel is dropped before its layer is packed
+again, and the CPU server keeps what it frees for reuse (`keep_freed_memory`, called at its start): the new
+packed copy lands in the pages the old one left, and the head's packing costs 1.2x a memcpy (0.12 s), the
+process's peak memory unchanged.
 
 Supported: CPU, unquantized, server tensor-parallel size 1, oneDNN or sgl packing (both keep their own copy of the
 weight), models whose fused layers are listed in `packed_modules_mapping` (Qwen3). `refit_plan_problem` says why an
@@ -29,14 +36,52 @@ engine does not qualify; the caller then uses vLLM's checkpoint-format reload.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import threading
+import types
 from typing import Iterable
 
 import torch
 
+from megatron_trace.fast_copy import copy_into
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["refit_plan_problem", "refit_in_place"]
+__all__ = ["refit_plan_problem", "refit_in_place", "keep_freed_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+_kept_freed_memory = False  # whether keep_freed_memory() took effect in this process
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory this process frees for its later allocations instead of returning it to the
+    kernel, so that a refit re-packs its layers into pages already faulted in (module docstring):
+    - M_MMAP_MAX 0: big blocks come from the heap, not from a fresh mmap each (glibc still falls back to mmap
+      when the heap cannot grow);
+    - M_TRIM_THRESHOLD at its maximum: the heap's top is never handed back;
+    - M_ARENA_MAX 1: every thread allocates from the main heap. The refit runs on a request thread, and a
+      thread's own arena serves blocks over 64 MiB with mmap whatever M_MMAP_MAX says.
+    Call it at the start of a CPU generation server, before threads allocate (arenas already made stay). The
+    cost: resident memory does not shrink after a free (it stays at its peak, which the server reaches at every
+    refit anyway), and threads share one heap lock. False where the C library is not glibc (nothing changed)."""
+    global _kept_freed_memory
+    if not _kept_freed_memory:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            mallopt = libc.mallopt
+        except (OSError, AttributeError):
+            return False
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        _kept_freed_memory = all(mallopt(param, value) == 1 for param, value in (
+            (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    return _kept_freed_memory
+
+
+def _drop_kernel(module) -> None:
+    """Free the layer's packed copy before it is packed again, so that the new one can take its pages."""
+    module.__dict__.pop("cpu_linear", None)
 
 
 def _model(worker):
@@ -140,6 +185,7 @@ def _pack(module, module_name: str, weight: torch.Tensor) -> None:
         raise ValueError(f"{module_name}: new weight {tuple(weight.shape)}, the layer computes with {want}")
     empty = module.weight
     module.weight = torch.nn.Parameter(weight, requires_grad=False)
+    _drop_kernel(module)  # a failure below leaves the layer without a kernel: the engine refuses to serve anyway
     try:
         module.quant_method.process_weights_after_loading(module)
     except BaseException:
@@ -151,15 +197,45 @@ def _pack(module, module_name: str, weight: torch.Tensor) -> None:
         module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
 
 
+def _copy_and_repack_head(head, method, live: torch.Tensor, new: torch.Tensor) -> None:
+    """live[...] = new, and the output head's kernel packed again from `new`, side by side: both only read `new`,
+    so the packing (oneDNN's blocked reorder, about twice a memcpy) runs on a second thread while this one copies.
+    The C++ packing op and numpy's copy both release the GIL. The head's method packs a stand-in layer whose
+    `weight` is `new` (the method reads nothing else of it), and the head takes the kernel it made."""
+    _drop_kernel(head)
+    stand_in = types.SimpleNamespace(weight=new)
+    failed: list[BaseException] = []
+
+    def pack() -> None:
+        try:
+            with torch.no_grad():
+                method.process_weights_after_loading(stand_in)
+        except BaseException as e:  # re-raised on the calling thread
+            failed.append(e)
+
+    packer = threading.Thread(target=pack, name="refit-head-pack", daemon=True)
+    packer.start()
+    try:
+        copy_into(live, new)
+    finally:
+        packer.join()
+    if failed:
+        raise failed[0]
+    if not hasattr(stand_in, "cpu_linear"):
+        raise RuntimeError(f"{type(method).__name__}.process_weights_after_loading made no CPU kernel for the head")
+    head.cpu_linear = stand_in.cpu_linear
+
+
 def refit_in_place(worker, weights_iterator: Iterable[tuple[str, torch.Tensor]]) -> dict:
     """Copy every (vLLM checkpoint name, tensor) of `weights_iterator` into the engine's live weights (module
     docstring). Runs inside the vLLM worker (`collective_rpc`). The iterator must carry a complete update (the
-    caller checks names, shapes and completeness). Returns {"copied_bytes", "merge_bytes", "packed_bytes"}: bytes
-    copied into live parameters, bytes concatenated because fused shards were not adjacent, bytes packed."""
+    caller checks names, shapes and completeness). Returns {"copied_bytes", "merge_bytes", "packed_bytes",
+    "reuses_freed_memory"}: bytes copied into live parameters, bytes concatenated because fused shards were not
+    adjacent, bytes packed, and whether the packing reuses freed pages (`keep_freed_memory`)."""
     model = _model(worker)
     mapping = model.packed_modules_mapping
     pending: dict[str, list] = {}  # fused module name -> its shards so far (dropped once packed)
-    stats = dict(copied_bytes=0, merge_bytes=0, packed_bytes=0)
+    stats = dict(copied_bytes=0, merge_bytes=0, packed_bytes=0, reuses_freed_memory=_kept_freed_memory)
     head = getattr(model, "lm_head", None)
     method = getattr(head, "quant_method", None)
     if head is None or not hasattr(method, "process_weights_after_loading") or not head.weight.numel():
@@ -172,15 +248,15 @@ def refit_in_place(worker, weights_iterator: Iterable[tuple[str, torch.Tensor]])
                 if target.param.shape != tensor.shape or target.param.dtype != tensor.dtype:
                     raise ValueError(f"weight {name!r}: {tensor.dtype} {tuple(tensor.shape)}, the live parameter "
                                      f"is {target.param.dtype} {tuple(target.param.shape)}")
-                target.param.data.copy_(tensor)
-                stats["copied_bytes"] += tensor.numel() * tensor.element_size()
                 if head is not None and target.param.data_ptr() == head.weight.data_ptr():
-                    # The head's packed copy (oneDNN) is of the old weights: redo it as soon as its weight (a tied
-                    # head's is the embedding, the first tensor the bridge sends) is in, so that it overlaps the
-                    # rest of the stream instead of trailing it.
-                    method.process_weights_after_loading(head)
-                    stats["packed_bytes"] += head.weight.numel() * head.weight.element_size()
+                    # The head's packed copy (oneDNN) is of the old weights: redo it from the new ones while they
+                    # are copied into the live weight (a tied head's is the embedding, the bridge's first tensor).
+                    _copy_and_repack_head(head, method, target.param.data, tensor)
+                    stats["packed_bytes"] += tensor.numel() * tensor.element_size()
                     head_packed = True
+                else:
+                    copy_into(target.param.data, tensor)
+                stats["copied_bytes"] += tensor.numel() * tensor.element_size()
                 del tensor, target
                 continue
             shards = pending.setdefault(target.module_name, [None] * target.shards)

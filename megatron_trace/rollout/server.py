@@ -472,6 +472,14 @@ def main(argv: list[str] | None = None) -> None:
         limits = ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits)})
     except ValueError as e:
         p.error(str(e))
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_trace.rollout.cpu_refit import keep_freed_memory
+
+        # Before any thread allocates: weight refits then re-pack into pages already faulted in (cpu_refit.py).
+        if not keep_freed_memory():
+            logger.info("not glibc: weight refits allocate fresh pages for every re-packed layer")
 
     import uvicorn
 

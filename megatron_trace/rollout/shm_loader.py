@@ -17,7 +17,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterator, Sequence
 
-from megatron_trace.rollout.shm_weights import BucketMapping, ShmProtocolError
+from megatron_trace.rollout.shm_weights import BucketMapping, SegmentMaps, ShmProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class ShmWeightLoader:
         self._loaded: int | None = None  # version loaded by a finished update, awaiting commit
         self._announced: list | None = None  # the open update's announcement (a retried begin is answered again)
         self._last_activity = clock()
+        self._segment_maps = SegmentMaps()  # the trainer's segments stay mapped from one update to the next
 
     def active(self) -> str | None:
         """A description of the shm update in progress (begun or loaded, not idle past idle_timeout_s), or None.
@@ -227,7 +228,7 @@ class ShmWeightLoader:
 
                     mapping = IpcBucketMapping(descriptor, torch.cuda.current_device())
                 else:
-                    mapping = BucketMapping(descriptor, self.max_bucket_bytes)
+                    mapping = BucketMapping(descriptor, self.max_bucket_bytes, self._segment_maps)
                 for name, t in mapping.tensors:
                     want = u.announced.get(name)
                     got = (str(t.dtype).removeprefix("torch."), tuple(t.shape))
@@ -296,5 +297,6 @@ class ShmWeightLoader:
             u, self._update, self._loaded = self._update, None, None
             if u is not None:
                 u.stop(reason)
+            self._segment_maps.clear()
             return {"status": "aborted", "weight_version": self.engine.weight_version}
 

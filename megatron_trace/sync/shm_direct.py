@@ -72,21 +72,28 @@ def _map(cache: dict, name: str, nbytes: int) -> torch.Tensor:
 
 def write_buckets(model, hf_config: Mapping, *, bucket_bytes: int, group, leader: int,
                   acquire: Callable[[int, int], str] | None, tp_rank: int, tp_size: int,
-                  dtype: torch.dtype | None = None) -> Iterator[dict]:
+                  dtype: torch.dtype | None = None, mappings: dict | None = None) -> Iterator[dict]:
     """Collective over `group` (the replica's TP ranks, pipeline size 1): write every bucket of `bucket_plan` into
     the segments the leader (global rank `leader`) acquires, each rank its own shards; yields on the leader, per
     bucket once every rank wrote it, the `/weights/shm` descriptor {index, segment, nbytes, tensors}. Elsewhere
-    yields nothing (iterate it all the same). acquire(index, nbytes) -> segment name: on the leader only."""
+    yields nothing (iterate it all the same). acquire(index, nbytes) -> segment name: on the leader only.
+
+    mappings: the caller's cache of segment mappings, kept from one refresh to the next (None: mapped for this
+    call only). The segments persist across refreshes, and writing through a fresh mapping faults every page in
+    again: 120 ms for a 311 MB shard against 57 ms through a mapping kept. Entries of segments this call did not
+    use are closed, so the cache holds the ones in use (normally two)."""
     dims = Qwen3Dims.from_hf_config(hf_config)
     params = local_named_params(model, dims, 1, 0)
     wire = dtype or next(iter(params.values())).dtype
     rank = dist.get_rank()
-    cache: dict = {}
+    cache: dict = {} if mappings is None else mappings
+    used: set[str] = set()
     try:
         for index, bucket in enumerate(bucket_plan(hf_config, wire, bucket_bytes)):
             box = [acquire(index, bucket.nbytes) if rank == leader else None]
             dist.broadcast_object_list(box, src=leader, group=group)
             flat = _map(cache, box[0], bucket.nbytes)
+            used.add(box[0])
             views = {}
             for name, dname, shape, offset in bucket.slots:
                 dt = DTYPES[dname]
@@ -102,4 +109,5 @@ def write_buckets(model, hf_config: Mapping, *, bucket_bytes: int, group, leader
             if rank == leader:
                 yield {"index": index, "segment": box[0], "nbytes": bucket.nbytes, "tensors": bucket.slots}
     finally:
-        cache.clear()  # each mapping closes once no view of it is left
+        for name in [n for n in cache if mappings is None or n not in used]:
+            del cache[name]  # each mapping closes once no view of it is left

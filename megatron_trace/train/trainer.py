@@ -662,13 +662,17 @@ class Trainer:
                 return
             from megatron_trace.sync.shm_direct import write_buckets
 
+            if not hasattr(self, "_shm_mappings"):
+                self._shm_mappings: dict = {}  # the node's segments stay mapped from one refresh to the next
+
             def direct(dsts):  # every rank of the leader's TP group writes its own shards into the node's segments
                 if leader < 0:
                     return iter(())
                 acquire = self.colocated.pusher.acquire if self.layout.rank == leader else None
                 return write_buckets(self.model[0], self.hf_config, bucket_bytes=bucket_bytes,
                                      group=self.layout.tp_group(), leader=leader, acquire=acquire,
-                                     tp_rank=self.layout.tp_rank, tp_size=self.layout.tp)
+                                     tp_rank=self.layout.tp_rank, tp_size=self.layout.tp,
+                                     mappings=self._shm_mappings)
 
             self.colocated.sync(direct, announce, written=True)
             return
