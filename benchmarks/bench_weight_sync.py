@@ -18,9 +18,10 @@ before writing k+1, so a segment is reused only once released); the stage times 
 waiting for the bridge's next bucket, hand-off = writing segments, load = waiting for the servers beyond that,
 finish = the servers' last layers after the last bucket, commit = the version flip. Their sum is the whole refresh.
 
-Reference, same run: memcpy = `dst.copy_(src)` of one flat buffer holding as many bytes as the export, both
-preallocated and faulted in (the floor for any refresh that moves the bytes once; one thread). Medians of
---repeats; ratios are each median over memcpy's median. The last line counts every copy a refresh makes, in units
+Reference, same run: memcpy = the fastest plain copy of one flat buffer holding as many bytes as the export, both
+preallocated and faulted in (the floor for any refresh that moves the bytes once): the C library's memcpy on one
+thread (np.copyto), torch's `copy_` on one thread and on every CPU; each is printed, the fastest is the yardstick.
+Medians of --repeats; ratios are each median over the yardstick's median. The last line counts every copy a refresh makes, in units
 of the exported bytes (trainer side from the bridge's rules, server side from the engine's own byte counters).
 On a loaded machine the ratios are skewed (memcpy most of all): read the absolute stage times.
 
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +49,11 @@ from bench_weight_bridge import hf_config, write_initial_folder  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
 
 TOKEN_ENV = "BENCH_WEIGHT_SYNC_TOKEN"
+# (label, copy(dst, src), torch threads: None = every CPU): plain copies of the exported bytes; the fastest is the
+# yardstick. The C library's memcpy (numpy's copy) uses non-temporal stores, torch's copy kernel does not.
+MEMCPY_REFS = (("C memcpy (np.copyto), 1 thread", lambda d, s: np.copyto(d.numpy(), s.numpy()), 1),
+               ("tensor.copy_, 1 thread", lambda d, s: d.copy_(s), 1),
+               ("tensor.copy_, every CPU", lambda d, s: d.copy_(s), None))
 STAGES = ("export", "handoff", "load", "finish", "commit")
 
 
@@ -72,6 +79,7 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
             version = max(c.version() for c in clients)
         tensors = announce_model(cfg, torch.float32)
         nbytes = 0
+        mappings: dict = {}  # segment mappings kept across refreshes, as the trainer keeps them
         for r in range(repeats):
             dist.barrier()
             t0 = time.perf_counter()
@@ -82,7 +90,7 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
 
                 buckets = write_buckets(model, cfg, bucket_bytes=bucket_bytes, group=ps.get_tensor_model_parallel_group(),
                                         leader=0, acquire=pusher.acquire if rank == 0 else None,
-                                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=2)
+                                        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=2, mappings=mappings)
             else:
                 buckets = export_hf_buckets(model, cfg, bucket_bytes=bucket_bytes)
             if rank == 0:
@@ -107,10 +115,17 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
             nbytes = sum(int(torch.Size(s).numel()) * 4 for _, _, s in tensors)
             src = torch.ones(nbytes, dtype=torch.uint8)
             dst = torch.zeros(nbytes, dtype=torch.uint8)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                out["memcpy"].append(time.perf_counter() - t0)
+            out["memcpy_refs"] = {label: [] for label, _, _ in MEMCPY_REFS}
+            for label, copy, threads in MEMCPY_REFS:
+                torch.set_num_threads(threads or os.cpu_count())
+                copy(dst, src)  # warm (both buffers faulted in already)
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    copy(dst, src)
+                    out["memcpy_refs"][label].append(time.perf_counter() - t0)
+            torch.set_num_threads(1)
+            # the yardstick: the fastest plain copy of the same bytes
+            out["memcpy"] = min(out["memcpy_refs"].values(), key=statistics.median)
             out["nbytes"] = nbytes
             out["segments"] = pusher.writer.max_segments
             out["versions"] = [c.version() for c in clients]
@@ -203,15 +218,16 @@ def main() -> None:
               f"{args.servers} colocated server(s); export {args.export}; {args.repeats} repeats; 1 torch thread per process; host CPUs "
               f"{os.cpu_count()}; load average at end {os.getloadavg()[0]:.1f}; trainer launch {launch_s:.0f} s; "
               f"trainer /dev/shm segments alive at most: {res['segments']}")
-        print(f"{'row':<44} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9} {'share':>6}")
-        rows = [("memcpy (one flat tensor.copy_)", res["memcpy"], None),
-                ("whole refresh (export+handoff+load+commit)", res["total"], None)]
+        print(f"{'row':<52} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9} {'share':>6}")
+        rows = [(f"memcpy: {label}{' (yardstick)' if times is res['memcpy'] or times == res['memcpy'] else ''}",
+                 times, None) for label, times in res["memcpy_refs"].items()]
+        rows += [("whole refresh (export+handoff+load+commit)", res["total"], None)]
         rows += [(f"  stage: {s}", res[s], statistics.median(res[s]) / total) for s in STAGES]
         rows += [("  (server: load time, overlapped)", res["server_load"], None)]
         for name, times, share in rows:
             med = statistics.median(times)
             rate = f"{nbytes / med / 1e9:.2f}" if med > 0 else "-"  # direct: no separate hand-off
-            print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {rate:>7} {med / base:>9.1f} "
+            print(f"{name:<52} {med:>9.3f} {min(times):>8.3f} {rate:>7} {med / base:>9.1f} "
                   f"{'' if share is None else f'{100 * share:.0f}%':>6}")
         print("runs (s): " + "; ".join(f"{k} {', '.join(f'{x:.3f}' for x in res[k])}"
                                        for k in ("memcpy", "total", *STAGES)))
