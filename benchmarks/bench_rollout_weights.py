@@ -4,9 +4,9 @@
 Builds a synthetic Qwen3-shaped HF model (Qwen3-0.6B widths, --layers deep, fp32, random weights), starts the
 in-process engine on it and pushes the same HF-named tensors (in buckets of --bucket-mb) R times; then does the
 same through `tools/serve_rollout.py` (started by `ManagedServer`, as the trainer starts it) + `RolloutClient`.
-The baseline is `dst.copy_(src)` of the same bytes into preallocated tensors (the floor for any update that
-lands in fresh memory). Prints medians, GB/s, and each method's time as a multiple of memcpy's. Each method
-gets one untimed warm-up call.
+The baseline is the fastest plain copy of the same bytes into preallocated tensors (copy_yardstick.py: the C
+library's memcpy, torch's `copy_` on one thread and on every CPU; the floor for any update). Prints medians,
+GB/s, and each method's time as a multiple of the fastest copy's. Each method gets one untimed warm-up call.
 
     .venv/bin/python benchmarks/bench_rollout_weights.py --layers 16 --repeats 3   # ~7 GB peak RAM
 """
@@ -21,7 +21,12 @@ import statistics
 import tempfile
 import time
 
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from copy_yardstick import copy_references, fastest  # noqa: E402
 
 TOKEN_ENV = "BENCH_ROLLOUT_TOKEN"
 
@@ -103,7 +108,8 @@ def main() -> None:
         rows = []
 
         dst = {n: torch.empty_like(t) for n, t in new.items()}
-        rows.append(("memcpy (tensor.copy_)", timed(lambda: [dst[n].copy_(t) for n, t in new.items()], args.repeats)))
+        refs = copy_references([(dst[n], t) for n, t in new.items()], args.repeats)
+        rows += [(f"memcpy: {label}", times) for label, times in refs.items()]
         del dst
 
         from megatron_trace.rollout.engine import EngineConfig, VLLMEngine
@@ -117,13 +123,13 @@ def main() -> None:
         if not args.skip_http:
             rows.append(("HTTP push to server", http_times(model_dir, buckets, args.repeats, work)))
 
-        base = statistics.median(rows[0][1])
+        base = statistics.median(fastest(refs)[1])  # the yardstick
         print(f"\nweights: {nparams / 1e9:.3f} B params, {nbytes / 1e9:.2f} GB fp32, {len(buckets)} buckets of "
               f"~{args.bucket_mb} MiB; {args.repeats} repeats; torch threads 1; host CPUs {os.cpu_count()}")
-        print(f"{'method':<26} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9}")
+        print(f"{'method':<40} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9}")
         for name, times in rows:
             med = statistics.median(times)
-            print(f"{name:<26} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f}")
+            print(f"{name:<40} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

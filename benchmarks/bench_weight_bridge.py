@@ -4,8 +4,8 @@ against a plain memcpy of the same bytes.
 
 A synthetic Qwen3 (Qwen3-0.6B widths, --layers deep, tied embedding, fp32, random weights) is built by Megatron at
 TP=2 on two local ranks (gloo). Rows, each the median of --repeats runs:
-- memcpy: `dst.copy_(src)` of every exported tensor into preallocated tensors (the floor for any update that
-  lands in fresh memory; one process, one thread).
+- memcpy: plain copies of every exported tensor into preallocated tensors (copy_yardstick.py: the C library's
+  memcpy, torch's `copy_` on one thread and on every CPU; the floor for any update), the fastest the yardstick.
 - bridge only: `export_hf_buckets` on both ranks, rank 0 dropping each bucket (TP gather + merge + HF layout).
 - bridge -> HTTP server: rank 0 streams the bridge's buckets into `RolloutClient.update_weights`, which pushes
   them to `tools/serve_rollout.py` (a separate process), timed until the server has applied them: the path of a
@@ -13,7 +13,7 @@ TP=2 on two local ranks (gloo). Rows, each the median of --repeats runs:
 - in-process reload: `VLLMEngine.update_weights` of the same buckets, in a process of its own (vLLM cannot share
   a process with a multi-rank gloo world), and bridge + in-process = the sum of the two medians (what a
   colocated trainer would pay if the bridge could feed an engine in its own process).
-Ratios are each row's median over memcpy's median, measured in the same run.
+Ratios are each row's median over the fastest copy's median, measured in the same run.
 
     .venv/bin/python benchmarks/bench_weight_bridge.py --layers 16 --repeats 3     # ~9 GB peak RAM, ~6 min
 """
@@ -34,7 +34,9 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
+from copy_yardstick import copy_references, fastest  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
 
 TOKEN_ENV = "BENCH_WEIGHT_BRIDGE_TOKEN"
@@ -188,13 +190,15 @@ def main() -> None:
         nbytes = sum(t.numel() * t.element_size() for b in buckets for _, t in b)
         nparams = sum(t.numel() for b in buckets for _, t in b)
         dst = [[torch.empty_like(t) for _, t in b] for b in buckets]
-        memcpy = timed(lambda: [d.copy_(t) for db, b in zip(dst, buckets) for d, (_, t) in zip(db, b)], args.repeats)
+        refs = copy_references([(d, t) for db, b in zip(dst, buckets) for d, (_, t) in zip(db, b)], args.repeats)
+        memcpy = fastest(refs)[1]
         del dst
         gc.collect()
         reload = in_process_times(export_dir, buckets, args.repeats)
 
         base = statistics.median(memcpy)
-        rows = [("memcpy (tensor.copy_)", memcpy), ("bridge only (TP=2 -> rank 0)", trainer["bridge"]),
+        rows = [(f"memcpy: {label}", times) for label, times in refs.items()]
+        rows += [("bridge only (TP=2 -> rank 0)", trainer["bridge"]),
                 ("in-process vLLM reload", reload)]
         composed = statistics.median(trainer["bridge"]) + statistics.median(reload)
         if trainer["http"]:
@@ -202,11 +206,11 @@ def main() -> None:
         print(f"\nweights: {nparams / 1e9:.3f} B params, {nbytes / 1e9:.2f} GB fp32, {len(buckets)} buckets of "
               f"<= {args.bucket_mb} MiB; {args.repeats} repeats; 1 torch thread per process; host CPUs "
               f"{os.cpu_count()}; load average at end {os.getloadavg()[0]:.1f}; trainer launch {launch_s:.0f} s")
-        print(f"{'method':<34} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9}")
+        print(f"{'method':<40} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9}")
         for name, times in rows:
             med = statistics.median(times)
-            print(f"{name:<34} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f}")
-        print(f"{'bridge + in-process (sum)':<34} {composed:>9.3f} {'':>8} {nbytes / composed / 1e9:>7.2f} "
+            print(f"{name:<40} {med:>9.3f} {min(times):>8.3f} {nbytes / med / 1e9:>7.2f} {med / base:>9.1f}")
+        print(f"{'bridge + in-process (sum)':<40} {composed:>9.3f} {'':>8} {nbytes / composed / 1e9:>7.2f} "
               f"{composed / base:>9.1f}")
     finally:
         if server is not None:

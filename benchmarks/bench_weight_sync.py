@@ -19,10 +19,10 @@ waiting for the bridge's next bucket, hand-off = writing segments, load = waitin
 finish = the servers' last layers after the last bucket, commit = the version flip. Their sum is the whole refresh.
 
 Reference, same run: memcpy = the fastest plain copy of one flat buffer holding as many bytes as the export, both
-preallocated and faulted in (the floor for any refresh that moves the bytes once): the C library's memcpy on one
-thread (np.copyto), torch's `copy_` on one thread and on every CPU; each is printed, the fastest is the yardstick.
-Medians of --repeats; ratios are each median over the yardstick's median. The last line counts every copy a refresh makes, in units
-of the exported bytes (trainer side from the bridge's rules, server side from the engine's own byte counters).
+preallocated and faulted in (the floor for any refresh that moves the bytes once): copy_yardstick.py's three plain
+copies, each printed, the fastest the yardstick. Medians of --repeats; ratios are each median over the
+yardstick's median. The last line counts every copy a refresh makes, in units of the exported bytes (trainer side
+from the bridge's rules, server side from the engine's own byte counters).
 On a loaded machine the ratios are skewed (memcpy most of all): read the absolute stage times.
 
     .venv/bin/python benchmarks/bench_weight_sync.py --layers 1 --repeats 3
@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,14 +45,10 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 from bench_weight_bridge import hf_config, write_initial_folder  # noqa: E402
+from copy_yardstick import copy_references, fastest  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
 
 TOKEN_ENV = "BENCH_WEIGHT_SYNC_TOKEN"
-# (label, copy(dst, src), torch threads: None = every CPU): plain copies of the exported bytes; the fastest is the
-# yardstick. The C library's memcpy (numpy's copy) uses non-temporal stores, torch's copy kernel does not.
-MEMCPY_REFS = (("C memcpy (np.copyto), 1 thread", lambda d, s: np.copyto(d.numpy(), s.numpy()), 1),
-               ("tensor.copy_, 1 thread", lambda d, s: d.copy_(s), 1),
-               ("tensor.copy_, every CPU", lambda d, s: d.copy_(s), None))
 STAGES = ("export", "handoff", "load", "finish", "commit")
 
 
@@ -88,8 +83,9 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
 
                 from megatron_trace.sync.shm_direct import write_buckets
 
-                buckets = write_buckets(model, cfg, bucket_bytes=bucket_bytes, group=ps.get_tensor_model_parallel_group(),
-                                        leader=0, acquire=pusher.acquire if rank == 0 else None,
+                buckets = write_buckets(model, cfg, bucket_bytes=bucket_bytes,
+                                        group=ps.get_tensor_model_parallel_group(), leader=0,
+                                        acquire=pusher.acquire if rank == 0 else None,
                                         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=2, mappings=mappings)
             else:
                 buckets = export_hf_buckets(model, cfg, bucket_bytes=bucket_bytes)
@@ -115,17 +111,8 @@ def trainer_ranks(rank: int, world_size: int, cfg: dict, bucket_bytes: int, repe
             nbytes = sum(int(torch.Size(s).numel()) * 4 for _, _, s in tensors)
             src = torch.ones(nbytes, dtype=torch.uint8)
             dst = torch.zeros(nbytes, dtype=torch.uint8)
-            out["memcpy_refs"] = {label: [] for label, _, _ in MEMCPY_REFS}
-            for label, copy, threads in MEMCPY_REFS:
-                torch.set_num_threads(threads or os.cpu_count())
-                copy(dst, src)  # warm (both buffers faulted in already)
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    copy(dst, src)
-                    out["memcpy_refs"][label].append(time.perf_counter() - t0)
-            torch.set_num_threads(1)
-            # the yardstick: the fastest plain copy of the same bytes
-            out["memcpy"] = min(out["memcpy_refs"].values(), key=statistics.median)
+            out["memcpy_refs"] = copy_references([(dst, src)], repeats)
+            out["memcpy"] = fastest(out["memcpy_refs"])[1]  # the yardstick
             out["nbytes"] = nbytes
             out["segments"] = pusher.writer.max_segments
             out["versions"] = [c.version() for c in clients]
@@ -215,8 +202,8 @@ def main() -> None:
         base = statistics.median(res["memcpy"])
         total = statistics.median(res["total"])
         print(f"\nweights: {nbytes / 4e9:.3f} B params, {nbytes / 1e9:.2f} GB fp32; buckets <= {args.bucket_mb} MiB; "
-              f"{args.servers} colocated server(s); export {args.export}; {args.repeats} repeats; 1 torch thread per process; host CPUs "
-              f"{os.cpu_count()}; load average at end {os.getloadavg()[0]:.1f}; trainer launch {launch_s:.0f} s; "
+              f"{args.servers} colocated server(s); export {args.export}; {args.repeats} repeats; 1 torch thread "
+              f"per process; host CPUs {os.cpu_count()}; load average at end {os.getloadavg()[0]:.1f}; trainer launch {launch_s:.0f} s; "
               f"trainer /dev/shm segments alive at most: {res['segments']}")
         print(f"{'row':<52} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x memcpy':>9} {'share':>6}")
         rows = [(f"memcpy: {label}{' (yardstick)' if times is res['memcpy'] or times == res['memcpy'] else ''}",
