@@ -20,6 +20,8 @@ traceback and the next section still runs) and everything lands in one JSON repo
              installed, the full path: a generation server (tools/serve_rollout.py) on GPU 1 started from the
              exported model, the Trainer forms the group (`_build_weight_sync`), syncs twice (versions 1 and 2,
              all-or-nothing commit), the server's /version is checked, close() leaves the group.
+6. ipc       issue 11's GPU check: a bucket's CUDA IPC handles (rollout/cuda_ipc.py) made here and loaded in a
+             second process on the same GPU, bitwise (sha256 per tensor), the consumer's copy timed.
 
     # on the device machine (repo root), with the megatron-core wheel for its Python carried in wheels/:
     python tools/gpu_check.py --install-wheels wheels --out "$OUT" --budget-s 540
@@ -278,8 +280,63 @@ def _nccl_full(ctx: dict) -> dict:
     return {"mode": "full (server on GPU 1)", "group_s": formed, "sync_s": times, "server_version": version}
 
 
+_IPC_CHILD = r"""
+import hashlib, json, sys, time
+import torch
+from megatron_trace.rollout.cuda_ipc import IpcBucketMapping
+
+desc = json.loads(sys.stdin.read())
+torch.cuda.set_device(0)
+mapped = IpcBucketMapping(desc, 0)
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+own = [(n, t.clone()) for n, t in mapped.tensors]  # the load: one copy into this process's memory
+torch.cuda.synchronize()
+load_s = time.perf_counter() - t0
+digest = {n: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+          for n, t in own}
+print(json.dumps({"sha256": digest, "load_s": load_s}))
+"""
+
+
+def section_ipc(ctx: dict) -> dict:
+    """Issue 11's GPU check: a bucket's CUDA IPC handles (rollout/cuda_ipc.py, the colocated GPU refit) made in
+    this process and loaded in another process on the same GPU, bitwise (sha256 of every tensor's bytes), with
+    the consumer's copy timed."""
+    import hashlib
+
+    import torch
+
+    from megatron_trace.rollout.cuda_ipc import IpcBucketWriter
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bucket = [("model.embed_tokens.weight", torch.randn(32768, 1024, device="cuda", generator=g)),
+              ("model.layers.0.self_attn.q_proj.weight",
+               torch.randn(2048, 1024, device="cuda", generator=g).to(torch.bfloat16)),
+              ("model.norm.weight", torch.randn(1024, device="cuda", generator=g))]
+    want = {n: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+            for n, t in bucket}
+    writer = IpcBucketWriter()
+    desc = writer.write(0, bucket)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    r = subprocess.run([sys.executable, "-c", _IPC_CHILD], input=json.dumps(desc), capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env=env)
+    writer.release_all()
+    if r.returncode != 0:
+        raise RuntimeError(f"the loading process failed (exit {r.returncode}): {r.stderr[-3000:]}")
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+    bitwise = got["sha256"] == want
+    if not bitwise:
+        raise RuntimeError(f"bytes differ: {sorted(n for n in want if got['sha256'].get(n) != want[n])}")
+    return {"bitwise": bitwise, "tensors": len(bucket), "bytes": nbytes, "load_s": got["load_s"],
+            "load_GBps": nbytes / got["load_s"] / 1e9}
+
+
 SECTIONS = {"env": section_env, "update": section_update, "export": section_export, "loss": section_loss,
-            "nccl": section_nccl}
+            "nccl": section_nccl, "ipc": section_ipc}
 
 
 def main() -> int:
