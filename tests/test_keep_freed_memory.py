@@ -2,7 +2,8 @@
 handler), on a request thread. With the setting, from the second re-pack on the new copy lands in the pages the old
 one left (no page faults); without it glibc hands each freed copy back to the kernel and every re-pack faults all
 its pages in again (3x a memcpy for the head). Each case runs in a fresh interpreter (the setting is process-wide)
-and counts the process's minor page faults (getrusage) per re-pack."""
+and counts the process's minor page faults (getrusage) per re-pack, with transparent huge pages off for it (so
+that a page is 4 KiB on every machine)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import subprocess
 import sys
 
 SCRIPT = r"""
-import json, resource, sys, threading
+import ctypes, json, resource, sys, threading
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the system's THP setting
 import torch
 from vllm import _custom_ops as ops
 from megatron_trace.rollout.cpu_refit import keep_freed_memory
